@@ -1,0 +1,36 @@
+# Two commands for a newcomer: `make demo` and `make test`.
+# Both create (or reuse) the virtual environment .venv inside the repo.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mmcl-installed
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+DATA := data/digits
+DEMO_RUN := runs/clip_digits
+
+.PHONY: install demo test lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/mmcl-prep digits --out $(DATA)
+	$(VENV)/bin/accelerate launch --config_file accelerate_config.yaml -m mmcl train \
+		--config configs/clip_digits.yaml --set run.output_dir=$(DEMO_RUN)
+	$(VENV)/bin/mmcl eval zeroshot --model $(DEMO_RUN)/final \
+		--shards "$(DATA)/test-{000000..000000}.tar"
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check mmcl data_prep tests benchmarks
+
+clean:
+	rm -rf $(VENV) data runs

@@ -1,0 +1,142 @@
+"""``mmcl-prep``: build WebDataset shards from digits, tables, image folders or HF datasets.
+
+Examples::
+
+    mmcl-prep digits --out data/digits
+    mmcl-prep table pairs.csv --out data/pairs --caption-column caption --label-column label
+    mmcl-prep folder photos/ --out data/photos --split train
+    mmcl-prep hf ./saved_dataset --out data/hf --image-column image --caption-column text
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from data_prep.images import FORMATS, ImageOptions
+from data_prep.writer import Record, build_split, summary, write_manifest
+from mmcl.errors import MmclError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, type=Path, help="output folder for shards and manifest.json")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--max-side", type=int, default=None, help="resize so the longer side is at most this")
+    p.add_argument("--format", choices=sorted(FORMATS), default="png", help="image format in the shards")
+    p.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes")
+    p.add_argument("--max-pixels", type=int, default=89_478_485,
+                   help="skip images with more pixels than this (decompression bombs)")
+    p.add_argument("--seed", type=int, default=0, help="seed for splits and caption templates")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The ``mmcl-prep`` argument parser."""
+    ap = argparse.ArgumentParser(prog="mmcl-prep", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="source", required=True)
+
+    p = sub.add_parser("digits", help="scikit-learn digits: train/val/test/test-shifted")
+    _common(p)
+    p.add_argument("--size", type=int, default=32, help="upscaled image side in pixels (default 32)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.set_defaults(shard_size=256)
+
+    p = sub.add_parser("table", help="CSV/TSV/JSONL rows: image path(s), caption, optional label")
+    p.add_argument("file", type=Path)
+    _common(p)
+    p.add_argument("--image-column", action="append", default=None,
+                   help="image path column; repeat for multi-field samples (default: image)")
+    p.add_argument("--caption-column", default="caption")
+    p.add_argument("--label-column", default=None)
+    p.add_argument("--no-captions", action="store_true", help="images only (for self-supervised data)")
+    p.add_argument("--split", default="train")
+
+    p = sub.add_parser("folder", help="one subfolder per class")
+    p.add_argument("dir", type=Path)
+    _common(p)
+    p.add_argument("--split", default="train")
+
+    p = sub.add_parser("hf", help="a Hugging Face datasets dataset (saved to disk or by name)")
+    p.add_argument("name_or_path")
+    _common(p)
+    p.add_argument("--split", default=None, help="one split (default: all)")
+    p.add_argument("--image-column", default="image")
+    p.add_argument("--caption-column", default=None)
+    p.add_argument("--label-column", default=None)
+    return ap
+
+
+def _sources(args: argparse.Namespace) -> tuple[dict[str, Iterable[Record]], list[str] | None,
+                                                 dict[str, int | None], bool, dict[str, Any]]:
+    """(records per split, class names, sizes, captions required, source description)."""
+    if args.source == "digits":
+        from data_prep.digits import digits_records
+
+        recs, names = digits_records(args.size, args.val_fraction, args.test_fraction, args.seed)
+        return recs, names, {k: len(v) for k, v in recs.items()}, True, \
+            {"type": "digits", "size": args.size, "seed": args.seed}
+    if args.source == "table":
+        from data_prep.table import table_records
+
+        cols = args.image_column or ["image"]
+        caption = None if args.no_captions else args.caption_column
+        recs, names = table_records(args.file, cols, caption, args.label_column)
+        return {args.split: recs}, names, {args.split: len(recs)}, caption is not None, \
+            {"type": "table", "file": str(args.file), "image_columns": cols}
+    if args.source == "folder":
+        from data_prep.folder import folder_records
+
+        recs, names = folder_records(args.dir, args.seed)
+        return {args.split: recs}, names, {args.split: len(recs)}, True, {"type": "folder", "dir": str(args.dir)}
+    from data_prep.hf import hf_records, load_hf
+
+    recs, names, sizes = hf_records(load_hf(args.name_or_path, args.split), args.image_column,
+                                    args.caption_column, args.label_column)
+    return recs, names, dict(sizes), args.caption_column is not None, \
+        {"type": "hf", "name": args.name_or_path}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build every split of the chosen source; return the process exit status."""
+    if args.shard_size < 1:
+        raise MmclError("--shard-size must be at least 1")
+    if not 1 <= args.quality <= 100:
+        raise MmclError("--quality must be between 1 and 100")
+    opts = ImageOptions(fmt=args.format, quality=args.quality, max_side=args.max_side, max_pixels=args.max_pixels)
+    start = time.perf_counter()
+    records, class_names, sizes, need_caption, source = _sources(args)
+    entries = {}
+    for split, recs in records.items():
+        entries[split] = build_split(args.out, split, recs, opts=opts, shard_size=args.shard_size,
+                                     workers=args.workers, require_caption=need_caption,
+                                     class_names=class_names, total=sizes.get(split),
+                                     progress=not args.no_progress)
+    manifest = write_manifest(args.out, entries, source=source, opts=opts, class_names=class_names)
+    print(summary(manifest, entries))
+    written = sum(e["total"] for e in entries.values())
+    print(f"wrote {written} samples to {args.out} in {time.perf_counter() - start:.1f}s")
+    if written == 0:
+        print("error: no valid sample was written; see the skip reasons above", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``mmcl-prep``."""
+    args = parser().parse_args(argv)
+    try:
+        return run(args)
+    except MmclError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: completed shards are whole; rerun to finish", file=sys.stderr)
+        return 130

@@ -1,0 +1,288 @@
+"""Typed, validated recipes: YAML in, nested dataclasses out.
+
+A recipe is plain YAML. It is checked against dataclasses whose fields carry their type and
+allowed range, so a typo or a wrong value fails at load time with a message naming the key
+and what is allowed, instead of deep inside a training run. Parts that depend on a choice
+(the ``model`` and the ``objective``) name a registered builder, whose own dataclass checks
+the remaining keys, so a new objective brings its own schema without touching this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+from mmcl.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def spec(
+    default: Any = dataclasses.MISSING,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    help: str = "",
+    default_factory: Callable[[], Any] | None = None,
+) -> Any:
+    """A dataclass field with a documented numeric range, checked by :func:`from_dict`."""
+    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "help": help}
+    if default_factory is not None:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plugin registries (models, objectives): name -> (config dataclass, builder)
+# ---------------------------------------------------------------------------------------------
+_REGISTRIES: dict[str, dict[str, tuple[type, Callable[..., Any]]]] = {"model": {}, "objective": {}}
+
+
+def register(kind: str, name: str, config_cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator registering a builder for ``kind`` ('model' or 'objective') under ``name``."""
+
+    def wrap(builder: Callable[..., Any]) -> Callable[..., Any]:
+        _REGISTRIES[kind][name] = (config_cls, builder)
+        return builder
+
+    return wrap
+
+
+def registered(kind: str) -> dict[str, tuple[type, Callable[..., Any]]]:
+    """The registered (config class, builder) pairs of one kind, importing the built-in ones."""
+    import mmcl.models  # noqa: F401  (registers models)
+    import mmcl.objectives  # noqa: F401  (registers objectives)
+
+    return _REGISTRIES[kind]
+
+
+def _plugin(kind: str, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict) or "name" not in raw:
+        choices = ", ".join(sorted(registered(kind)))
+        raise ConfigError(f"{where}: expected a mapping with a 'name' key (one of: {choices})")
+    table = registered(kind)
+    name = raw["name"]
+    if name not in table:
+        raise ConfigError(f"{where}.name: unknown {kind} {name!r}{_suggest(str(name), table)}")
+    config_cls, _ = table[name]
+    rest = {k: v for k, v in raw.items() if k != "name"}
+    return from_dict(config_cls, rest, where)
+
+
+def build(kind: str, cfg: Any, *args: Any, **kwargs: Any) -> Any:
+    """Build the registered ``kind`` whose config dataclass instance is ``cfg``."""
+    for config_cls, builder in registered(kind).values():
+        if type(cfg) is config_cls:
+            return builder(cfg, *args, **kwargs)
+    raise ConfigError(f"no {kind} is registered for config type {type(cfg).__name__}")
+
+
+def plugin_name(kind: str, cfg: Any) -> str:
+    """The registry name of a validated plugin config (e.g. 'clip')."""
+    for name, (config_cls, _) in registered(kind).items():
+        if type(cfg) is config_cls:
+            return name
+    raise ConfigError(f"no {kind} is registered for config type {type(cfg).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+def _suggest(key: str, valid: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if origin is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Check ``value`` against type ``tp`` and return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: got {value!r}, allowed: {_type_name(tp)}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{where}: got {value!r}, expected {_type_name(tp)}")
+    if origin in (list, tuple):
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        if isinstance(value, (str, int, float)) and item is not Any and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp!r}")  # pragma: no cover - schema bug
+
+
+def _check_range(f: dataclasses.Field, value: Any, where: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    m = f.metadata
+    bounds = [("ge", ">=", lambda a, b: a >= b), ("gt", ">", lambda a, b: a > b),
+              ("le", "<=", lambda a, b: a <= b), ("lt", "<", lambda a, b: a < b)]
+    allowed = [f"{sym} {m[k]}" for k, sym, _ in bounds if m.get(k) is not None]
+    for k, _, ok in bounds:
+        if m.get(k) is not None and not ok(value, m[k]):
+            raise ConfigError(f"{where}: got {value!r}, allowed: {' and '.join(allowed)}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and bad values."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"unknown key {_join(where, key)!r}{_suggest(key, fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        path = _join(where, name)
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"missing required key {path!r}")
+            continue
+        if f.metadata.get("plugin"):
+            kwargs[name] = _plugin(f.metadata["plugin"], data[name], path)
+            continue
+        value = _coerce(hints[name], data[name], path)
+        _check_range(f, value, path)
+        kwargs[name] = value
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if callable(check):
+        check()
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """Inverse of :func:`from_dict`: plain, YAML-able data (plugins keep their 'name')."""
+    if dataclasses.is_dataclass(obj):
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            out[f.name] = to_dict(value)
+            if f.metadata.get("plugin"):
+                out[f.name] = {"name": plugin_name(f.metadata["plugin"], value), **out[f.name]}
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML loading and --set overrides
+# ---------------------------------------------------------------------------------------------
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (values parsed as YAML) to a raw recipe mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. optim.lr=1e-3")
+        path, _, text = item.partition("=")
+        value = yaml.safe_load(text) if text.strip() else ""
+        node = raw
+        parts = path.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, turning file and syntax problems into :class:`ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return raw
+
+
+def load(cls: type[T], path: str | Path, overrides: Iterable[str] = ()) -> T:
+    """Load and validate a recipe file into ``cls``, after applying ``--set`` overrides."""
+    raw = apply_overrides(read_yaml(path), overrides)
+    try:
+        return from_dict(cls, raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

@@ -1,0 +1,129 @@
+"""Build a batch loader from a recipe's ``data`` section: the one entry point to ``mmcl.data``."""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import DataLoader
+
+from mmcl.config import spec
+from mmcl.data.samples import IMAGE_KEYS, collate, image_text_sample, multi_view_sample
+from mmcl.data.shards import count_samples, expand_shards
+from mmcl.data.stream import ShardStream, dist_info
+from mmcl.data.transforms import OPENAI_MEAN, OPENAI_STD, build_transform
+from mmcl.errors import DataError
+
+
+@dataclass
+class DataConfig:
+    """Where batches come from and how samples become tensors."""
+
+    train_shards: str = spec(help="brace pattern(s) of training shards, '::'-separated")
+    kind: Literal["image_text", "multi_view"] = "image_text"
+    image_size: int = spec(224, ge=8)
+    batch_size: int = spec(256, ge=1, help="per process")
+    num_workers: int = spec(2, ge=0)
+    shuffle_buffer: int = spec(2000, ge=0)
+    resample: bool = False
+    epoch_samples: int | None = spec(None, ge=1, help="default: from manifest.json")
+    transform: str = "clip"
+    transform_args: dict[str, Any] = field(default_factory=dict)
+    views: int = spec(2, ge=1, help="multi_view: number of augmented views")
+    view_transforms: list[str] = field(default_factory=list)
+    mean: list[float] = field(default_factory=lambda: list(OPENAI_MEAN))
+    std: list[float] = field(default_factory=lambda: list(OPENAI_STD))
+    image_keys: list[str] = field(default_factory=lambda: list(IMAGE_KEYS))
+    text_key: str = "txt"
+
+
+class Loader:
+    """Iterate batches epoch after epoch; keeps the counts of skipped samples by reason."""
+
+    def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool = False):
+        self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
+        self.skipped: Counter[str] = Counter()
+
+    @property
+    def epoch(self) -> int:
+        """The current epoch (set with :meth:`set_epoch`)."""
+        return self.stream.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch: reshuffles shards, the buffer and augmentations."""
+        self.stream.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory, persistent_workers=False,
+                            prefetch_factor=4 if self.num_workers else None)
+        for batch in loader:
+            self.skipped.update(batch.pop("skipped", {}))
+            if not batch.pop("empty", False):
+                yield batch
+
+    def forever(self, start_epoch: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Yield ``(epoch, batch)`` over successive epochs; an epoch with no batch is an error."""
+        epoch = start_epoch
+        while True:
+            self.set_epoch(epoch)
+            n = 0
+            for batch in self:
+                n += 1
+                yield epoch, batch
+            if n == 0:
+                raise DataError(f"epoch {epoch} produced no batch on rank {self.stream.rank}: too few valid "
+                                f"samples for batch size {self.stream.batch_size}"
+                                + (f" (skipped: {dict(self.skipped)})" if self.skipped else ""))
+            epoch += 1
+
+
+def _workers_for(n_shards: int, world_size: int, wanted: int, resample: bool) -> int:
+    """Fewer workers than shards per rank leaves workers idle: use at most that many."""
+    if resample:
+        return wanted
+    return max(0, min(wanted, n_shards // max(1, world_size)))
+
+
+def make_loader(cfg: DataConfig, shards: str | None = None, *, train: bool = True,
+                tokenizer: Callable[[list[str]], Any] | None = None, batch_size: int | None = None,
+                seed: int = 0, rank: int | None = None, world_size: int | None = None,
+                num_workers: int | None = None) -> Loader:
+    """A :class:`Loader` for ``cfg`` (``shards`` overrides ``cfg.train_shards``).
+
+    ``train=True`` shuffles, augments, drops partial batches and needs at least one shard
+    per process; ``train=False`` reads every sample exactly once, in order, without augmentation.
+    """
+    urls = expand_shards(shards or cfg.train_shards)
+    r, w = dist_info()
+    rank, world_size = (r if rank is None else rank), (w if world_size is None else world_size)
+    if train and not cfg.resample and len(urls) < world_size:
+        raise DataError(f"{len(urls)} shard(s) cannot feed {world_size} processes: write more, smaller shards "
+                        "(mmcl-prep --shard-size) or set data.resample: true")
+    wanted = cfg.num_workers if num_workers is None else num_workers
+    workers = _workers_for(len(urls), world_size, wanted, cfg.resample and train)
+    size, mean, std = cfg.image_size, tuple(cfg.mean), tuple(cfg.std)
+    if cfg.kind == "image_text":
+        name = cfg.transform if train else "eval"
+        tf = build_transform(name, size, mean, std, **(cfg.transform_args if train else {}))
+        sample_fn = image_text_sample(tf, cfg.image_keys, cfg.text_key)
+        required: tuple[tuple[str, ...], ...] = (tuple(cfg.image_keys), (cfg.text_key,))
+    else:
+        names = cfg.view_transforms or [cfg.transform] * cfg.views
+        if not train:
+            names = ["eval"]
+        tfs = [build_transform(n, size, mean, std, **(cfg.transform_args if train else {})) for n in names]
+        sample_fn = multi_view_sample(tfs, cfg.image_keys)
+        required = (tuple(cfg.image_keys),)
+    epoch_samples = cfg.epoch_samples or count_samples(urls)
+    stream = ShardStream(
+        urls, sample_fn, functools.partial(collate, tokenizer=tokenizer),
+        batch_size=batch_size or cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer if train else 0,
+        shuffle_shards=train, resample=cfg.resample and train, epoch_samples=epoch_samples,
+        drop_last=train, seed=seed, required=required, rank=rank, world_size=world_size,
+        num_workers=workers)
+    return Loader(stream, workers, pin_memory=torch.cuda.is_available())

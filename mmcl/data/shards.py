@@ -1,0 +1,88 @@
+"""Shard lists: brace expansion, existence checks, and what ``manifest.json`` says about them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+
+from mmcl.errors import DataError
+
+MANIFEST = "manifest.json"
+
+
+def is_remote(url: str) -> bool:
+    """True for ``pipe:`` commands and URLs with a scheme (read through webdataset's gopen)."""
+    return url.startswith("pipe:") or "://" in url
+
+
+def expand_shards(spec: str | list[str]) -> list[str]:
+    """Expand ``"a-{000..009}.tar::b.tar"`` (or a list of such) into shard URLs.
+
+    A local folder stands for all ``*.tar`` files in it. Local files are checked up front so a
+    typo fails with a clear message instead of an empty epoch.
+    """
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    for s in specs:
+        for part in str(s).split("::"):
+            part = os.path.expanduser(os.path.expandvars(part.strip()))
+            if not part:
+                continue
+            if not is_remote(part) and Path(part).is_dir():
+                urls.extend(sorted(str(p) for p in Path(part).glob("*.tar")))
+                continue
+            urls.extend(braceexpand.braceexpand(part))
+    if not urls:
+        raise DataError(f"the shard list {spec!r} is empty; give e.g. data/digits/train-{{000000..000004}}.tar")
+    missing = [u for u in urls if not is_remote(u) and not Path(u).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise DataError(f"shard file(s) not found: {', '.join(missing[:3])}{more}; "
+                        "build shards with `mmcl-prep` or fix the path")
+    return urls
+
+
+def find_manifest(urls: list[str]) -> dict[str, Any] | None:
+    """The ``manifest.json`` beside the first local shard, if there is one."""
+    for url in urls:
+        if not is_remote(url):
+            path = Path(url).parent / MANIFEST
+            if path.is_file():
+                try:
+                    return json.loads(path.read_text())
+                except (OSError, json.JSONDecodeError):
+                    return None
+            return None
+    return None
+
+
+def shard_sizes(manifest: dict[str, Any] | None) -> dict[str, int]:
+    """Map shard file name -> number of samples, over all splits of a manifest."""
+    if not manifest:
+        return {}
+    return {s["name"]: s["samples"] for split in manifest.get("splits", {}).values() for s in split["shards"]}
+
+
+def count_samples(urls: list[str], manifest: dict[str, Any] | None = None) -> int | None:
+    """Total samples in ``urls`` according to the manifest, or None if any shard is unknown."""
+    sizes = shard_sizes(manifest if manifest is not None else find_manifest(urls))
+    names = [Path(u).name for u in urls]
+    if not sizes or any(n not in sizes for n in names):
+        return None
+    return sum(sizes[n] for n in names)
+
+
+def class_names(urls: list[str]) -> list[str] | None:
+    """Class names recorded in the manifest for these shards, if any."""
+    manifest = find_manifest(urls)
+    if not manifest:
+        return None
+    names = {Path(u).name for u in urls}
+    for split in manifest.get("splits", {}).values():
+        if names & {s["name"] for s in split["shards"]} and split.get("class_names"):
+            return list(split["class_names"])
+    return manifest.get("class_names")

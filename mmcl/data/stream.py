@@ -1,0 +1,176 @@
+"""A WebDataset stream of batches: shards split by rank and worker, shuffled, decoded, batched.
+
+Every random choice (shard order, shuffle buffer, augmentations) comes from generators
+seeded by ``(seed, epoch, rank, worker)`` or by the sample key, so a run is reproducible,
+resumes exactly, and gives the same augmentation to a sample whatever the worker count.
+
+Bad data never stops the stream: an unreadable or truncated shard, a corrupt image or a
+missing field is skipped and counted; each batch carries the counts of what was skipped since
+the previous batch under ``batch["skipped"]``, so the trainer can report them.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from mmcl.errors import DataError
+
+UNREADABLE_SHARD = "unreadable or truncated shard"
+
+SampleFn = Callable[[dict[str, Any], int], "dict[str, Any] | str"]
+CollateFn = Callable[[list[dict[str, Any]]], dict[str, Any]]
+
+
+class Skip(Exception):
+    """Raised by a sample function to skip a sample, with the reason as message."""
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of this process: torch.distributed if initialised, else env vars."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    import os
+
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def sample_seed(*parts: Any) -> int:
+    """A stable 31-bit seed from any printable parts (same on every machine and Python)."""
+    return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
+class ShardStream(IterableDataset):
+    """Iterable of batches (dicts) from WebDataset shards.
+
+    Args:
+        urls: expanded shard URLs (see :func:`mmcl.data.shards.expand_shards`).
+        sample_fn: turns a raw sample ``{"__key__", "png", "txt", ...}`` into a processed dict,
+            or raises :class:`Skip`; called with a per-sample seed for its augmentations.
+        collate_fn: turns a list of processed samples into a batch dict.
+        batch_size: samples per batch (per process).
+        shuffle_buffer: size of the sample shuffle buffer (0: keep shard order).
+        shuffle_shards: shuffle the shard order each epoch.
+        resample: draw shards with replacement forever (epoch ends after ``epoch_samples``).
+        epoch_samples: samples per epoch over all processes (needed with ``resample``).
+        drop_last: drop a final partial batch (training: every rank gets equal batches).
+        required: groups of alternative raw fields every sample must have, e.g.
+            ``(("png", "jpg"), ("txt",))``; a missing one is a counted skip, but a stream whose
+            first samples all lack it is a user error.
+        rank, world_size: this process's place; default from torch.distributed / env vars.
+    """
+
+    def __init__(self, urls: list[str], sample_fn: SampleFn, collate_fn: CollateFn, *, batch_size: int,
+                 shuffle_buffer: int = 0, shuffle_shards: bool = False, resample: bool = False,
+                 epoch_samples: int | None = None, drop_last: bool = False, seed: int = 0,
+                 required: tuple[tuple[str, ...], ...] = (), rank: int | None = None, world_size: int | None = None,
+                 num_workers: int = 0):
+        super().__init__()
+        if resample and not epoch_samples:
+            raise DataError("resampling needs the epoch length: set data.epoch_samples or add a manifest.json")
+        r, w = dist_info()
+        self.urls, self.sample_fn, self.collate_fn = list(urls), sample_fn, collate_fn
+        self.batch_size, self.shuffle_buffer, self.shuffle_shards = batch_size, shuffle_buffer, shuffle_shards
+        self.resample, self.epoch_samples, self.drop_last, self.seed = resample, epoch_samples, drop_last, seed
+        self.required = tuple(required)
+        self.rank = r if rank is None else rank
+        self.world_size = w if world_size is None else world_size
+        self.num_workers = max(1, num_workers)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch (reshuffles shards, buffer and augmentations)."""
+        self.epoch = epoch
+
+    # ----------------------------------------------------------------------------- stages
+    def _worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        return (info.id, info.num_workers) if info else (0, 1)
+
+    def _my_shards(self, worker: int, num_workers: int) -> Iterator[str]:
+        slots = self.world_size * num_workers
+        slot = self.rank * num_workers + worker
+        if self.resample:
+            rng = random.Random(sample_seed(self.seed, self.epoch, "resample", slot))
+            while True:
+                yield rng.choice(self.urls)
+        urls = list(self.urls)
+        if self.shuffle_shards:
+            random.Random(sample_seed(self.seed, self.epoch, "shards")).shuffle(urls)
+        yield from urls[slot::slots]
+
+    def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
+        if self.shuffle_buffer <= 1:
+            yield from samples
+            return
+        buf: list[dict[str, Any]] = []
+        for s in samples:
+            buf.append(s)
+            if len(buf) >= self.shuffle_buffer:
+                i = rng.randrange(len(buf))
+                buf[i], buf[-1] = buf[-1], buf[i]
+                yield buf.pop()
+        rng.shuffle(buf)
+        yield from buf
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, num_workers = self._worker()
+        skipped: Counter[str] = Counter()
+        first_missing = 0  # samples lacking a required field before any sample had it
+
+        def on_error(exn: Exception) -> bool:
+            skipped[UNREADABLE_SHARD] += 1
+            return True
+
+        shards = ({"url": u} for u in self._my_shards(worker, num_workers))
+        raw = wds.tariterators.group_by_keys(
+            wds.tariterators.tar_file_expander(wds.tariterators.url_opener(shards, handler=on_error),
+                                               handler=on_error), handler=on_error)
+        rng = random.Random(sample_seed(self.seed, self.epoch, "buffer", self.rank, worker))
+        limit = None
+        if self.resample:
+            slots = self.world_size * num_workers
+            limit = -(-self.epoch_samples // (slots * self.batch_size))  # batches per worker
+        batch: list[dict[str, Any]] = []
+        produced = 0
+        seen_required = False
+        for sample in self._shuffled(raw, rng):
+            missing = ["/".join(g) for g in self.required if not any(f in sample for f in g)]
+            if missing:
+                skipped[f"missing field {missing[0]}"] += 1
+                if not seen_required:
+                    first_missing += 1
+                    if first_missing >= 16:
+                        have = sorted(k for k in sample if not k.startswith("__"))
+                        raise DataError(f"samples in {sample.get('__url__')} have fields {have} but the "
+                                        f"recipe needs {missing}; check the shards or the recipe's data keys")
+                continue
+            seen_required = True
+            try:
+                item = self.sample_fn(sample, sample_seed(self.seed, self.epoch, sample["__key__"]))
+            except Skip as e:
+                skipped[str(e)] += 1
+                continue
+            batch.append(item)
+            if len(batch) == self.batch_size:
+                yield self._collate(batch, skipped)
+                batch, produced = [], produced + 1
+                if limit is not None and produced >= limit:
+                    return
+        if batch and not self.drop_last:
+            yield self._collate(batch, skipped)
+        elif skipped:
+            yield {"skipped": dict(skipped), "empty": True}
+
+    def _collate(self, items: list[dict[str, Any]], skipped: Counter[str]) -> dict[str, Any]:
+        out = self.collate_fn(items)
+        out["skipped"] = dict(skipped)
+        skipped.clear()
+        return out

@@ -1,0 +1,90 @@
+"""Image transforms by name: evaluation, CLIP training, and multi-view augmentation sets.
+
+Each builder takes the output size, the normalisation and its own keyword parameters, so a
+recipe says ``transform: simclr`` plus overrides in ``transform_args`` and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torchvision.transforms import v2 as T
+
+from mmcl.errors import ConfigError
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+Transform = Callable[[Any], torch.Tensor]
+_BUILDERS: dict[str, Callable[..., Transform]] = {}
+
+
+def register_transform(name: str) -> Callable[[Callable[..., Transform]], Callable[..., Transform]]:
+    """Decorator adding a transform builder under ``name``."""
+
+    def wrap(fn: Callable[..., Transform]) -> Callable[..., Transform]:
+        _BUILDERS[name] = fn
+        return fn
+
+    return wrap
+
+
+def _finish(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> list[Any]:
+    return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
+
+
+@register_transform("eval")
+def eval_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Transform:
+    """Resize the short side and centre-crop: what open_clip does at test time."""
+    return T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size), *_finish(size, mean, std)])
+
+
+@register_transform("clip")
+def clip_train(size: int, mean: tuple[float, ...], std: tuple[float, ...],
+               scale: tuple[float, float] = (0.9, 1.0)) -> Transform:
+    """open_clip's training transform: a mild random resized crop."""
+    return T.Compose([T.RandomResizedCrop(size, scale=tuple(scale), antialias=True), *_finish(size, mean, std)])
+
+
+@register_transform("digits")
+def digits_train(size: int, mean: tuple[float, ...], std: tuple[float, ...], degrees: float = 15.0,
+                 translate: float = 0.1, scale: tuple[float, float] = (0.85, 1.1),
+                 crop_scale: tuple[float, float] = (0.7, 1.0)) -> Transform:
+    """Small-image augmentation for digits: affine jitter and a crop, no flips (6 is not 9)."""
+    return T.Compose([
+        T.RandomAffine(degrees, translate=(translate, translate), scale=tuple(scale)),
+        T.RandomResizedCrop(size, scale=tuple(crop_scale), ratio=(0.8, 1.25), antialias=True),
+        *_finish(size, mean, std),
+    ])
+
+
+@register_transform("simclr")
+def simclr(size: int, mean: tuple[float, ...], std: tuple[float, ...], crop_scale: tuple[float, float] = (0.08, 1.0),
+           flip: float = 0.5, jitter: float = 0.8, strength: float = 1.0, grayscale: float = 0.2,
+           blur: float = 0.5, solarize: float = 0.0) -> Transform:
+    """SimCLR's augmentation set (crop, flip, colour jitter, grayscale, blur, optional solarize)."""
+    s = strength
+    kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
+    steps: list[Any] = [
+        T.RandomResizedCrop(size, scale=tuple(crop_scale), antialias=True),
+        T.RandomHorizontalFlip(flip),
+        T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=jitter),
+        T.RandomGrayscale(grayscale),
+        T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur),
+    ]
+    if solarize > 0:
+        steps.append(T.RandomSolarize(128, p=solarize))
+    return T.Compose(steps + _finish(size, mean, std))
+
+
+def build_transform(name: str, size: int, mean: tuple[float, ...] = OPENAI_MEAN,
+                    std: tuple[float, ...] = OPENAI_STD, **kwargs: Any) -> Transform:
+    """Build the transform registered as ``name``."""
+    if name not in _BUILDERS:
+        raise ConfigError(f"unknown transform {name!r}; available: {', '.join(sorted(_BUILDERS))}")
+    try:
+        return _BUILDERS[name](size, tuple(mean), tuple(std), **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"transform {name!r}: {e}") from None

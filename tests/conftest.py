@@ -1,0 +1,35 @@
+"""Shared fixtures: real digits shards built once per session with the real ``mmcl-prep``."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_prep.cli import main as prep_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Digits shards (32 px, 256 samples per shard) in a session-wide temporary folder."""
+    out = tmp_path_factory.mktemp("digits")
+    assert prep_main(["digits", "--out", str(out), "--workers", "1", "--no-progress"]) == 0
+    return out
+
+
+def png_bytes(arr: np.ndarray, mode: str | None = None) -> bytes:
+    """Encode an array as PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def manifest(folder: Path) -> dict:
+    """The manifest.json written beside shards."""
+    return json.loads((folder / "manifest.json").read_text())

@@ -1,0 +1,148 @@
+"""mmcl.data: what mmcl-prep writes streams back; ranks x workers split; bad data is counted."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmcl.data import DataConfig, count_samples, expand_shards, make_loader
+from mmcl.data.transforms import build_transform
+from mmcl.errors import DataError
+
+
+def cfg_for(shards: str, **kw) -> DataConfig:
+    base = dict(train_shards=shards, image_size=32, batch_size=16, num_workers=0, shuffle_buffer=50,
+                mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
+    return DataConfig(**{**base, **kw})
+
+
+def collect(loader) -> tuple[list[str], list[dict]]:
+    keys, batches = [], []
+    for b in loader:
+        keys += b["key"]
+        batches.append(b)
+    return keys, batches
+
+
+def test_round_trip_streams_back_what_was_written(digits_dir: Path) -> None:
+    shards = str(digits_dir / "test-{000000..000001}.tar")
+    loader = make_loader(cfg_for(shards), train=False, tokenizer=lambda t: torch.tensor([len(x) for x in t]))
+    keys, batches = collect(loader)
+    assert len(keys) == len(set(keys)) == 360 == count_samples(expand_shards(shards))
+    written = {}
+    for name in ("test-000000.tar", "test-000001.tar"):
+        with tarfile.open(digits_dir / name) as tar:
+            for m in tar.getmembers():
+                key, _, ext = m.name.partition(".")
+                written.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    b = batches[0]
+    for i, key in enumerate(b["key"]):
+        pixels = np.asarray(Image.open(io.BytesIO(written[key]["png"])), dtype=np.float32) / 255
+        assert torch.allclose(b["image"][i], torch.from_numpy(pixels).permute(2, 0, 1), atol=1e-6)
+        assert b["caption"][i] == written[key]["txt"].decode()
+        assert b["id"][i].item() == int(key)
+        assert b["text"][i].item() == len(b["caption"][i])  # the tokenizer saw the captions
+    assert b["label"].min() >= 0 and b["label"].max() <= 9
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_two_ranks_two_workers_see_every_sample_once(digits_dir: Path, train: bool) -> None:
+    shards = str(digits_dir / "train-{000000..000004}.tar")
+    seen: Counter[str] = Counter()
+    for rank in range(2):
+        loader = make_loader(cfg_for(shards, batch_size=1 if train else 7, num_workers=2), train=train,
+                             rank=rank, world_size=2, tokenizer=None)
+        assert loader.num_workers == 2
+        loader.set_epoch(3)
+        seen.update(collect(loader)[0])
+    assert len(seen) == 1257 and set(seen.values()) == {1}
+
+
+def test_shuffle_and_augmentation_are_seeded_and_worker_independent(digits_dir: Path) -> None:
+    cfg = cfg_for(str(digits_dir / "test-{000000..000001}.tar"), kind="multi_view", transform="simclr",
+                  batch_size=1)
+
+    def epoch(workers: int, n: int) -> dict[str, list[torch.Tensor]]:
+        loader = make_loader(cfg, seed=5, num_workers=workers)
+        loader.set_epoch(n)
+        return {b["key"][0]: b["views"] for b in loader}
+
+    one, two = epoch(0, 1), epoch(2, 1)
+    assert one.keys() == two.keys()
+    for key in one:  # same sample -> same views, whatever the worker count
+        assert all(torch.equal(a, b) for a, b in zip(one[key], two[key]))
+    assert not torch.equal(*one[key])  # the two views of a sample differ
+    other = epoch(0, 2)
+    assert list(other) != list(one)  # a new epoch reshuffles
+    assert not torch.equal(other[key][0], one[key][0])  # ... and re-augments
+
+
+def test_corrupt_images_and_truncated_tar_are_skipped_and_counted(digits_dir: Path, tmp_path: Path) -> None:
+    # shard 0: copied as is; shard 1: 3 images replaced with garbage; shard 2: cut in the middle
+    shutil.copy(digits_dir / "train-000000.tar", tmp_path / "s-0.tar")
+    with tarfile.open(digits_dir / "train-000001.tar") as src, tarfile.open(tmp_path / "s-1.tar", "w") as dst:
+        bad = 0
+        for m in src.getmembers():
+            data = src.extractfile(m).read()
+            if m.name.endswith(".png") and bad < 3:
+                data, bad = b"\x89PNG\r\n\x1a\n garbage", bad + 1
+            m.size = len(data)
+            dst.addfile(m, io.BytesIO(data))
+    raw = (digits_dir / "train-000002.tar").read_bytes()
+    (tmp_path / "s-2.tar").write_bytes(raw[: len(raw) // 2 + 700])
+    complete = Counter()
+    try:
+        with tarfile.open(tmp_path / "s-2.tar", "r|") as tar:
+            for m in tar:
+                tar.extractfile(m).read()
+                key, _, ext = m.name.partition(".")
+                complete[key] += ext in ("png", "txt")
+    except tarfile.ReadError:
+        pass
+    readable = sum(1 for n in complete.values() if n == 2)  # image and caption whole (json optional)
+    loader = make_loader(cfg_for(str(tmp_path / "s-{0..2}.tar")), train=False)
+    keys, _ = collect(loader)
+    assert len(keys) == 256 + 253 + readable
+    assert loader.skipped["corrupt or truncated image"] == 3
+    assert loader.skipped["unreadable or truncated shard"] == 1
+    assert sum(loader.skipped.values()) == 3 + 1 + loader.skipped.get("missing field txt", 0) + \
+        loader.skipped.get("missing field png/jpg/jpeg/webp", 0)
+
+
+def test_clear_errors_for_missing_shards_and_missing_fields(digits_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not found: .*nope-0.tar"):
+        make_loader(cfg_for(str(tmp_path / "nope-{0..1}.tar")))
+    with pytest.raises(DataError, match="empty"):
+        make_loader(cfg_for(""))
+    with pytest.raises(DataError, match="cannot feed 2 processes"):
+        make_loader(cfg_for(str(digits_dir / "val-000000.tar")), rank=0, world_size=2)
+    # image-only shards used for an image-text recipe: a clear error naming the missing field
+    with tarfile.open(digits_dir / "val-000000.tar") as src, tarfile.open(tmp_path / "img.tar", "w") as dst:
+        for m in src.getmembers():
+            if not m.name.endswith(".txt"):
+                dst.addfile(m, src.extractfile(m))
+    with pytest.raises(DataError, match=r"needs \['txt'\]"):
+        collect(make_loader(cfg_for(str(tmp_path / "img.tar")), train=False))
+
+
+def test_resampled_epochs_have_the_manifest_length(digits_dir: Path) -> None:
+    shards = str(digits_dir / "train-{000000..000004}.tar")
+    loader = make_loader(cfg_for(shards, resample=True, batch_size=32, num_workers=2), seed=1)
+    keys, _ = collect(loader)
+    assert len(keys) == 2 * -(-1257 // (2 * 32)) * 32  # ceil per worker, whole batches
+    assert len(set(keys)) < len(keys)  # with replacement
+
+
+def test_unknown_transform_is_a_config_error() -> None:
+    from mmcl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown transform 'simclrr'"):
+        build_transform("simclrr", 32)

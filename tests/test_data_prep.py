@@ -1,0 +1,196 @@
+"""mmcl-prep: digits splits, every source, bad inputs counted by reason, atomic shards."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import manifest, png_bytes
+from PIL import Image
+
+from data_prep.cli import main as prep_main
+from data_prep.images import ImageOptions, load_image
+from data_prep.writer import Record, build_split
+
+
+def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
+    """All samples of a tar shard: key -> {extension: bytes}."""
+    out: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            key, _, ext = m.name.partition(".")
+            out.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return out
+
+
+def test_digits_splits_ids_and_manifest(digits_dir: Path) -> None:
+    m = manifest(digits_dir)
+    splits = m["splits"]
+    assert {k: v["total"] for k, v in splits.items()} == {"train": 1257, "val": 180, "test": 360,
+                                                          "test-shifted": 360}
+    assert m["class_names"][7] == "seven"
+    assert splits["train"]["pattern"] == "train-{000000..000004}.tar"
+    assert [s["samples"] for s in splits["train"]["shards"]] == [256, 256, 256, 256, 233]
+    ids, samples = [], {}
+    for split in splits:
+        for shard in splits[split]["shards"]:
+            for key, s in read_tar(digits_dir / shard["name"]).items():
+                meta = json.loads(s["json"])
+                assert meta["id"] == int(key)
+                ids.append(meta["id"])
+                samples[(split, meta.get("source_id", meta["id"]))] = (s, meta)
+    assert len(ids) == len(set(ids)) == 2157  # unique across the whole dataset
+    # a test image and its shifted copy: same label and caption, different pixels, RGB 32x32
+    first = min(i for split, i in samples if split == "test")
+    (orig, om), (shifted, sm) = samples[("test", first)], samples[("test-shifted", first)]
+    assert om["label"] == sm["label"] and orig["txt"] == shifted["txt"] and sm["id"] == 1797 + first
+    a, b = (np.asarray(Image.open(io.BytesIO(x["png"]))) for x in (orig, shifted))
+    assert a.shape == b.shape == (32, 32, 3)
+    assert np.abs(a.astype(int) - b.astype(int)).mean() > 5
+    assert b"digit" in orig["txt"] or b"number" in orig["txt"] or b"handwritten" in orig["txt"]
+
+
+def test_digits_build_is_reproducible(tmp_path: Path, digits_dir: Path) -> None:
+    assert prep_main(["digits", "--out", str(tmp_path), "--workers", "2", "--no-progress"]) == 0
+    for name in ("train-000000.tar", "test-shifted-000001.tar"):
+        assert (tmp_path / name).read_bytes() == (digits_dir / name).read_bytes()
+
+
+def make_bad_images(folder: Path) -> dict[str, str]:
+    """Write one file per bad-input case; return file name -> expected outcome."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    (folder / "ok.png").write_bytes(png_bytes(rgb))
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG")
+    (folder / "ok.jpg").write_bytes(buf.getvalue())
+    (folder / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(rng.integers(0, 255, 200, dtype=np.uint8)))
+    (folder / "text.png").write_bytes(b"this is not an image at all")
+    Image.fromarray(rgb).convert("P").save(folder / "palette.png")
+    Image.fromarray(np.dstack([rgb, np.full((20, 30), 128, np.uint8)])).save(folder / "alpha.png")
+    Image.fromarray((rng.integers(0, 65535, (20, 30))).astype(np.uint16)).save(folder / "sixteen.png")
+    Image.fromarray(rgb[..., 0]).save(folder / "gray.png")
+    Image.new("RGB", (300, 300)).save(folder / "huge.png")
+    return {"ok.png": "ok", "ok.jpg": "ok", "palette.png": "ok", "alpha.png": "ok", "sixteen.png": "ok",
+            "gray.png": "ok", "truncated.jpg": "truncated image", "empty.png": "empty file",
+            "corrupt.png": "not an image or corrupt", "text.png": "not an image or corrupt",
+            "huge.png": "too many pixels (decompression bomb)", "nope.png": "missing file"}
+
+
+def test_load_image_converts_or_names_the_reason(tmp_path: Path) -> None:
+    cases = make_bad_images(tmp_path)
+    opts = ImageOptions(max_pixels=50_000, max_side=16)
+    for name, expected in cases.items():
+        data, reason = load_image(tmp_path / name, opts)
+        if expected == "ok":
+            img = Image.open(io.BytesIO(data))
+            assert reason is None and img.mode == "RGB" and max(img.size) == 16, name
+        else:
+            assert data is None and reason == expected, name
+    # alpha is composited on white; 16-bit is rescaled, not clipped to white
+    alpha = np.asarray(Image.open(io.BytesIO(load_image(tmp_path / "alpha.png", ImageOptions())[0])))
+    assert alpha.min() >= 127
+    sixteen = np.asarray(Image.open(io.BytesIO(load_image(tmp_path / "sixteen.png", ImageOptions())[0])))
+    assert 60 < sixteen.mean() < 200
+
+
+def test_table_with_bad_rows_counts_skips_by_reason(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cases = make_bad_images(tmp_path / "img")
+    rows = [{"image": f"img/{name}", "caption": f"picture {name}", "label": "a" if i % 2 else "b"}
+            for i, name in enumerate(cases)]
+    rows.append({"image": "img/ok.png", "caption": "  ", "label": "a"})  # empty caption
+    rows.append({"image": "img/ok.png", "label": "b"})  # missing caption
+    table = tmp_path / "pairs.jsonl"
+    table.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "shards"
+    assert prep_main(["table", str(table), "--out", str(out), "--label-column", "label", "--max-pixels",
+                      "50000", "--shard-size", "4", "--workers", "2", "--no-progress"]) == 0
+    m = manifest(out)["splits"]["train"]
+    assert m["total"] == 6 and m["class_names"] == ["a", "b"]
+    assert {k: v["count"] for k, v in m["skipped"].items()} == {
+        "empty file": 1, "missing file": 1, "missing or empty caption": 2, "not an image or corrupt": 2,
+        "too many pixels (decompression bomb)": 1, "truncated image": 1}
+    assert [s["samples"] for s in m["shards"]] == [4, 2]
+    printed = capsys.readouterr().out
+    assert "skipped 2: missing or empty caption" in printed
+    written = {**read_tar(out / "train-000000.tar"), **read_tar(out / "train-000001.tar")}
+    assert all(Image.open(io.BytesIO(s["png"])).mode == "RGB" for s in written.values())
+    assert {json.loads(s["json"])["class_name"] for s in written.values()} == {"a", "b"}
+
+
+def test_csv_tsv_and_multi_field_rows(tmp_path: Path) -> None:
+    make_bad_images(tmp_path)
+    (tmp_path / "t.tsv").write_text("rgb\tdepth\tcaption\nok.png\tgray.png\ttwo fields\n")
+    assert prep_main(["table", str(tmp_path / "t.tsv"), "--out", str(tmp_path / "o"), "--image-column", "rgb",
+                      "--image-column", "depth", "--no-progress"]) == 0
+    (sample,) = read_tar(tmp_path / "o" / "train-000000.tar").values()
+    assert set(sample) == {"rgb.png", "depth.png", "txt", "json"}
+    (tmp_path / "t.csv").write_text("path,text\nok.png,hello\n")
+    assert prep_main(["table", str(tmp_path / "t.csv"), "--out", str(tmp_path / "c"), "--image-column",
+                      "path", "--caption-column", "text", "--format", "jpg", "--no-progress"]) == 0
+    (sample,) = read_tar(tmp_path / "c" / "train-000000.tar").values()
+    assert sample["txt"] == b"hello" and "jpg" in sample
+
+
+def test_user_mistakes_exit_nonzero_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert prep_main(["table", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "t.csv").write_text("img,caption\nx.png,a\n")
+    assert prep_main(["table", str(tmp_path / "t.csv"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "no column 'image'; the columns are caption, img" in capsys.readouterr().err
+    (tmp_path / "u.csv").write_text("image,caption\nx.png,a\n")  # every row bad -> nothing written
+    assert prep_main(["table", str(tmp_path / "u.csv"), "--out", str(tmp_path / "o"), "--no-progress"]) == 1
+    assert "no valid sample was written" in capsys.readouterr().err
+
+
+def test_folder_source(tmp_path: Path) -> None:
+    for cls, n in (("cat", 2), ("sea_lion", 3)):
+        (tmp_path / "in" / cls).mkdir(parents=True)
+        for i in range(n):
+            (tmp_path / "in" / cls / f"{i}.png").write_bytes(png_bytes(np.full((8, 8, 3), i * 40, np.uint8)))
+    (tmp_path / "in" / "cat" / "bad.jpg").write_bytes(b"garbage")
+    assert prep_main(["folder", str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    m = manifest(tmp_path / "o")
+    assert m["class_names"] == ["cat", "sea_lion"] and m["splits"]["train"]["total"] == 5
+    assert m["splits"]["train"]["skipped"]["not an image or corrupt"]["count"] == 1
+    captions = [s["txt"].decode() for s in read_tar(tmp_path / "o" / "train-000000.tar").values()]
+    assert sum("sea lion" in c for c in captions) == 3
+
+
+def test_hf_dataset_saved_to_disk(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    imgs = [Image.fromarray(np.full((10, 10, 3), i * 60, np.uint8)) for i in range(4)]
+    features = datasets.Features({"img": datasets.Image(), "text": datasets.Value("string"),
+                                  "y": datasets.ClassLabel(names=["no", "yes"])})
+    ds = datasets.Dataset.from_dict({"img": imgs, "text": ["a", "b", "", "d"], "y": [0, 1, 0, 1]},
+                                    features=features)
+    datasets.DatasetDict({"train": ds, "test": ds.select([0, 1])}).save_to_disk(str(tmp_path / "ds"))
+    assert prep_main(["hf", str(tmp_path / "ds"), "--out", str(tmp_path / "o"), "--image-column", "img",
+                      "--caption-column", "text", "--label-column", "y", "--no-progress"]) == 0
+    m = manifest(tmp_path / "o")
+    assert m["splits"]["train"]["total"] == 3 and m["splits"]["test"]["total"] == 2
+    assert m["class_names"] == ["no", "yes"]
+    assert m["splits"]["train"]["skipped"]["missing or empty caption"]["count"] == 1
+    test_ids = {json.loads(s["json"])["id"] for s in read_tar(tmp_path / "o" / "test-000000.tar").values()}
+    assert test_ids == {4, 5}  # ids continue after the train split: unique across the dataset
+
+
+def test_interrupted_build_leaves_only_whole_shards(tmp_path: Path) -> None:
+    def records():
+        for i in range(10):
+            if i == 7:
+                raise KeyboardInterrupt
+            yield Record(sample_id=i, images={"image": np.zeros((4, 4, 3), np.uint8)}, caption="x")
+
+    with pytest.raises(KeyboardInterrupt):
+        build_split(tmp_path, "train", records(), opts=ImageOptions(), shard_size=3, progress=False)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["train-000000.tar", "train-000001.tar"]  # shard 2 was in progress: gone, no .tmp
+    assert all(len(read_tar(tmp_path / n)) == 3 for n in names)
