@@ -47,6 +47,7 @@ class Loader:
     def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool = False):
         self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
         self.skipped: Counter[str] = Counter()
+        self._loader: DataLoader | None = None
 
     @property
     def epoch(self) -> int:
@@ -58,10 +59,11 @@ class Loader:
         self.stream.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                            pin_memory=self.pin_memory, persistent_workers=False,
-                            prefetch_factor=4 if self.num_workers else None)
-        for batch in loader:
+        if self._loader is None:  # workers persist across epochs; the epoch reaches them through shared memory
+            self._loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
+                                      pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+                                      prefetch_factor=4 if self.num_workers else None)
+        for batch in self._loader:
             self.skipped.update(batch.pop("skipped", {}))
             if not batch.pop("empty", False):
                 yield batch

@@ -11,6 +11,7 @@ the previous batch under ``batch["skipped"]``, so the trainer can report them.
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 import zlib
 from collections import Counter
@@ -83,11 +84,17 @@ class ShardStream(IterableDataset):
         self.rank = r if rank is None else rank
         self.world_size = w if world_size is None else world_size
         self.num_workers = max(1, num_workers)
-        self.epoch = 0
+        # Shared with (persistent, forked) DataLoader workers, so set_epoch reaches them.
+        self._epoch = multiprocessing.Value("i", 0)
+
+    @property
+    def epoch(self) -> int:
+        """The current epoch."""
+        return int(self._epoch.value)
 
     def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch (reshuffles shards, buffer and augmentations)."""
-        self.epoch = epoch
+        """Choose the epoch (reshuffles shards, buffer and augmentations), also in running workers."""
+        self._epoch.value = epoch
 
     # ----------------------------------------------------------------------------- stages
     def _worker(self) -> tuple[int, int]:

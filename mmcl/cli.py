@@ -1,0 +1,120 @@
+"""The ``mmcl`` command line (also ``python -m mmcl``; runs under ``accelerate launch``).
+
+    mmcl train --config configs/clip_digits.yaml [--set optim.lr=1e-3] [--resume latest]
+    mmcl eval zeroshot --model runs/clip_digits/final --shards "data/digits/test-{000000..000001}.tar"
+    mmcl eval retrieval --model runs/clip_digits/final --shards ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mmcl.errors import MmclError
+
+
+def parser() -> argparse.ArgumentParser:
+    """The ``mmcl`` argument parser."""
+    ap = argparse.ArgumentParser(prog="mmcl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train from a recipe")
+    p.add_argument("--config", required=True, help="recipe YAML (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one recipe key, e.g. optim.lr=1e-3 (repeatable)")
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+
+    ev = sub.add_parser("eval", help="evaluate a saved model").add_subparsers(dest="task", required=True)
+    for task, helptext in (("zeroshot", "zero-shot classification"), ("retrieval", "image-text retrieval R@k")):
+        p = ev.add_parser(task, help=helptext)
+        p.add_argument("--model", required=True, help="model folder (RUN/final) or Hub repo id")
+        p.add_argument("--shards", required=True, help="brace pattern of evaluation shards")
+        p.add_argument("--batch-size", type=int, default=256)
+        p.add_argument("--workers", type=int, default=2)
+        p.add_argument("--out", type=Path, default=None, help="report folder (default: next to the model)")
+        if task == "zeroshot":
+            p.add_argument("--templates", default="openai",
+                           help="openai | simple | mnist | digits, or a text file with one '{}' template per line")
+            p.add_argument("--classes", type=Path, default=None, help="text file, one class name per line")
+    return ap
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mmcl.recipe import load_recipe
+    from mmcl.train import Trainer
+
+    recipe = load_recipe(args.config, args.overrides)
+    trainer = Trainer(recipe)
+    final = trainer.fit(args.resume)
+    trainer.acc.print(f"final model: {final}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from accelerate import Accelerator
+
+    from mmcl.evaluate.features import extract
+    from mmcl.evaluate.retrieval import retrieval
+    from mmcl.evaluate.run import resolve_classes, zeroshot
+    from mmcl.evaluate.zeroshot import save_report
+    from mmcl.hub import from_pretrained
+
+    acc = Accelerator()
+    model = from_pretrained(args.model).to(acc.device)
+    out = args.out or (Path(args.model).parent / "eval" if Path(args.model).is_dir() else Path("eval"))
+    if args.task == "retrieval":
+        feats = extract(model, args.shards, batch_size=args.batch_size, num_workers=args.workers, device=acc.device)
+        res = retrieval(feats["image"], feats["text"])
+        if acc.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "retrieval.json").write_text(json.dumps({**res, "n": len(feats["id"])}, indent=2) + "\n")
+            for k, v in res.items():
+                print(f"{k}: {v:.3f}")
+            print(f"retrieval over {len(feats['id'])} image-text pairs")
+        return 0
+    templates: object = args.templates
+    if Path(args.templates).is_file():
+        templates = [t for t in Path(args.templates).read_text().splitlines() if t.strip()]
+    classes = None
+    if args.classes:
+        if not args.classes.is_file():
+            raise MmclError(f"--classes {args.classes}: no such file")
+        classes = [c.strip() for c in args.classes.read_text().splitlines() if c.strip()]
+    res = zeroshot(model, args.shards, templates=templates, classes=classes, batch_size=args.batch_size,
+                   num_workers=args.workers, device=acc.device)
+    if acc.is_main_process:
+        names = resolve_classes(args.shards, classes)
+        save_report(res, names, out)
+        if res["skipped"]:
+            print(f"skipped samples: {res['skipped']}")
+        worst = sorted(zip(res["per_class"], names))[:3]
+        print("hardest classes: " + ", ".join(f"{n} {a:.3f}" for a, n in worst))
+        print(f"report: {out / 'zeroshot.json'}, {out / 'zeroshot_confusion.png'}")
+        print(f"zero-shot top-5: {res['top5']:.3f}")
+        print(f"zero-shot top-1: {res['top1']:.3f} on {res['n']} test images")
+    return 0
+
+
+def _message(e: BaseException) -> str:
+    """The user-facing message; errors re-raised from DataLoader workers carry a traceback to drop."""
+    text = str(e)
+    if "Original Traceback" in text:
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``mmcl``."""
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args)
+        return _eval(args)
+    except MmclError as e:
+        print(f"error: {_message(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,51 @@
+"""Embed every sample of a shard set once, on every process, and gather the results."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mmcl.data import DataConfig, make_loader
+from mmcl.objectives.gather import gather_variable
+
+
+def data_config_for(model: Any, shards: str, batch_size: int, num_workers: int, kind: str = "image_text") -> DataConfig:
+    """An evaluation ``DataConfig`` using the model's saved preprocessing (size, mean, std)."""
+    pre = getattr(model, "mmcl_config", {}).get("preprocess") or {}
+    return DataConfig(train_shards=shards, kind=kind, image_size=pre.get("image_size", model.image_size),
+                      batch_size=batch_size, num_workers=num_workers,
+                      mean=pre.get("mean", DataConfig.__dataclass_fields__["mean"].default_factory()),
+                      std=pre.get("std", DataConfig.__dataclass_fields__["std"].default_factory()))
+
+
+@torch.no_grad()
+def extract(model: Any, shards: str, *, batch_size: int = 256, num_workers: int = 2, texts: bool = True,
+            device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Image (and text) features, labels and ids of all samples, gathered over processes in id order."""
+    cfg = data_config_for(model, shards, batch_size, num_workers)
+    loader = make_loader(cfg, train=False, tokenizer=model.tokenizer() if texts else None)
+    feats: dict[str, list[torch.Tensor]] = {"image": [], "text": [], "label": [], "id": []}
+    was_training = model.training
+    model.eval()
+    for batch in loader:
+        feats["image"].append(model.encode_image(batch["image"].to(device)).float())
+        if texts:
+            tokens = batch["text"]
+            tokens = {k: v.to(device) for k, v in tokens.items()} if isinstance(tokens, dict) else tokens.to(device)
+            feats["text"].append(model.encode_text(tokens).float())
+        feats["label"].append(batch["label"].to(device))
+        feats["id"].append(batch["id"].to(device))
+    model.train(was_training)
+    dim = model.encode_image(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device)).shape[-1]
+    out: dict[str, Any] = {}
+    for k, parts in feats.items():
+        if k == "text" and not texts:
+            continue
+        empty = torch.zeros((0, dim) if k in ("image", "text") else (0,), device=device,
+                            dtype=torch.float32 if k in ("image", "text") else torch.long)
+        out[k] = gather_variable(torch.cat(parts) if parts else empty)
+    order = torch.argsort(out["id"])  # deterministic order whatever the process count
+    out = {k: v[order].cpu() for k, v in out.items()}
+    out["skipped"] = dict(loader.skipped)
+    return out

@@ -1,0 +1,309 @@
+"""CLIP: an image tower and a text tower mapping into one space, plus a learnable temperature.
+
+Towers come from open_clip (any built-in model name or a JSON config; see
+``model_configs/`` for the tiny CPU one) or, for text, from any Hugging Face model loaded
+with ``transformers.AutoModel`` (mean/CLS pooling and a projection, optionally locked).
+Internally this wraps open_clip's ``CustomTextCLIP``, whose ``visual.* / text.* / logit_scale``
+layout is what open_clip itself loads, so open_clip-tower models export without conversion.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmcl.config import register, spec
+from mmcl.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+
+
+@dataclass
+class HFTextConfig:
+    """A Hugging Face text tower: ``path`` is a local folder, a Hub id, or ``package:NAME/sub``."""
+
+    path: str = spec(help="folder, Hub id, or package:python_package/subfolder")
+    pooling: Literal["mean", "cls"] = "mean"
+    proj: Literal["linear", "mlp"] = "linear"
+    locked: bool = True
+    context_length: int = spec(32, ge=4)
+
+
+@dataclass
+class ClipModelConfig:
+    """Which towers, how they start, and the temperature's initial value and cap."""
+
+    open_clip_model: str | None = None
+    open_clip_config: str | None = None
+    pretrained: str | None = None
+    text_tower: HFTextConfig | None = None
+    init_logit_scale: float = spec(1 / 0.07, gt=0)
+    max_logit_scale: float = spec(100.0, gt=0)
+    lock_image: bool = False
+
+    def validate(self) -> None:
+        """Exactly one source of the open_clip architecture."""
+        if (self.open_clip_model is None) == (self.open_clip_config is None):
+            raise ConfigError("model: give exactly one of open_clip_model (a name such as ViT-B-32) "
+                              "or open_clip_config (a JSON file, or a shipped name such as mmcl-tiny-vit)")
+
+
+def resolve_path(path: str) -> str:
+    """Resolve ``package:NAME/sub`` to the folder inside an installed Python package."""
+    if not path.startswith("package:"):
+        return path
+    package, _, sub = path[len("package:"):].partition("/")
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        raise ConfigError(f"{path}: Python package {package!r} is not installed (pip install it)") from None
+    return str(Path(module.__file__).parent / sub)
+
+
+def open_clip_model_cfg(cfg: ClipModelConfig) -> dict[str, Any]:
+    """The open_clip ``model_cfg`` dict (embed_dim, vision_cfg, text_cfg, ...) for a recipe."""
+    import open_clip
+
+    if cfg.open_clip_model:
+        model_cfg = open_clip.get_model_config(cfg.open_clip_model)
+        if model_cfg is None:
+            raise ConfigError(f"model.open_clip_model: unknown open_clip model {cfg.open_clip_model!r}")
+        return json.loads(json.dumps(model_cfg))
+    path = Path(cfg.open_clip_config)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{cfg.open_clip_config}.json"
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+        raise ConfigError(f"model.open_clip_config: {str(path)!r} not found (shipped configs: {shipped})")
+    return json.loads(path.read_text())
+
+
+class HFTextTower(nn.Module):
+    """A ``transformers.AutoModel`` encoder, pooled and projected to the shared embedding size."""
+
+    def __init__(self, transformer: nn.Module, embed_dim: int, pooling: str = "mean", proj: str = "linear",
+                 locked: bool = True):
+        super().__init__()
+        self.transformer, self.pooling, self.locked = transformer, pooling, locked
+        hidden = transformer.config.hidden_size
+        self.proj = nn.Linear(hidden, embed_dim, bias=False) if proj == "linear" else nn.Sequential(
+            nn.Linear(hidden, (hidden + embed_dim) // 2, bias=False), nn.GELU(),
+            nn.Linear((hidden + embed_dim) // 2, embed_dim, bias=False))
+        if locked:
+            self.transformer.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> HFTextTower:
+        """A locked transformer stays in eval mode (no dropout), as in LiT."""
+        super().train(mode)
+        if self.locked:
+            self.transformer.eval()
+        return self
+
+    def forward(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pool the last hidden states (mask-aware mean, or the first token) and project."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.locked):
+            hidden = self.transformer(input_ids=tokens["input_ids"],
+                                      attention_mask=tokens["attention_mask"]).last_hidden_state
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self.proj(pooled)
+
+
+class HFTokenizer:
+    """Callable tokenizer returning padded ``input_ids`` / ``attention_mask`` tensors."""
+
+    def __init__(self, path: str, context_length: int):
+        from transformers import AutoTokenizer
+
+        self.path, self.context_length = path, context_length
+        self.tok = AutoTokenizer.from_pretrained(path)
+
+    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        out = self.tok(list(texts), padding=True, truncation=True, max_length=self.context_length,
+                       return_tensors="pt")
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+
+class ClipModel(nn.Module):
+    """Image and text towers with a learnable logit scale (``exp`` clamped at ``max_logit_scale``).
+
+    >>> m = ClipModel.from_config(ClipModelConfig(open_clip_config="mmcl-tiny-vit"))
+    >>> out = m({"image": torch.zeros(2, 3, 32, 32), "text": m.tokenizer()(["a 1", "a 2"])})
+    >>> out["image_features"].shape, float(out["logit_scale"]) > 14
+    (torch.Size([2, 64]), True)
+    """
+
+    def __init__(self, model_cfg: dict[str, Any], cfg: ClipModelConfig, hf_text: nn.Module | None = None,
+                 hf_tokenizer_path: str | None = None):
+        super().__init__()
+        from open_clip.model import CustomTextCLIP
+
+        self.cfg, self.model_cfg = cfg, model_cfg
+        kwargs = {k: v for k, v in model_cfg.items() if k not in ("custom_text", "hf_text")}
+        self.clip = CustomTextCLIP(**kwargs, init_logit_scale=math.log(cfg.init_logit_scale))
+        self.hf_tokenizer_path = hf_tokenizer_path
+        if hf_text is not None:
+            self.clip.text = hf_text
+        if cfg.lock_image:
+            self.clip.visual.requires_grad_(False)
+
+    # -------------------------------------------------------------------------- construction
+    @classmethod
+    def from_config(cls, cfg: ClipModelConfig) -> ClipModel:
+        """Build from a recipe: resolve the architecture, load pretrained weights if asked."""
+        model_cfg = open_clip_model_cfg(cfg)
+        hf_text, tok_path = None, None
+        if cfg.text_tower is not None:
+            from transformers import AutoModel
+
+            tok_path = resolve_path(cfg.text_tower.path)
+            try:
+                transformer = AutoModel.from_pretrained(tok_path)
+            except OSError as e:
+                raise ConfigError(f"model.text_tower.path: cannot load {cfg.text_tower.path!r}: {e}") from None
+            t = cfg.text_tower
+            hf_text = HFTextTower(transformer, model_cfg["embed_dim"], t.pooling, t.proj, t.locked)
+            model_cfg = {**model_cfg, "hf_text": {"pooling": t.pooling, "proj": t.proj, "locked": t.locked,
+                                                  "context_length": t.context_length}}
+        model = cls(model_cfg, cfg, hf_text, tok_path)
+        if cfg.pretrained:
+            model.load_open_clip_pretrained(cfg)
+        return model
+
+    def load_open_clip_pretrained(self, cfg: ClipModelConfig) -> None:
+        """Load open_clip weights (a tag such as 'openai' or a checkpoint file) into the towers."""
+        import open_clip
+
+        name = cfg.open_clip_model or "custom"
+        try:
+            ref = open_clip.create_model(name, pretrained=cfg.pretrained, force_custom_text=True) \
+                if cfg.open_clip_model else None
+        except RuntimeError as e:
+            raise ConfigError(f"model.pretrained: cannot load {cfg.pretrained!r} for {name}: {e}") from None
+        if ref is None:
+            state = torch.load(cfg.pretrained, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state)
+            state = {k.removeprefix("module."): v for k, v in state.items()}
+        else:
+            state = ref.state_dict()
+        keep_text = self.cfg.text_tower is None
+        state = {k: v for k, v in state.items() if keep_text or not k.startswith("text.")}
+        missing, unexpected = self.clip.load_state_dict(state, strict=False)
+        if unexpected or (keep_text and missing):
+            raise ConfigError(f"model.pretrained: weights do not fit the architecture "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+    # -------------------------------------------------------------------------- use
+    @property
+    def image_size(self) -> int:
+        """Side of the square input image."""
+        size = self.model_cfg["vision_cfg"].get("image_size", 224)
+        return size if isinstance(size, int) else size[0]
+
+    def tokenizer(self) -> Any:
+        """The tokenizer matching the text tower (open_clip's or the Hugging Face one)."""
+        if "hf_text" in self.model_cfg:
+            return HFTokenizer(self.hf_tokenizer_path, self.model_cfg["hf_text"]["context_length"])
+        import open_clip
+
+        text_cfg = self.model_cfg.get("text_cfg", {})
+        if text_cfg.get("hf_tokenizer_name"):
+            return open_clip.HFTokenizer(text_cfg["hf_tokenizer_name"],
+                                         context_length=text_cfg.get("context_length", 77))
+        return open_clip.SimpleTokenizer(context_length=text_cfg.get("context_length", 77))
+
+    def logit_scale(self) -> torch.Tensor:
+        """``exp(logit_scale)`` clamped to ``max_logit_scale`` (100 by default)."""
+        return self.clip.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Image embeddings, L2-normalised by default."""
+        x = self.clip.visual(image)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, text: Any, normalize: bool = True) -> torch.Tensor:
+        """Text embeddings from token ids (open_clip) or a tokenizer dict (Hugging Face)."""
+        x = self.clip.text(text)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Embed a batch's images and texts; the objective turns these into a loss."""
+        return {"image_features": self.encode_image(batch["image"]),
+                "text_features": self.encode_text(batch["text"]),
+                "logit_scale": self.logit_scale()}
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Keep the stored temperature inside [0, log(max)] as open_clip does."""
+        with torch.no_grad():
+            self.clip.logit_scale.clamp_(0, math.log(self.cfg.max_logit_scale))
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay besides biases and norms."""
+        return {"clip.logit_scale"}
+
+
+    # -------------------------------------------------------------------------- folder format
+    def save_files(self, folder: Path) -> dict[str, Any]:
+        """Write weights (and the HF text tower's config/tokenizer) into ``folder``; return the config.
+
+        Models with open_clip towers store ``open_clip_config.json`` + ``open_clip_model.safetensors``,
+        which ``open_clip.create_model('local-dir:...')`` loads as is.
+        """
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().cpu().contiguous() for k, v in self.clip.state_dict().items()}
+        if "hf_text" in self.model_cfg:
+            save_file(state, str(folder / "model.safetensors"))
+            self.clip.text.transformer.config.save_pretrained(folder / "text_tower")
+            self.tokenizer().tok.save_pretrained(folder / "text_tower")
+        else:
+            save_file(state, str(folder / "open_clip_model.safetensors"))
+        return {"model_cfg": self.model_cfg, "mmcl_model": _asdict(self.cfg)}
+
+    @classmethod
+    def load_files(cls, folder: Path, config: dict[str, Any]) -> ClipModel:
+        """Rebuild a model written by :meth:`save_files` (no download, no code from the folder)."""
+        from safetensors.torch import load_file
+
+        from mmcl.config import from_dict
+
+        cfg = from_dict(ClipModelConfig, config["mmcl_model"])
+        cfg.pretrained = None
+        model_cfg = config["model_cfg"]
+        hf_text, tok_path = None, None
+        if "hf_text" in model_cfg:
+            from transformers import AutoConfig, AutoModel
+
+            tok_path = str(folder / "text_tower")
+            t = model_cfg["hf_text"]
+            hf_text = HFTextTower(AutoModel.from_config(AutoConfig.from_pretrained(tok_path)),
+                                  model_cfg["embed_dim"], t["pooling"], t["proj"], t["locked"])
+            weights = folder / "model.safetensors"
+        else:
+            weights = folder / "open_clip_model.safetensors"
+        model = cls(model_cfg, cfg, hf_text, tok_path)
+        model.clip.load_state_dict(load_file(str(weights)), strict=True)
+        return model
+
+
+def _asdict(cfg: Any) -> dict[str, Any]:
+    from mmcl.config import to_dict
+
+    return to_dict(cfg)
+
+
+@register("model", "clip", ClipModelConfig)
+def build_clip(cfg: ClipModelConfig) -> ClipModel:
+    """Registry entry: ``model: {name: clip, ...}``."""
+    return ClipModel.from_config(cfg)

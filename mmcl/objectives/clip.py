@@ -1,0 +1,70 @@
+"""CLIP's symmetric image↔text InfoNCE with negatives from every process (Radford et al., 2021).
+
+With ``local_loss`` each process scores only its own rows against all columns (memory linear
+in the global batch, as open_clip's ``local_loss``); the sum over processes is the same loss,
+so gradients match one process on the concatenated batch either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmcl.config import register
+from mmcl.objectives.gather import gather_with_grad, world
+from mmcl.objectives.infonce import symmetric_info_nce, top1
+
+
+@dataclass
+class ClipLossConfig:
+    """``objective: {name: clip, local_loss: false}``."""
+
+    local_loss: bool = False
+
+
+def clip_loss(image: torch.Tensor, text: torch.Tensor, image_all: torch.Tensor, text_all: torch.Tensor,
+              scale: torch.Tensor, rank: int, local_loss: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Symmetric InfoNCE. ``image``/``text``: this process's [B, D] normalised features;
+    ``*_all``: all processes' features [N*B, D] in rank order; ``scale``: 1/τ."""
+    if local_loss:
+        logits_i = scale * image @ text_all.T
+        logits_t = scale * text @ image_all.T
+        targets = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]
+    else:
+        logits_i = scale * image_all @ text_all.T
+        logits_t = logits_i.T
+        targets = torch.arange(image_all.shape[0], device=image.device)
+    loss = symmetric_info_nce(logits_i, logits_t, targets)
+    return loss, {"acc_i2t": top1(logits_i, targets), "acc_t2i": top1(logits_t, targets)}
+
+
+class ClipLoss(nn.Module):
+    """Gathers features across processes and applies :func:`clip_loss`.
+
+    >>> f = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    >>> loss, m = ClipLoss()({"image_features": f, "text_features": f, "logit_scale": torch.tensor(10.)})
+    >>> bool(loss < 1.0), float(m["acc_i2t"])
+    (True, 1.0)
+    """
+
+    def __init__(self, cfg: ClipLossConfig | None = None):
+        super().__init__()
+        self.cfg = cfg or ClipLossConfig()
+
+    def forward(self, out: dict[str, torch.Tensor], batch: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss and metrics from the model's ``image_features``, ``text_features`` and ``logit_scale``."""
+        image, text, scale = out["image_features"], out["text_features"], out["logit_scale"]
+        rank, _ = world()
+        loss, metrics = clip_loss(image, text, gather_with_grad(image), gather_with_grad(text), scale, rank,
+                                  self.cfg.local_loss)
+        metrics["logit_scale"] = scale.detach()
+        return loss, metrics
+
+
+@register("objective", "clip", ClipLossConfig)
+def build_clip_loss(cfg: ClipLossConfig) -> ClipLoss:
+    """Registry entry: ``objective: {name: clip}``."""
+    return ClipLoss(cfg)

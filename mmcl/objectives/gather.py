@@ -1,0 +1,65 @@
+"""Cross-process gathers. ``gather_with_grad`` lets each process's loss see every negative while
+gradients still flow back to the process that produced each row."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0; backward sums the incoming gradients over processes and keeps
+    this process's slice, i.e. the exact gradient of the sum of all processes' losses."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from all processes (rank order), differentiably. Identity for one process.
+
+    Every process must pass a tensor of the same shape.
+    """
+    if world()[1] == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from all processes without gradient (queues, banks, statistics)."""
+    if world()[1] == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+@torch.no_grad()
+def gather_variable(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate tensors whose first dimension differs between processes (evaluation features)."""
+    if world()[1] == 1:
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = gather_no_grad(n).tolist()
+    padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    parts = gather_no_grad(padded).split(max(sizes))
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])

@@ -1,0 +1,21 @@
+"""The InfoNCE core shared by every contrastive objective: pure functions, no state."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def info_nce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each row of ``logits`` (already scaled by 1/τ) against its positive column."""
+    return F.cross_entropy(logits.float(), targets)
+
+
+def symmetric_info_nce(logits_a: torch.Tensor, logits_b: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Average of InfoNCE in both directions (a→b rows, b→a rows), as in CLIP."""
+    return 0.5 * (info_nce(logits_a, targets) + info_nce(logits_b, targets))
+
+
+def top1(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Fraction of rows whose highest logit is the positive."""
+    return (logits.argmax(dim=-1) == targets).float().mean()

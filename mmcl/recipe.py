@@ -1,0 +1,98 @@
+"""The recipe: every section of a training YAML, as validated dataclasses.
+
+``model`` and ``objective`` are chosen by ``name`` from the registries in ``mmcl.models`` and
+``mmcl.objectives``; their remaining keys are checked by the chosen entry's own dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mmcl import config as C
+from mmcl.config import spec
+from mmcl.data import DataConfig
+
+
+@dataclass
+class RunConfig:
+    """Where outputs go and how randomness starts."""
+
+    output_dir: str = "runs/run"
+    seed: int = spec(0, ge=0)
+    name: str | None = None
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a warmup + cosine (or constant) schedule."""
+
+    lr: float = spec(5e-4, gt=0)
+    weight_decay: float = spec(0.1, ge=0)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = spec(1e-6, gt=0)
+    warmup_steps: int = spec(0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = spec(0.0, ge=0, le=1)
+    grad_clip: float | None = spec(1.0, gt=0)
+    grad_accum: int = spec(1, ge=1)
+
+
+@dataclass
+class TrainConfig:
+    """Length of the run, and how often to log, checkpoint and evaluate (in optimizer steps)."""
+
+    steps: int = spec(1000, ge=1)
+    log_every: int = spec(10, ge=1)
+    save_every: int = spec(0, ge=0, help="0: only at the end")
+    eval_every: int = spec(0, ge=0, help="0: only at the end")
+    keep_checkpoints: int = spec(2, ge=1)
+    max_bad_steps: int = spec(10, ge=1, help="consecutive NaN/inf losses before the run stops")
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Evaluations run during and after training."""
+
+    zeroshot_shards: str | None = None
+    retrieval_shards: str | None = None
+    templates: Any = "openai"
+    class_names: list[str] | None = None
+    batch_size: int = spec(256, ge=1)
+    num_workers: int = spec(2, ge=0)
+
+
+@dataclass
+class Recipe:
+    """A whole training recipe."""
+
+    data: DataConfig
+    model: Any = field(default=None, metadata={"plugin": "model"})
+    objective: Any = field(default=None, metadata={"plugin": "objective"})
+    run: RunConfig = field(default_factory=RunConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        """Cross-section checks."""
+        if self.model is None or self.objective is None:
+            raise C.ConfigError("a recipe needs a 'model' and an 'objective' section, each with a 'name'")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load and validate a recipe YAML (with ``--set key=value`` overrides)."""
+    return C.load(Recipe, path, overrides)
+
+
+def recipe_dict(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as plain data (written to the run folder as ``recipe.yaml``)."""
+    return C.to_dict(recipe)
+
+
+def replace(recipe: Recipe, **sections: Any) -> Recipe:
+    """A copy of ``recipe`` with whole sections replaced."""
+    return dataclasses.replace(recipe, **sections)
