@@ -22,9 +22,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/mmcl-prep digits --out $(DATA)
 	$(VENV)/bin/accelerate launch --config_file accelerate_config.yaml -m mmcl train \
-		--config configs/clip_digits.yaml --set run.output_dir=$(DEMO_RUN)
+		--config configs/clip_digits.yaml --set run.output_dir=$(DEMO_RUN) --set train.progress=false
 	$(VENV)/bin/mmcl eval zeroshot --model $(DEMO_RUN)/final \
-		--shards "$(DATA)/test-{000000..000000}.tar"
+		--shards "$(DATA)/test-{000000..000001}.tar" --templates digits
 
 test: $(STAMP)
 	$(PY) -m pytest tests
