@@ -20,7 +20,7 @@ from typing import Any
 
 from data_prep.images import FORMATS, ImageOptions
 from data_prep.writer import Record, build_split, summary, write_manifest
-from mmcl.errors import MmclError
+from mmcl.errors import MmclError, run_cli
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -131,12 +131,4 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mmcl-prep``."""
-    args = parser().parse_args(argv)
-    try:
-        return run(args)
-    except MmclError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: completed shards are whole; rerun to finish", file=sys.stderr)
-        return 130
+    return run_cli(run, parser().parse_args(argv))

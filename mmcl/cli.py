@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from mmcl.errors import MmclError
+from mmcl.errors import MmclError, run_cli
 
 
 def parser() -> argparse.ArgumentParser:
@@ -97,24 +96,10 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _message(e: BaseException) -> str:
-    """The user-facing message; errors re-raised from DataLoader workers carry a traceback to drop."""
-    text = str(e)
-    if "Original Traceback" in text:
-        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
-    return text
+def _run(args: argparse.Namespace) -> int:
+    return _train(args) if args.command == "train" else _eval(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mmcl``."""
-    args = parser().parse_args(argv)
-    try:
-        if args.command == "train":
-            return _train(args)
-        return _eval(args)
-    except MmclError as e:
-        print(f"error: {_message(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_cli(_run, parser().parse_args(argv))

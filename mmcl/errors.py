@@ -11,3 +11,25 @@ class ConfigError(MmclError):
 
 class DataError(MmclError):
     """Shards or samples are missing, empty or lack a field the recipe needs."""
+
+
+def user_message(e: BaseException) -> str:
+    """The message to show; errors re-raised from DataLoader workers carry a traceback to drop."""
+    text = str(e)
+    if "Original Traceback" in text:
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
+def run_cli(fn, *args) -> int:  # noqa: ANN001
+    """Run a command's body: user mistakes print ``error: ...`` and exit 2, Ctrl-C exits 130."""
+    import sys
+
+    try:
+        return fn(*args)
+    except MmclError as e:
+        print(f"error: {user_message(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted (completed shards and checkpoints are whole; rerun or --resume latest)", file=sys.stderr)
+        return 130
