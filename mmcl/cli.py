@@ -56,7 +56,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from mmcl.evaluate.features import extract
     from mmcl.evaluate.retrieval import retrieval
-    from mmcl.evaluate.run import resolve_classes, zeroshot
+    from mmcl.evaluate.run import zeroshot
     from mmcl.evaluate.zeroshot import save_report
     from mmcl.hub import from_pretrained
 
@@ -84,7 +84,7 @@ def _eval(args: argparse.Namespace) -> int:
     res = zeroshot(model, args.shards, templates=templates, classes=classes, batch_size=args.batch_size,
                    num_workers=args.workers, device=acc.device)
     if acc.is_main_process:
-        names = resolve_classes(args.shards, classes)
+        names = res["class_names"]
         save_report(res, names, out)
         if res["skipped"]:
             print(f"skipped samples: {res['skipped']}")

@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm import tqdm
 
-from mmcl.config import build, plugin_name, to_dict
+from mmcl.config import build, plugin_name
 from mmcl.data import class_names, count_samples, expand_shards, make_loader
 from mmcl.errors import MmclError
 from mmcl.recipe import Recipe, recipe_dict
@@ -212,11 +212,9 @@ class Trainer:
                     acc.backward(loss)
                     if acc.sync_gradients and r.optim.grad_clip:
                         metrics["grad_norm"] = acc.clip_grad_norm_(self.model.parameters(), r.optim.grad_clip)
-                if acc.sync_gradients and window_bad:
-                    self.optimizer.zero_grad(set_to_none=True)
-                else:
+                if not (acc.sync_gradients and window_bad):
                     self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer.zero_grad(set_to_none=True)
             samples += len(batch["key"]) * acc.num_processes
             if not bad:
                 window["loss"].append(loss.detach().float().item())
@@ -314,4 +312,4 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
     return Trainer(recipe).fit(resume)
 
 
-__all__ = ["Trainer", "TrainState", "TrainingError", "train", "lr_factor", "param_groups", "to_dict"]
+__all__ = ["Trainer", "TrainState", "TrainingError", "train", "lr_factor", "param_groups"]

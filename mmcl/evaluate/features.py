@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from mmcl.data import DataConfig, make_loader
+from mmcl.data.transforms import OPENAI_MEAN, OPENAI_STD
 from mmcl.objectives.gather import gather_variable
 
 
@@ -15,8 +16,7 @@ def data_config_for(model: Any, shards: str, batch_size: int, num_workers: int, 
     pre = getattr(model, "mmcl_config", {}).get("preprocess") or {}
     return DataConfig(train_shards=shards, kind=kind, image_size=pre.get("image_size", model.image_size),
                       batch_size=batch_size, num_workers=num_workers,
-                      mean=pre.get("mean", DataConfig.__dataclass_fields__["mean"].default_factory()),
-                      std=pre.get("std", DataConfig.__dataclass_fields__["std"].default_factory()))
+                      mean=list(pre.get("mean", OPENAI_MEAN)), std=list(pre.get("std", OPENAI_STD)))
 
 
 @torch.no_grad()
@@ -37,14 +37,13 @@ def extract(model: Any, shards: str, *, batch_size: int = 256, num_workers: int 
         feats["label"].append(batch["label"].to(device))
         feats["id"].append(batch["id"].to(device))
     model.train(was_training)
-    dim = model.encode_image(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device)).shape[-1]
-    out: dict[str, Any] = {}
-    for k, parts in feats.items():
-        if k == "text" and not texts:
-            continue
-        empty = torch.zeros((0, dim) if k in ("image", "text") else (0,), device=device,
-                            dtype=torch.float32 if k in ("image", "text") else torch.long)
-        out[k] = gather_variable(torch.cat(parts) if parts else empty)
+    if not feats["image"]:  # this process read no sample: empty tensors of the right shape for the gather
+        dim = model.encode_image(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device)).shape[-1]
+        feats = {k: [torch.zeros((0, dim) if k in ("image", "text") else (0,), device=device,
+                                 dtype=torch.float32 if k in ("image", "text") else torch.long)]
+                 for k in feats}
+    out: dict[str, Any] = {k: gather_variable(torch.cat(parts)) for k, parts in feats.items()
+                           if k != "text" or texts}
     order = torch.argsort(out["id"])  # deterministic order whatever the process count
     out = {k: v[order].cpu() for k, v in out.items()}
     out["skipped"] = dict(loader.skipped)

@@ -36,6 +36,7 @@ def zeroshot(model: Any, shards: str, *, templates: Any = "openai", classes: lis
     classifier = zeroshot_classifier(model, names, template_set(templates), device=device).cpu()
     result = classify(feats["image"], feats["label"], classifier)
     result["skipped"] = feats["skipped"]
+    result["class_names"] = names
     return result
 
 
