@@ -1,4 +1,8 @@
-"""The model card (``README.md``) written beside every saved model, with Hub metadata."""
+"""The model card (``README.md``) of a saved model: Hub metadata, then a readable summary.
+
+Everything comes from ``mmcl_config.json``: architecture, recipe, data, training time and the
+latest evaluation results (also as ``model-index`` metadata, which the Hub shows as a table).
+"""
 
 from __future__ import annotations
 
@@ -7,58 +11,124 @@ from typing import Any
 
 import yaml
 
+TASK_TYPES = {"zeroshot": "zero-shot-image-classification", "retrieval": "image-text-retrieval",
+              "knn": "image-classification", "linear": "image-classification"}
+LABELS = {"wall_s": "training time (s)", "lr": "learning rate", "global_batch": "global batch size",
+          "bad_steps": "skipped non-finite steps"}
+TASK_NAMES = {"zeroshot": "zero-shot classification", "retrieval": "image-text retrieval",
+              "knn": "kNN classification (frozen features)", "linear": "linear probe (frozen features)"}
 
-def _metadata(config: dict[str, Any]) -> dict[str, Any]:
+
+def is_open_clip(config: dict[str, Any]) -> bool:
+    """True when open_clip itself can load the folder (CLIP with open_clip towers)."""
+    return config["model_name"] == "clip" and "hf_text" not in config.get("model_cfg", {})
+
+
+def _results(config: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in config.get("info", {}).get("eval") or [] if isinstance(r, dict) and "task" in r]
+
+
+def metadata(config: dict[str, Any]) -> dict[str, Any]:
+    """The YAML front matter: library, license, tags, pipeline tag and ``model-index``."""
     info = config.get("info", {})
     objective = info.get("objective", config["model_name"])
-    meta: dict[str, Any] = {"library_name": "mmcl", "license": info.get("license", "apache-2.0"),
-                            "tags": sorted({"contrastive-learning", "mmcl", objective, config["model_name"]})}
+    tags = {"contrastive-learning", "mmcl", objective, config["model_name"]}
+    meta: dict[str, Any] = {"library_name": "open_clip" if is_open_clip(config) else "mmcl",
+                            "license": info.get("license", "apache-2.0")}
     if config["model_name"] == "clip":
         meta["pipeline_tag"] = "zero-shot-image-classification"
-        if "hf_text" not in config.get("model_cfg", {}):
-            meta["tags"].append("open_clip")
-    results = []
-    for task, metrics in (info.get("eval") or {}).items():
-        results.append({"task": {"type": "zero-shot-image-classification" if task == "zeroshot" else task},
-                        "dataset": {"name": info.get("eval_dataset", "held-out shards"), "type": task},
-                        "metrics": [{"type": k, "value": round(float(v), 4)} for k, v in metrics.items()
-                                    if isinstance(v, (int, float))]})
+        tags.add("zero-shot-image-classification")
+    else:
+        meta["pipeline_tag"] = "image-feature-extraction"
+    meta["tags"] = sorted(tags)
+    results = [{"task": {"type": TASK_TYPES.get(r["task"], r["task"]), "name": TASK_NAMES.get(r["task"], r["task"])},
+                "dataset": {"name": r["dataset"]["name"], "type": r["dataset"]["name"].split("/")[0],
+                            "split": r["dataset"]["name"].split("/")[-1]},
+                "metrics": [{"type": k, "value": round(float(v), 4), "name": f"{r['task']} {k}"}
+                            for k, v in r["metrics"].items()]}
+               for r in _results(config)]
     if results:
         meta["model-index"] = [{"name": info.get("run_name", "mmcl-model"), "results": results}]
     return meta
 
 
-def render(config: dict[str, Any]) -> str:
-    """Card text: YAML front matter, then what the model is, how it was trained and how it scored."""
-    info = config.get("info", {})
-    lines = ["---", yaml.safe_dump(_metadata(config), sort_keys=False).strip(), "---", "",
-             f"# {info.get('run_name', 'mmcl model')}", "",
-             f"A `{config['model_name']}` model trained with [mmcl](https://github.com/) "
-             f"objective `{info.get('objective', '?')}`.", ""]
-    pre = config.get("preprocess", {})
-    lines += ["## Model", "", f"- image size {pre.get('image_size')}, mean {pre.get('mean')}, std {pre.get('std')}"]
+def _architecture(config: dict[str, Any]) -> list[str]:
     mc = config.get("model_cfg", {})
-    if mc:
-        lines.append(f"- embedding size {mc.get('embed_dim')}")
-        if "hf_text" in mc:
-            lines.append("- text tower: a Hugging Face transformer (not expressible in open_clip's format; "
-                         "load with `mmcl.hub.from_pretrained`)")
-        else:
-            lines.append("- open_clip towers: loads with `open_clip.create_model_and_transforms('local-dir:PATH')`")
-    if info.get("train"):
-        lines += ["", "## Training", ""] + [f"- {k}: {v}" for k, v in info["train"].items()]
-    if info.get("data"):
-        lines += ["", "## Data", ""] + [f"- {k}: {v}" for k, v in info["data"].items()]
-    if info.get("eval"):
-        lines += ["", "## Evaluation", "", "| task | metric | value |", "|---|---|---|"]
-        for task, metrics in info["eval"].items():
-            lines += [f"| {task} | {k} | {v:.4f} |" for k, v in metrics.items() if isinstance(v, (int, float))]
+    pre = config.get("preprocess", {})
+    params = config.get("info", {}).get("parameters")
+    lines = [f"- parameters: {params:,}" if isinstance(params, int) else "- parameters: ?"]
+    if "vision_cfg" in mc:
+        v = mc["vision_cfg"]
+        lines.append(f"- image tower: open_clip vision transformer, {v.get('layers')} layers × width "
+                     f"{v.get('width')}, patch {v.get('patch_size')}" if "patch_size" in v
+                     else f"- image tower: open_clip vision tower {v}")
+    if "hf_text" in mc:
+        lines.append(f"- text tower: Hugging Face `{mc['hf_text'].get('path', '?')}`, "
+                     f"{mc['hf_text'].get('pooling')} pooling, {mc['hf_text'].get('proj')} projection"
+                     f"{' (locked)' if mc['hf_text'].get('locked') else ''}")
+    elif "text_cfg" in mc:
+        t = mc["text_cfg"]
+        lines.append(f"- text tower: open_clip transformer, {t.get('layers')} layers × width {t.get('width')}, "
+                     f"context {t.get('context_length')}, vocabulary {t.get('vocab_size')}")
+    if mc.get("embed_dim"):
+        lines.append(f"- embedding size: {mc['embed_dim']}")
+    lines.append(f"- preprocessing: {pre.get('image_size')} px, mean {pre.get('mean')}, std {pre.get('std')}")
+    return lines
+
+
+def _usage(config: dict[str, Any], repo_id: str | None) -> list[str]:
+    where = repo_id or "PATH/TO/FOLDER"
+    lines = ["```python", "from mmcl.hub import from_pretrained", "",
+             f'model = from_pretrained("{where}")  # a local folder or a Hub repo id']
+    if config["model_name"] == "clip":
+        lines += ['tokens = model.tokenizer()(["a photo of a cat"])',
+                  "text = model.encode_text(tokens)       # L2-normalised", "```"]
+    else:
+        lines += ["features = model.encode_image(images)  # frozen features for kNN / linear probes", "```"]
+    if is_open_clip(config):
+        spec = f"hf-hub:{repo_id}" if repo_id else "local-dir:PATH/TO/FOLDER"
+        lines += ["", "The same weights load in open_clip itself:", "", "```python", "import open_clip", "",
+                  f'model, _, preprocess = open_clip.create_model_and_transforms("{spec}")',
+                  f'tokenizer = open_clip.get_tokenizer("{spec}")', "```"]
+    elif config["model_name"] == "clip":
+        lines += ["", "The text tower is a Hugging Face transformer, which open_clip's folder format cannot "
+                  "express: load this model with mmcl."]
+    return lines
+
+
+def render(config: dict[str, Any], repo_id: str | None = None) -> str:
+    """Card text; ``repo_id`` (when pushing) fills in the usage snippets."""
+    info = config.get("info", {})
+    objective = info.get("objective", "?")
+    lines = ["---", yaml.safe_dump(metadata(config), sort_keys=False).strip(), "---", "",
+             f"# {info.get('run_name', 'mmcl model')}", "",
+             f"A `{config['model_name']}` model trained with the `{objective}` contrastive objective "
+             "using mmcl.", "", "## Usage", "", *_usage(config, repo_id), "", "## Model", "", *_architecture(config)]
+    train = info.get("train") or {}
+    if train:
+        lines += ["", "## Training", "", f"- objective: `{objective}`"]
+        lines += [f"- {LABELS.get(k, k.replace('_', ' '))}: {v}" for k, v in train.items()]
+    data = info.get("data") or {}
+    if data:
+        lines += ["", "## Data", ""]
+        lines += [f"- {k.replace('_', ' ')}: {', '.join(map(str, v)) if isinstance(v, list) else v}"
+                  for k, v in data.items() if v not in (None, {}, [])]
+    results = _results(config)
+    if results:
+        lines += ["", "## Evaluation", "", "| task | dataset | samples | metric | value |", "|---|---|---|---|---|"]
+        for r in results:
+            lines += [f"| {TASK_NAMES.get(r['task'], r['task'])} | {r['dataset']['name']} | "
+                      f"{r['dataset'].get('samples') or '?'} | {k} | {float(v):.4f} |" for k, v in r["metrics"].items()]
     lines += ["", "## Intended use and limits", "",
-              "Research on contrastive representation learning. Accuracy reflects the evaluation data "
-              "listed above only; check behaviour on your own data before relying on it.", ""]
+              "For research on contrastive representation learning and as a starting point for fine-tuning. "
+              "The figures above hold for the evaluation data named there only; the training data "
+              f"({data.get('train_samples', '?')} samples) bounds what the model knows. Check accuracy and "
+              "failure modes on your own data before relying on it.", ""]
     return "\n".join(lines)
 
 
 def write_card(folder: Path, config: dict[str, Any]) -> None:
-    """Write ``README.md`` into a model folder."""
-    (folder / "README.md").write_text(render(config))
+    """Write ``README.md`` into a model folder (atomically)."""
+    tmp = folder / ".README.md.tmp"
+    tmp.write_text(render(config))
+    tmp.replace(folder / "README.md")

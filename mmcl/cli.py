@@ -3,6 +3,8 @@
     mmcl train --config configs/clip_digits.yaml [--set optim.lr=1e-3] [--resume latest]
     mmcl eval zeroshot --model runs/clip_digits/final --shards "data/digits/test-{000000..000001}.tar"
     mmcl eval retrieval --model runs/clip_digits/final --shards ...
+    mmcl eval zeroshot --model hf-hub:org/name --shards ...   (load with open_clip itself)
+    mmcl push --model runs/clip_digits/final --repo-id org/name [--private] [--revision BRANCH]
 """
 
 from __future__ import annotations
@@ -28,7 +30,11 @@ def parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a saved model").add_subparsers(dest="task", required=True)
     for task, helptext in (("zeroshot", "zero-shot classification"), ("retrieval", "image-text retrieval R@k")):
         p = ev.add_parser(task, help=helptext)
-        p.add_argument("--model", required=True, help="model folder (RUN/final) or Hub repo id")
+        p.add_argument("--model", required=True,
+                       help="model folder (RUN/final), Hub repo id, or hf-hub:ID / local-dir:PATH to load "
+                            "with open_clip itself")
+        p.add_argument("--no-record", dest="record", action="store_false",
+                       help="do not add the result to a local model folder's config and card")
         p.add_argument("--shards", required=True, help="brace pattern of evaluation shards")
         p.add_argument("--batch-size", type=int, default=256)
         p.add_argument("--workers", type=int, default=2)
@@ -37,6 +43,16 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--templates", default="openai",
                            help="openai | simple | mnist | digits, or a text file with one '{}' template per line")
             p.add_argument("--classes", type=Path, default=None, help="text file, one class name per line")
+
+    p = sub.add_parser("push", help="upload a saved model folder to the Hugging Face Hub")
+    p.add_argument("--model", required=True, type=Path, help="model folder (RUN/final)")
+    p.add_argument("--repo-id", required=True, help="ORG/NAME (created if missing)")
+    vis = p.add_mutually_exclusive_group()
+    vis.add_argument("--private", dest="private", action="store_true", default=True,
+                     help="create the repo private (default)")
+    vis.add_argument("--public", dest="private", action="store_false", help="create the repo public")
+    p.add_argument("--revision", default=None, help="branch to push to (created if missing)")
+    p.add_argument("--commit-message", default=None)
     return ap
 
 
@@ -51,24 +67,34 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_for_eval(spec: str):  # noqa: ANN202
+    from mmcl.evaluate.open_clip_model import OpenClipModel, is_open_clip_spec
+    from mmcl.hub import from_pretrained
+
+    return OpenClipModel(spec) if is_open_clip_spec(spec) else from_pretrained(spec)
+
+
 def _eval(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
     from mmcl.evaluate.features import extract
     from mmcl.evaluate.retrieval import retrieval
-    from mmcl.evaluate.run import zeroshot
+    from mmcl.evaluate.run import result, zeroshot
     from mmcl.evaluate.zeroshot import save_report
-    from mmcl.hub import from_pretrained
+    from mmcl.hub import record_eval
 
     acc = Accelerator()
-    model = from_pretrained(args.model).to(acc.device)
-    out = args.out or (Path(args.model).parent / "eval" if Path(args.model).is_dir() else Path("eval"))
+    model = _load_for_eval(args.model).to(acc.device)
+    local = Path(args.model).is_dir()
+    out = args.out or (Path(args.model).parent / "eval" if local else Path("eval"))
     if args.task == "retrieval":
         feats = extract(model, args.shards, batch_size=args.batch_size, num_workers=args.workers, device=acc.device)
         res = retrieval(feats["image"], feats["text"])
         if acc.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             (out / "retrieval.json").write_text(json.dumps({**res, "n": len(feats["id"])}, indent=2) + "\n")
+            if local and args.record:
+                record_eval(args.model, [result("retrieval", args.shards, res)])
             for k, v in res.items():
                 print(f"{k}: {v:.3f}")
             print(f"retrieval over {len(feats['id'])} image-text pairs")
@@ -86,6 +112,9 @@ def _eval(args: argparse.Namespace) -> int:
     if acc.is_main_process:
         names = res["class_names"]
         save_report(res, names, out)
+        if local and args.record:
+            record_eval(args.model, [result("zeroshot", args.shards, {"top1": res["top1"], "top5": res["top5"]},
+                                            templates=args.templates)])
         if res["skipped"]:
             print(f"skipped samples: {res['skipped']}")
         worst = sorted(zip(res["per_class"], names))[:3]
@@ -96,8 +125,17 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push(args: argparse.Namespace) -> int:
+    from mmcl.hub import push
+
+    url = push(args.model, args.repo_id, private=args.private, revision=args.revision,
+               commit_message=args.commit_message)
+    print(f"pushed {args.model} to {args.repo_id}: {url}")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
-    return _train(args) if args.command == "train" else _eval(args)
+    return {"train": _train, "eval": _eval, "push": _push}[args.command](args)
 
 
 def main(argv: list[str] | None = None) -> int:

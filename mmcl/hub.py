@@ -1,9 +1,12 @@
-"""Model folders: ``save_pretrained`` / ``from_pretrained`` (local path or Hub repo id).
+"""Model folders and the Hugging Face Hub: ``save_pretrained``, ``from_pretrained``, ``push``.
 
-A folder holds ``mmcl_config.json`` (architecture, preprocessing, training summary),
-safetensors weights (never pickle) and, for CLIP models with open_clip towers,
-``open_clip_config.json`` + ``open_clip_model.safetensors`` so open_clip loads it with
-``local-dir:``. Loading never executes code from the folder.
+A folder holds ``mmcl_config.json`` (architecture, preprocessing, training summary, evaluation
+results), safetensors weights (never pickle), whatever the model itself needs (for CLIP with
+open_clip towers: ``open_clip_config.json`` + ``open_clip_model.safetensors``, which open_clip
+loads with ``local-dir:`` and ``hf-hub:``) and a ``README.md`` model card. Loading never
+executes code from the folder. Hub access goes through ``huggingface_hub`` (its cache,
+``HF_ENDPOINT``, ``HF_HUB_OFFLINE``, ``HF_TOKEN`` / login cache); tokens are never printed or
+written anywhere.
 """
 
 from __future__ import annotations
@@ -29,23 +32,25 @@ def _loaders() -> dict[str, Any]:
     return {"clip": ClipModel}
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def save_pretrained(model: nn.Module, path: str | Path, *, name: str, preprocess: dict[str, Any],
                     info: dict[str, Any] | None = None) -> Path:
     """Write ``model`` to ``path`` atomically (a temporary folder renamed when complete)."""
+    from mmcl.card import write_card
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        config = {"format": FORMAT, "model_name": name, **model.save_files(tmp), "preprocess": preprocess,
-                  "info": info or {}}
-        if name == "clip" and "hf_text" not in config["model_cfg"]:
-            oc = {"model_cfg": {**config["model_cfg"], "custom_text": True},
-                  "preprocess_cfg": {"size": preprocess["image_size"], "mean": preprocess["mean"],
-                                     "std": preprocess["std"], "interpolation": "bicubic", "resize_mode": "shortest"}}
-            (tmp / "open_clip_config.json").write_text(json.dumps(oc, indent=2) + "\n")
+        info = {"parameters": sum(p.numel() for p in model.parameters()), **(info or {})}
+        config = {"format": FORMAT, "model_name": name, **model.save_files(tmp, preprocess),
+                  "preprocess": preprocess, "info": info}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        from mmcl.card import write_card
-
         write_card(tmp, config)
         if path.exists():
             shutil.rmtree(path)
@@ -54,6 +59,24 @@ def save_pretrained(model: nn.Module, path: str | Path, *, name: str, preprocess
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def record_eval(folder: str | Path, results: list[dict[str, Any]]) -> None:
+    """Add evaluation results to a local model folder's config and card.
+
+    A result replaces an earlier one of the same task on the same dataset, so the card always
+    shows the latest figures.
+    """
+    from mmcl.card import write_card
+
+    folder = Path(folder)
+    config = read_config(folder)
+    key = lambda r: (r["task"], r["dataset"]["name"])  # noqa: E731
+    new = {key(r) for r in results}
+    kept = [r for r in config["info"].get("eval") or [] if isinstance(r, dict) and "task" in r and key(r) not in new]
+    config["info"]["eval"] = kept + list(results)
+    _write_atomic(folder / CONFIG, json.dumps(config, indent=2) + "\n")
+    write_card(folder, config)
 
 
 def resolve(path_or_repo: str | Path, revision: str | None = None) -> Path:
@@ -110,3 +133,58 @@ def from_pretrained(path_or_repo: str | Path, revision: str | None = None) -> nn
         raise MmclError(f"{folder}: weights do not match the saved architecture ({str(e)[:300]})") from None
     model.mmcl_config = config
     return model.eval()
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Exception types meaning "the Hub could not be reached" for the installed HTTP client."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError")):
+        try:
+            errors.append(getattr(__import__(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def push(folder: str | Path, repo_id: str, *, private: bool = True, revision: str | None = None,
+         commit_message: str | None = None, token: str | None = None, endpoint: str | None = None) -> str:
+    """Upload a model folder to ``repo_id`` (created if missing) in one commit; returns the commit URL.
+
+    The card uploaded is rendered with the repo id so its usage snippets can be copied as is;
+    the local folder is only read. ``token`` defaults to ``HF_TOKEN`` or the login cache.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from mmcl.card import render
+
+    folder = Path(folder)
+    config = read_config(folder)
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise MmclError(f"--repo-id {repo_id!r}: expected ORG/NAME")
+    token = token or get_token()
+    if not token:
+        raise MmclError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (a token with write access)")
+    api = HfApi(endpoint=endpoint, token=token)
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                   if p.is_file() and not p.name.startswith("."))
+    ops = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files if f != "README.md"]
+    ops.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=render(config, repo_id).encode()))
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.create_commit(repo_id, operations=ops, revision=revision,
+                                 commit_message=commit_message or f"Upload {config['model_name']} model with mmcl")
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status == 401:
+            raise MmclError("the Hub rejected the token (401): check HF_TOKEN or log in again") from None
+        if status == 403:
+            raise MmclError(f"no write access to {repo_id!r} (403): the namespace belongs to someone else "
+                            "or the token is read-only") from None
+        raise MmclError(f"Hub upload to {repo_id!r} failed ({status}): {str(e).splitlines()[0]}") from None
+    except _network_errors() as e:
+        raise MmclError(f"cannot reach the Hub at {api.endpoint} ({type(e).__name__}); check the network "
+                        "or HF_ENDPOINT, then push again") from None
+    return info.commit_url

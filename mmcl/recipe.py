@@ -66,6 +66,21 @@ class EvalConfig:
 
 
 @dataclass
+class HubConfig:
+    """Upload the final model to the Hugging Face Hub when training ends (token: HF_TOKEN or login cache)."""
+
+    push: bool = False
+    repo_id: str | None = spec(None, help="org/name")
+    private: bool = True
+    revision: str | None = spec(None, help="branch to push to (created if missing); default main")
+
+    def validate(self) -> None:
+        """``push`` needs a repo id of the form org/name."""
+        if self.push and (not self.repo_id or self.repo_id.count("/") != 1):
+            raise C.ConfigError("hub.push is true but hub.repo_id is not of the form org/name")
+
+
+@dataclass
 class Recipe:
     """A whole training recipe."""
 
@@ -76,6 +91,7 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
     def validate(self) -> None:
         """Cross-section checks."""

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from mmcl.config import build, plugin_name
 from mmcl.data import class_names, count_samples, expand_shards, make_loader
 from mmcl.errors import MmclError
+from mmcl.evaluate.run import flat_metrics
 from mmcl.recipe import Recipe, recipe_dict
 
 
@@ -159,7 +160,7 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()
 
-    def evaluate(self) -> dict[str, dict[str, float]]:
+    def evaluate(self) -> list[dict[str, Any]]:
         """Zero-shot and retrieval on the recipe's eval shards (every process takes part)."""
         from mmcl.evaluate.run import run_evals
 
@@ -192,7 +193,7 @@ class Trainer:
         epoch, batches, current = start_epoch, 0, start_epoch
         t0 = t_log = time.perf_counter()
         samples = 0
-        evals: dict[str, Any] = {}
+        evals: list[dict[str, Any]] = []
         self.model.train()
         for epoch, batch in self.loader.forever(start_epoch):
             if epoch != current:
@@ -253,7 +254,7 @@ class Trainer:
                 samples, t_log = 0, now
             if r.train.eval_every and step % r.train.eval_every == 0 and step != r.train.steps:
                 evals = self.evaluate()
-                self._log({"step": step, **{f"{t}/{k}": v for t, m in evals.items() for k, v in m.items()}})
+                self._log({"step": step, **flat_metrics(evals)})
             if (r.train.save_every and step % r.train.save_every == 0) or step == r.train.steps:
                 self.save_checkpoint(epoch, batches)
             if step >= r.train.steps:
@@ -261,36 +262,59 @@ class Trainer:
         bar.close()
         return self._finish(t0, evals)
 
-    def _finish(self, t0: float, evals: dict[str, Any]) -> Path:
+    def _finish(self, t0: float, evals: list[dict[str, Any]]) -> Path:
         r, acc = self.recipe, self.acc
         wall = time.perf_counter() - t0
         if r.eval.zeroshot_shards or r.eval.retrieval_shards:
             evals = self.evaluate()
-            self._log({"step": self.state.step, **{f"{t}/{k}": v for t, m in evals.items() for k, v in m.items()}})
+            self._log({"step": self.state.step, **flat_metrics(evals)})
         final = self.out / "final"
+        skipped = self._skip_counts()  # a collective: every process takes part
         if acc.is_main_process:
             from mmcl.hub import save_pretrained
 
-            urls = expand_shards(r.data.train_shards)
-            info = {
-                "run_name": r.run.name or self.out.name,
-                "objective": plugin_name("objective", r.objective),
-                "recipe": recipe_dict(r),
-                "train": {"steps": self.state.step, "global_batch": r.data.batch_size * acc.num_processes
-                          * r.optim.grad_accum, "processes": acc.num_processes, "wall_s": round(wall, 1),
-                          "mixed_precision": acc.mixed_precision, "bad_steps": self.state.bad_steps},
-                "data": {"train_shards": r.data.train_shards, "train_samples": count_samples(urls),
-                         "class_names": class_names(urls)},
-                "eval": evals,
-            }
-            model = self.unwrapped
             preprocess = {"image_size": r.data.image_size, "mean": list(r.data.mean), "std": list(r.data.std)}
-            save_pretrained(model, final, name=plugin_name("model", r.model), preprocess=preprocess, info=info)
+            info = self._model_info(wall, evals, skipped)
+            save_pretrained(self.unwrapped, final, name=plugin_name("model", r.model), preprocess=preprocess,
+                            info=info)
             (self.out / "summary.json").write_text(json.dumps({k: v for k, v in info.items() if k != "recipe"},
                                                               indent=2) + "\n")
         acc.wait_for_everyone()
         acc.end_training()
+        if r.hub.push and acc.is_main_process:
+            self._push(final)
         return final
+
+    def _model_info(self, wall: float, evals: list[dict[str, Any]], skipped: dict[str, int]) -> dict[str, Any]:
+        """What the saved model's config and card say about this run."""
+        r, acc = self.recipe, self.acc
+        urls = expand_shards(r.data.train_shards)
+        return {
+            "run_name": r.run.name or self.out.name,
+            "objective": plugin_name("objective", r.objective),
+            "recipe": recipe_dict(r),
+            "train": {"steps": self.state.step, "global_batch": r.data.batch_size * acc.num_processes
+                      * r.optim.grad_accum, "processes": acc.num_processes, "wall_s": round(wall, 1),
+                      "mixed_precision": acc.mixed_precision, "bad_steps": self.state.bad_steps,
+                      "lr": r.optim.lr, "weight_decay": r.optim.weight_decay, "warmup_steps": r.optim.warmup_steps,
+                      "schedule": r.optim.schedule},
+            "data": {"train_shards": r.data.train_shards, "train_samples": count_samples(urls),
+                     "class_names": class_names(urls), "skipped": skipped},
+            "eval": evals,
+        }
+
+    def _push(self, final: Path) -> None:
+        """Upload the final model (``hub.push: true``); the local folder is complete whatever happens."""
+        from mmcl.hub import push
+
+        h = self.recipe.hub
+        try:
+            url = push(final, h.repo_id, private=h.private, revision=h.revision,
+                       commit_message=f"mmcl: {self.recipe.run.name or self.out.name}, step {self.state.step}")
+        except MmclError as e:
+            raise MmclError(f"{e}\nThe trained model is saved in {final}; push it later with "
+                            f"`mmcl push --model {final} --repo-id {h.repo_id}`") from None
+        self.acc.print(f"pushed to {url}")
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

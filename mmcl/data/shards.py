@@ -86,3 +86,22 @@ def class_names(urls: list[str]) -> list[str] | None:
         if names & {s["name"] for s in split["shards"]} and split.get("class_names"):
             return list(split["class_names"])
     return manifest.get("class_names")
+
+
+def describe(spec: str) -> dict[str, Any]:
+    """A short description of an evaluation shard list, for reports and model cards.
+
+    ``name`` is ``SOURCE/SPLIT`` (e.g. ``digits/test``) when the manifest knows the shards, else
+    the shard pattern itself; ``samples`` is the manifest's count (None if unknown).
+    """
+    urls = expand_shards(spec)
+    manifest = find_manifest(urls)
+    name = str(spec)
+    if manifest:
+        files = {Path(u).name for u in urls}
+        source = (manifest.get("source") or {}).get("type") or Path(urls[0]).parent.name
+        for split, info in manifest.get("splits", {}).items():
+            if files <= {s["name"] for s in info["shards"]}:
+                name = f"{source}/{split}"
+                break
+    return {"name": name, "shards": str(spec), "samples": count_samples(urls, manifest)}

@@ -37,8 +37,9 @@ def _finish(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> list[
 
 @register_transform("eval")
 def eval_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Transform:
-    """Resize the short side and centre-crop: what open_clip does at test time."""
-    return T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size), *_finish(size, mean, std)])
+    """Resize the short side (bicubic) and centre-crop: open_clip's test-time preprocessing."""
+    return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True), T.CenterCrop(size),
+                      *_finish(size, mean, std)])
 
 
 @register_transform("clip")

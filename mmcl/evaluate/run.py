@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from mmcl.data import class_names as manifest_classes
-from mmcl.data import expand_shards
+from mmcl.data import describe, expand_shards
 from mmcl.errors import MmclError
 from mmcl.evaluate.features import extract
 from mmcl.evaluate.retrieval import retrieval
@@ -40,15 +40,25 @@ def zeroshot(model: Any, shards: str, *, templates: Any = "openai", classes: lis
     return result
 
 
-def run_evals(model: Any, cfg: Any, device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
-    """Zero-shot and/or retrieval metrics for an ``EvalConfig``; every process must call this."""
-    out: dict[str, dict[str, float]] = {}
+def result(task: str, shards: str, metrics: dict[str, float], **extra: Any) -> dict[str, Any]:
+    """One evaluation result as recorded in metrics logs, model configs and cards."""
+    return {"task": task, "dataset": describe(shards), "metrics": {k: float(v) for k, v in metrics.items()}, **extra}
+
+
+def flat_metrics(results: list[dict[str, Any]]) -> dict[str, float]:
+    """``{"zeroshot/top1": ..., "retrieval/image_to_text_R@1": ...}`` for logging."""
+    return {f"{r['task']}/{k}": v for r in results for k, v in r["metrics"].items()}
+
+
+def run_evals(model: Any, cfg: Any, device: torch.device | str = "cpu") -> list[dict[str, Any]]:
+    """Zero-shot and/or retrieval results (see :func:`result`) for an ``EvalConfig``; every process calls this."""
+    out: list[dict[str, Any]] = []
     if cfg.zeroshot_shards:
         res = zeroshot(model, cfg.zeroshot_shards, templates=cfg.templates, classes=cfg.class_names,
                        batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device)
-        out["zeroshot"] = {"top1": res["top1"], "top5": res["top5"]}
+        out.append(result("zeroshot", cfg.zeroshot_shards, {"top1": res["top1"], "top5": res["top5"]}))
     if cfg.retrieval_shards:
         feats = extract(model, cfg.retrieval_shards, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                         device=device)
-        out["retrieval"] = retrieval(feats["image"], feats["text"])
+        out.append(result("retrieval", cfg.retrieval_shards, retrieval(feats["image"], feats["text"])))
     return out

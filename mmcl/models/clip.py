@@ -254,11 +254,15 @@ class ClipModel(nn.Module):
 
 
     # -------------------------------------------------------------------------- folder format
-    def save_files(self, folder: Path) -> dict[str, Any]:
+    def save_files(self, folder: Path, preprocess: dict[str, Any]) -> dict[str, Any]:
         """Write weights (and the HF text tower's config/tokenizer) into ``folder``; return the config.
 
-        Models with open_clip towers store ``open_clip_config.json`` + ``open_clip_model.safetensors``,
-        which ``open_clip.create_model('local-dir:...')`` loads as is.
+        Models with open_clip towers store ``open_clip_config.json`` (``model_cfg`` +
+        ``preprocess_cfg``) and ``open_clip_model.safetensors``, which
+        ``open_clip.create_model_and_transforms('local-dir:...')`` and ``'hf-hub:org/name'`` load
+        as is. (open_clip's own ``save_for_hf`` needs its tokenizer from the Hub, so the JSON is
+        written here.) A Hugging Face text tower has no open_clip form: those models keep only
+        the mmcl format, ``model.safetensors`` + ``text_tower/``.
         """
         from safetensors.torch import save_file
 
@@ -269,6 +273,10 @@ class ClipModel(nn.Module):
             self.tokenizer().tok.save_pretrained(folder / "text_tower")
         else:
             save_file(state, str(folder / "open_clip_model.safetensors"))
+            oc = {"model_cfg": {**self.model_cfg, "custom_text": True},
+                  "preprocess_cfg": {"size": preprocess["image_size"], "mean": preprocess["mean"],
+                                     "std": preprocess["std"], "interpolation": "bicubic", "resize_mode": "shortest"}}
+            (folder / "open_clip_config.json").write_text(json.dumps(oc, indent=2) + "\n")
         return {"model_cfg": self.model_cfg, "mmcl_model": _asdict(self.cfg)}
 
     @classmethod
