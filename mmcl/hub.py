@@ -27,9 +27,9 @@ FORMAT = "mmcl-model/1"
 
 
 def _loaders() -> dict[str, Any]:
-    from mmcl.models.clip import ClipModel
+    from mmcl.models import ClipModel, EncoderModel
 
-    return {"clip": ClipModel}
+    return {"clip": ClipModel, "encoder": EncoderModel}
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -27,9 +27,11 @@ class RunConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with a warmup + cosine (or constant) schedule."""
+    """AdamW, SGD or LARS with a warmup + cosine (or constant) schedule."""
 
+    name: Literal["adamw", "sgd", "lars"] = "adamw"
     lr: float = spec(5e-4, gt=0)
+    momentum: float = spec(0.9, ge=0, lt=1, help="sgd and lars")
     weight_decay: float = spec(0.1, ge=0)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = spec(1e-6, gt=0)
@@ -51,6 +53,7 @@ class TrainConfig:
     keep_checkpoints: int = spec(2, ge=1)
     max_bad_steps: int = spec(10, ge=1, help="consecutive NaN/inf losses before the run stops")
     progress: bool = True
+    sync_bn: bool = spec(False, help="BatchNorm statistics over all processes (SyncBatchNorm)")
 
 
 @dataclass
@@ -61,6 +64,20 @@ class EvalConfig:
     retrieval_shards: str | None = None
     templates: Any = "openai"
     class_names: list[str] | None = None
+    knn_train_shards: str | None = spec(None, help="labelled reference set for kNN / linear probes")
+    knn_shards: list[str] = spec(default_factory=list, help="test sets for kNN / linear probes")
+    knn_k: int = spec(20, ge=1)
+    knn_temperature: float = spec(0.07, gt=0)
+    linear: bool = spec(False, help="also fit a linear probe on knn_train_shards")
+
+    def requested(self) -> bool:
+        """True if any evaluation is configured."""
+        return bool(self.zeroshot_shards or self.retrieval_shards or (self.knn_train_shards and self.knn_shards))
+
+    def validate(self) -> None:
+        """kNN / linear probes need both a reference set and test sets."""
+        if bool(self.knn_train_shards) != bool(self.knn_shards):
+            raise C.ConfigError("eval: kNN / linear probes need both knn_train_shards and knn_shards")
     batch_size: int = spec(256, ge=1)
     num_workers: int = spec(2, ge=0)
 

@@ -26,6 +26,7 @@ from mmcl.config import build, plugin_name
 from mmcl.data import class_names, count_samples, expand_shards, make_loader
 from mmcl.errors import MmclError
 from mmcl.evaluate.run import flat_metrics
+from mmcl.optim import build_optimizer
 from mmcl.recipe import Recipe, recipe_dict
 
 
@@ -48,20 +49,6 @@ class TrainState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`."""
         self.step, self.positions, self.bad_steps = state["step"], state["positions"], state["bad_steps"]
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases, norms, embeddings' gains and the logit scale."""
-    exempt = set(getattr(model, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim < 2 or name in exempt or "bias" in name or ".ln" in name or "norm" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
@@ -113,22 +100,37 @@ class Trainer:
                                project_dir=str(self.out))
         set_seed(r.run.seed)
         self.model = build("model", r.model)
+        if r.train.sync_bn and self.acc.num_processes > 1:
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        # evaluation during training preprocesses images as the saved model will
+        self.model.mmcl_config = {"preprocess": self.preprocess}
         self.objective = build("objective", r.objective)
+        if hasattr(self.objective, "setup"):  # heads sized to the model, momentum copies of it
+            self.objective.setup(self.model, r.train.steps)
         tokenizer = self.model.tokenizer() if r.data.kind == "image_text" else None
         self.loader = make_loader(r.data, tokenizer=tokenizer, seed=r.run.seed)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, r.optim.weight_decay), lr=r.optim.lr,
-                                           betas=tuple(r.optim.betas), eps=r.optim.eps)
+        trains_objective = any(p.requires_grad for p in self.objective.parameters())
+        self.optimizer = build_optimizer(r.optim, [self.model, self.objective])
         o = r.optim
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, r.train.steps, o.warmup_steps, o.schedule, o.min_lr_ratio))
         # The scheduler is stepped by hand once per optimizer step (Accelerate's wrapper would step it
         # once per process), and checkpointed as a custom object.
-        self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
-        self.objective.to(self.acc.device)
+        if trains_objective:  # an objective with its own trained heads is wrapped (DDP) like the model
+            self.model, self.objective, self.optimizer = self.acc.prepare(self.model, self.objective, self.optimizer)
+        else:
+            self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+            self.objective.to(self.acc.device)
         self.state = TrainState()
         self.acc.register_for_checkpointing(self.scheduler, self.state)
-        if list(self.objective.state_dict()):
+        if not trains_objective and list(self.objective.state_dict()):
             self.acc.register_for_checkpointing(self.objective)
+
+    @property
+    def preprocess(self) -> dict[str, Any]:
+        """Image size and normalisation, saved with the model."""
+        d = self.recipe.data
+        return {"image_size": d.image_size, "mean": list(d.mean), "std": list(d.std)}
 
     # ------------------------------------------------------------------------------ helpers
     @property
@@ -202,7 +204,7 @@ class Trainer:
             if epoch == start_epoch and batches <= skip:
                 continue  # fast-forward to where the checkpoint stopped reading
             batch = to_device(batch, acc.device)
-            with acc.accumulate(self.model):
+            with acc.accumulate(self.model, self.objective):
                 with acc.autocast():
                     out = self.model(batch)
                     loss, metrics = self.objective(out, batch)
@@ -212,7 +214,8 @@ class Trainer:
                 else:
                     acc.backward(loss)
                     if acc.sync_gradients and r.optim.grad_clip:
-                        metrics["grad_norm"] = acc.clip_grad_norm_(self.model.parameters(), r.optim.grad_clip)
+                        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                        metrics["grad_norm"] = acc.clip_grad_norm_(params, r.optim.grad_clip)
                 if not (acc.sync_gradients and window_bad):
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -234,7 +237,7 @@ class Trainer:
             consecutive_bad = 0
             self.scheduler.step()
             self.state.step += 1
-            for m in (self.unwrapped, self.objective):
+            for m in (self.unwrapped, acc.unwrap_model(self.objective)):
                 hook = getattr(m, "after_optimizer_step", None)
                 if hook is not None:
                     hook(self.state.step)
@@ -265,7 +268,7 @@ class Trainer:
     def _finish(self, t0: float, evals: list[dict[str, Any]]) -> Path:
         r, acc = self.recipe, self.acc
         wall = time.perf_counter() - t0
-        if r.eval.zeroshot_shards or r.eval.retrieval_shards:
+        if r.eval.requested():
             evals = self.evaluate()
             self._log({"step": self.state.step, **flat_metrics(evals)})
         final = self.out / "final"
@@ -273,9 +276,8 @@ class Trainer:
         if acc.is_main_process:
             from mmcl.hub import save_pretrained
 
-            preprocess = {"image_size": r.data.image_size, "mean": list(r.data.mean), "std": list(r.data.std)}
             info = self._model_info(wall, evals, skipped)
-            save_pretrained(self.unwrapped, final, name=plugin_name("model", r.model), preprocess=preprocess,
+            save_pretrained(self.unwrapped, final, name=plugin_name("model", r.model), preprocess=self.preprocess,
                             info=info)
             (self.out / "summary.json").write_text(json.dumps({k: v for k, v in info.items() if k != "recipe"},
                                                               indent=2) + "\n")
@@ -336,4 +338,4 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
     return Trainer(recipe).fit(resume)
 
 
-__all__ = ["Trainer", "TrainState", "TrainingError", "train", "lr_factor", "param_groups"]
+__all__ = ["Trainer", "TrainState", "TrainingError", "train", "lr_factor"]

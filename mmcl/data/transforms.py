@@ -80,6 +80,34 @@ def simclr(size: int, mean: tuple[float, ...], std: tuple[float, ...], crop_scal
     return T.Compose(steps + _finish(size, mean, std))
 
 
+@register_transform("byol1")
+def byol_view1(size: int, mean: tuple[float, ...], std: tuple[float, ...], **kwargs: Any) -> Transform:
+    """BYOL's first view: SimCLR's set with blur always applied and no solarization."""
+    return simclr(size, mean, std, **{"blur": 1.0, "solarize": 0.0, **kwargs})
+
+
+@register_transform("byol2")
+def byol_view2(size: int, mean: tuple[float, ...], std: tuple[float, ...], **kwargs: Any) -> Transform:
+    """BYOL's second view: blur with probability 0.1 and solarization with probability 0.2."""
+    return simclr(size, mean, std, **{"blur": 0.1, "solarize": 0.2, **kwargs})
+
+
+@register_transform("digits_ssl")
+def digits_ssl(size: int, mean: tuple[float, ...], std: tuple[float, ...], crop_scale: tuple[float, float] = (0.4, 1.0),
+               degrees: float = 20.0, translate: float = 0.15, scale: tuple[float, float] = (0.8, 1.1),
+               jitter: float = 0.8, strength: float = 0.4, blur: float = 0.3) -> Transform:
+    """The small-image SimCLR variant for digits: crop, affine jitter (rotation, shift, scale),
+    brightness/contrast jitter and light blur; no flips or hue changes (6 is not 9, digits are grey)."""
+    kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=tuple(crop_scale), ratio=(0.75, 1.33), antialias=True),
+        T.RandomAffine(degrees, translate=(translate, translate), scale=tuple(scale)),
+        T.RandomApply([T.ColorJitter(strength, strength)], p=jitter),
+        T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 1.0))], p=blur),
+        *_finish(size, mean, std),
+    ])
+
+
 def build_transform(name: str, size: int, mean: tuple[float, ...] = OPENAI_MEAN,
                     std: tuple[float, ...] = OPENAI_STD, **kwargs: Any) -> Transform:
     """Build the transform registered as ``name``."""

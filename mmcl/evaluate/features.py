@@ -14,7 +14,8 @@ from mmcl.objectives.gather import gather_variable
 def data_config_for(model: Any, shards: str, batch_size: int, num_workers: int, kind: str = "image_text") -> DataConfig:
     """An evaluation ``DataConfig`` using the model's saved preprocessing (size, mean, std)."""
     pre = getattr(model, "mmcl_config", {}).get("preprocess") or {}
-    return DataConfig(train_shards=shards, kind=kind, image_size=pre.get("image_size", model.image_size),
+    size = pre["image_size"] if "image_size" in pre else model.image_size
+    return DataConfig(train_shards=shards, kind=kind, image_size=size,
                       batch_size=batch_size, num_workers=num_workers,
                       mean=list(pre.get("mean", OPENAI_MEAN)), std=list(pre.get("std", OPENAI_STD)))
 
@@ -23,13 +24,15 @@ def data_config_for(model: Any, shards: str, batch_size: int, num_workers: int, 
 def extract(model: Any, shards: str, *, batch_size: int = 256, num_workers: int = 2, texts: bool = True,
             device: torch.device | str = "cpu") -> dict[str, Any]:
     """Image (and text) features, labels and ids of all samples, gathered over processes in id order."""
-    cfg = data_config_for(model, shards, batch_size, num_workers)
+    # image-only reads need no caption field: the one-view (eval transform) multi-view sample
+    cfg = data_config_for(model, shards, batch_size, num_workers, "image_text" if texts else "multi_view")
     loader = make_loader(cfg, train=False, tokenizer=model.tokenizer() if texts else None)
     feats: dict[str, list[torch.Tensor]] = {"image": [], "text": [], "label": [], "id": []}
     was_training = model.training
     model.eval()
     for batch in loader:
-        feats["image"].append(model.encode_image(batch["image"].to(device)).float())
+        images = batch["image"] if texts else batch["views"][0]
+        feats["image"].append(model.encode_image(images.to(device)).float())
         if texts:
             tokens = batch["text"]
             tokens = {k: v.to(device) for k, v in tokens.items()} if isinstance(tokens, dict) else tokens.to(device)

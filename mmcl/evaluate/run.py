@@ -10,6 +10,7 @@ from mmcl.data import class_names as manifest_classes
 from mmcl.data import describe, expand_shards
 from mmcl.errors import MmclError
 from mmcl.evaluate.features import extract
+from mmcl.evaluate.knn import knn_classify, linear_probe
 from mmcl.evaluate.retrieval import retrieval
 from mmcl.evaluate.templates import template_set
 from mmcl.evaluate.zeroshot import classify, zeroshot_classifier
@@ -50,9 +51,37 @@ def flat_metrics(results: list[dict[str, Any]]) -> dict[str, float]:
     return {f"{r['task']}/{k}": v for r in results for k, v in r["metrics"].items()}
 
 
-def run_evals(model: Any, cfg: Any, device: torch.device | str = "cpu") -> list[dict[str, Any]]:
-    """Zero-shot and/or retrieval results (see :func:`result`) for an ``EvalConfig``; every process calls this."""
+def frozen_feature_evals(model: Any, train_shards: str, test_shards: list[str], *, knn: bool = True,
+                         linear: bool = False, k: int = 20, temperature: float = 0.07, batch_size: int = 256,
+                         num_workers: int = 2, device: torch.device | str = "cpu") -> list[dict[str, Any]]:
+    """kNN and/or linear-probe results on each of ``test_shards``, with ``train_shards`` as the
+    labelled reference set (features extracted once, on every process)."""
+    def labelled(shards: str) -> dict[str, Any]:
+        feats = extract(model, shards, batch_size=batch_size, num_workers=num_workers, texts=False, device=device)
+        if (feats["label"] < 0).any():
+            raise MmclError(f"{shards}: some samples have no label; kNN and linear probes need labelled shards")
+        return feats
+
+    train = labelled(train_shards)
     out: list[dict[str, Any]] = []
+    for shards in test_shards:
+        test = labelled(shards)
+        if knn:
+            res = knn_classify(train["image"], train["label"], test["image"], test["label"], k, temperature)
+            out.append(result("knn", shards, res, k=k, temperature=temperature))
+        if linear:
+            res = linear_probe(train["image"], train["label"], test["image"], test["label"])
+            out.append(result("linear", shards, {"top1": res["top1"]}, l2=res["l2"]))
+    return out
+
+
+def run_evals(model: Any, cfg: Any, device: torch.device | str = "cpu") -> list[dict[str, Any]]:
+    """The evaluations an ``EvalConfig`` asks for, as :func:`result` records; every process calls this."""
+    out: list[dict[str, Any]] = []
+    if cfg.knn_train_shards and cfg.knn_shards:
+        out += frozen_feature_evals(model, cfg.knn_train_shards, list(cfg.knn_shards), linear=cfg.linear,
+                                    k=cfg.knn_k, temperature=cfg.knn_temperature, batch_size=cfg.batch_size,
+                                    num_workers=cfg.num_workers, device=device)
     if cfg.zeroshot_shards:
         res = zeroshot(model, cfg.zeroshot_shards, templates=cfg.templates, classes=cfg.class_names,
                        batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device)

@@ -1,10 +1,20 @@
-"""Contrastive objectives, one module per method family; importing this registers them.
+"""Contrastive objectives, one module per method; importing this registers them.
 
 Each objective is an ``nn.Module`` whose ``forward(model_outputs, batch)`` returns
-``(loss, metrics)``. Shared pieces (InfoNCE, the cross-process gather) live in ``infonce`` and
-``gather``; a new method is one new file here plus one recipe.
+``(loss, metrics)``. Optional hooks, called by the trainer: ``setup(model, total_steps)`` once
+the model exists (to size heads and copy momentum targets), and ``after_optimizer_step(step)``
+(momentum updates). Parameters an objective owns (predictor heads) are trained with the model.
+Shared pieces (InfoNCE, the cross-process gathers, momentum targets, the key queue) live in
+``infonce``, ``gather``, ``momentum`` and ``queue``; a new method is one new file here plus
+one recipe (modules here are imported, and so registered, automatically).
 """
 
+import importlib
+import pkgutil
+
 from mmcl.objectives.clip import ClipLoss, ClipLossConfig, clip_loss
+
+for _module in pkgutil.iter_modules(__path__):  # every module registers its objective on import
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["ClipLoss", "ClipLossConfig", "clip_loss"]

@@ -1,4 +1,4 @@
-"""The InfoNCE core shared by every contrastive objective: pure functions, no state."""
+"""The InfoNCE core shared by every contrastive objective, and the collapse monitor: pure functions."""
 
 from __future__ import annotations
 
@@ -19,3 +19,12 @@ def symmetric_info_nce(logits_a: torch.Tensor, logits_b: torch.Tensor, targets: 
 def top1(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Fraction of rows whose highest logit is the positive."""
     return (logits.argmax(dim=-1) == targets).float().mean()
+
+
+@torch.no_grad()
+def embedding_std(z: torch.Tensor) -> torch.Tensor:
+    """Collapse monitor: per-dimension std of the L2-normalised embeddings, averaged over dimensions.
+
+    About ``1/sqrt(D)`` when embeddings spread over the sphere; near 0 when they collapse to a point.
+    """
+    return F.normalize(z.float(), dim=-1).std(dim=0).mean()

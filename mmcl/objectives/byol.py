@@ -1,0 +1,60 @@
+"""BYOL (Grill et al., 2020): the online network predicts the momentum target's projection of
+the other view; symmetric normalised MSE, no negatives.
+
+``loss = ℓ(p1, t2) + ℓ(p2, t1)``, ``ℓ(p, t) = mean(2 − 2 cos(p, t))``, target without gradient,
+target momentum from ``momentum`` (0.996) to 1 on a cosine over the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmcl.config import register, spec
+from mmcl.models.heads import HeadConfig, build_head
+from mmcl.objectives.infonce import embedding_std
+from mmcl.objectives.momentum import MomentumTarget
+
+
+@dataclass
+class BYOLConfig:
+    """``objective: {name: byol, momentum: 0.996, predictor: {dims: [4096, 256]}}``."""
+
+    momentum: float = spec(0.996, ge=0, le=1, help="base of the cosine schedule to 1")
+    predictor: HeadConfig = field(default_factory=lambda: HeadConfig(dims=[4096, 256]))
+
+
+def byol_loss(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ``‖p/‖p‖ − t/‖t‖‖² = 2 − 2 cos(p, t)``."""
+    return (2 - 2 * F.cosine_similarity(p.float(), t.float().detach(), dim=-1)).mean()
+
+
+class BYOLLoss(nn.Module):
+    """Holds the predictor (trained) and the momentum target."""
+
+    def __init__(self, cfg: BYOLConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def setup(self, model: nn.Module, total_steps: int) -> None:
+        self.predictor = build_head(self.cfg.predictor, model.embed_dim)
+        self.target = MomentumTarget(model, self.cfg.momentum, "cosine", total_steps)
+
+    def after_optimizer_step(self, step: int) -> None:
+        self.target.update(step)
+
+    def forward(self, out: dict[str, Any], batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        p1, p2 = (self.predictor(z) for z in out["z"][:2])
+        t1, t2 = self.target({"views": batch["views"][:2]})["z"]
+        loss = byol_loss(p1, t2) + byol_loss(p2, t1)
+        return loss, {"embedding_std": embedding_std(out["z"][0]), "momentum": torch.tensor(self.target.momentum)}
+
+
+@register("objective", "byol", BYOLConfig)
+def build_byol(cfg: BYOLConfig) -> BYOLLoss:
+    """Registry entry: ``objective: {name: byol}``."""
+    return BYOLLoss(cfg)

@@ -1,0 +1,69 @@
+"""MoCo v3 (Chen, Xie & He, 2021): symmetric InfoNCE between predicted queries and momentum keys
+of the other view across the global batch, scaled by 2τ; no queue.
+
+``loss = ctr(q1, k2) + ctr(q2, k1)``, ``ctr(q, k) = 2τ · CE(q·k_all / τ, own index)``, with
+``q`` = predictor(online projection) and ``k`` = momentum encoder's projection (gathered from
+all processes, no gradient). The momentum rises from ``momentum`` to 1 on a cosine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmcl.config import register, spec
+from mmcl.models.heads import HeadConfig, build_head
+from mmcl.objectives.gather import gather_no_grad, world
+from mmcl.objectives.infonce import embedding_std, info_nce, top1
+from mmcl.objectives.momentum import MomentumTarget
+
+
+@dataclass
+class MoCoV3Config:
+    """``objective: {name: mocov3, temperature: 0.2, momentum: 0.99, predictor: {...}}``."""
+
+    temperature: float = spec(0.2, gt=0)
+    momentum: float = spec(0.99, ge=0, le=1, help="base of the cosine schedule to 1")
+    predictor: HeadConfig = field(default_factory=lambda: HeadConfig(dims=[4096, 256], last_norm="bn_noaffine"))
+
+
+def mocov3_ctr(q: torch.Tensor, k_all: torch.Tensor, temperature: float,
+               rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """2τ-scaled InfoNCE of this process's normalised queries against all processes' keys."""
+    logits = q @ k_all.T / temperature
+    labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
+    return 2 * temperature * info_nce(logits, labels), top1(logits, labels)
+
+
+class MoCoV3Loss(nn.Module):
+    """Holds the predictor (trained) and the momentum encoder."""
+
+    def __init__(self, cfg: MoCoV3Config):
+        super().__init__()
+        self.cfg = cfg
+
+    def setup(self, model: nn.Module, total_steps: int) -> None:
+        self.predictor = build_head(self.cfg.predictor, model.embed_dim)
+        self.target = MomentumTarget(model, self.cfg.momentum, "cosine", total_steps)
+
+    def after_optimizer_step(self, step: int) -> None:
+        self.target.update(step)
+
+    def forward(self, out: dict[str, Any], batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        rank = world()[0]
+        q1, q2 = (F.normalize(self.predictor(z), dim=-1) for z in out["z"][:2])
+        k1, k2 = (gather_no_grad(F.normalize(k, dim=-1)) for k in self.target({"views": batch["views"][:2]})["z"])
+        l1, a1 = mocov3_ctr(q1, k2, self.cfg.temperature, rank)
+        l2, a2 = mocov3_ctr(q2, k1, self.cfg.temperature, rank)
+        return l1 + l2, {"acc": (a1 + a2) / 2, "embedding_std": embedding_std(out["z"][0]),
+                         "momentum": torch.tensor(self.target.momentum)}
+
+
+@register("objective", "mocov3", MoCoV3Config)
+def build_mocov3(cfg: MoCoV3Config) -> MoCoV3Loss:
+    """Registry entry: ``objective: {name: mocov3}``."""
+    return MoCoV3Loss(cfg)

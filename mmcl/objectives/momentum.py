@@ -1,0 +1,55 @@
+"""Momentum (EMA) targets for MoCo, BYOL and DINO-style objectives.
+
+The target is a frozen copy of the online network updated after every optimizer step as
+``θ_t ← m θ_t + (1 - m) θ_o``, with ``m`` fixed (MoCo v1/v2: 0.999) or rising from a base value
+to 1 on a half-cosine over the run (BYOL, MoCo v3). Buffers (BatchNorm running statistics)
+are copied with the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+
+def cosine_momentum(step: int, total: int, base: float) -> float:
+    """BYOL's schedule: ``1 - (1 - base) (cos(π step / total) + 1) / 2``; ``base`` at 0, 1 at the end."""
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * min(step, total) / total) + 1.0) / 2.0
+
+
+class MomentumTarget(nn.Module):
+    """An EMA copy of ``online``; call :meth:`update` after each optimizer step.
+
+    ``online`` is referenced, not registered, so it is neither saved twice nor seen by DDP
+    through this module.
+    """
+
+    def __init__(self, online: nn.Module, base: float, schedule: Literal["fixed", "cosine"] = "fixed",
+                 total_steps: int = 1):
+        super().__init__()
+        self.net = copy.deepcopy(online).requires_grad_(False)
+        self._online = [online]
+        self.base, self.schedule, self.total_steps = base, schedule, max(1, total_steps)
+        self.momentum = base
+
+    def momentum_at(self, step: int) -> float:
+        """The momentum used for the update that follows optimizer step ``step``."""
+        return self.base if self.schedule == "fixed" else cosine_momentum(step, self.total_steps, self.base)
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """EMA of parameters, copy of buffers."""
+        self.momentum = m = self.momentum_at(step)
+        online = self._online[0]
+        for t, o in zip(self.net.parameters(), online.parameters()):
+            t.mul_(m).add_(o.detach().to(t.dtype), alpha=1.0 - m)
+        for t, o in zip(self.net.buffers(), online.buffers()):
+            t.copy_(o)
+
+    def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        with torch.no_grad():
+            return self.net(*args, **kwargs)

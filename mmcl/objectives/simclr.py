@@ -1,0 +1,61 @@
+"""SimCLR's NT-Xent (Chen et al., 2020): each view's positive is the other view of the same image,
+its negatives are all other views in the global batch (gathered across processes with gradient).
+
+Each process scores its own 2B rows against all 2NB columns (self-similarity masked out), so
+memory grows linearly with the global batch; the mean over processes equals the loss of one
+process holding the whole batch, and so do the gradients (``tests/dist``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmcl.config import register, spec
+from mmcl.objectives.gather import gather_with_grad, world
+from mmcl.objectives.infonce import embedding_std, info_nce, top1
+
+
+@dataclass
+class SimCLRConfig:
+    """``objective: {name: simclr, temperature: 0.5}`` (0.1 for large batches in the paper)."""
+
+    temperature: float = spec(0.5, gt=0)
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, z1_all: torch.Tensor, z2_all: torch.Tensor, temperature: float,
+            rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """NT-Xent of this process's rows. ``z1, z2``: [B, D] normalised views of the same B images;
+    ``z*_all``: [N·B, D] of all processes in rank order. Returns (loss, logits top-1 accuracy)."""
+    b, n_all = z1.shape[0], z1_all.shape[0]
+    rows = torch.cat([z1, z2])
+    cols = torch.cat([z1_all, z2_all])
+    logits = rows @ cols.T / temperature
+    own = torch.arange(b, device=z1.device) + rank * b
+    self_idx = torch.cat([own, own + n_all])
+    pos_idx = torch.cat([own + n_all, own])
+    logits = logits.float().masked_fill(F.one_hot(self_idx, cols.shape[0]).bool(), float("-inf"))
+    return info_nce(logits, pos_idx), top1(logits, pos_idx)
+
+
+class SimCLRLoss(nn.Module):
+    """NT-Xent over the first two views' projections ``out["z"]``."""
+
+    def __init__(self, cfg: SimCLRConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, out: dict[str, Any], batch: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        z1, z2 = (F.normalize(z, dim=-1) for z in out["z"][:2])
+        loss, acc = nt_xent(z1, z2, gather_with_grad(z1), gather_with_grad(z2), self.cfg.temperature, world()[0])
+        return loss, {"acc": acc, "embedding_std": embedding_std(out["z"][0])}
+
+
+@register("objective", "simclr", SimCLRConfig)
+def build_simclr(cfg: SimCLRConfig) -> SimCLRLoss:
+    """Registry entry: ``objective: {name: simclr}``."""
+    return SimCLRLoss(cfg)

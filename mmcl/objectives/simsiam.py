@@ -1,0 +1,53 @@
+"""SimSiam (Chen & He, 2021): predict one view's projection from the other's, with a
+stop-gradient on the target branch and no momentum encoder or negatives.
+
+``loss = −½ (cos(p1, sg(z2)) + cos(p2, sg(z1)))``, averaged over the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmcl.config import register
+from mmcl.models.heads import HeadConfig, build_head
+from mmcl.objectives.infonce import embedding_std
+
+
+@dataclass
+class SimSiamConfig:
+    """``objective: {name: simsiam, predictor: {dims: [512, 2048]}}`` (bottleneck predictor)."""
+
+    predictor: HeadConfig = field(default_factory=lambda: HeadConfig(dims=[512, 2048]))
+
+
+def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """Symmetric negative cosine with stop-gradient on ``z``."""
+    cos = lambda p, z: F.cosine_similarity(p.float(), z.float().detach(), dim=-1).mean()  # noqa: E731
+    return -0.5 * (cos(p1, z2) + cos(p2, z1))
+
+
+class SimSiamLoss(nn.Module):
+    """Holds the predictor."""
+
+    def __init__(self, cfg: SimSiamConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def setup(self, model: nn.Module, total_steps: int) -> None:
+        self.predictor = build_head(self.cfg.predictor, model.embed_dim)
+
+    def forward(self, out: dict[str, Any], batch: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        z1, z2 = out["z"][:2]
+        loss = simsiam_loss(self.predictor(z1), self.predictor(z2), z1, z2)
+        return loss, {"embedding_std": embedding_std(z1)}
+
+
+@register("objective", "simsiam", SimSiamConfig)
+def build_simsiam(cfg: SimSiamConfig) -> SimSiamLoss:
+    """Registry entry: ``objective: {name: simsiam}``."""
+    return SimSiamLoss(cfg)

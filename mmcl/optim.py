@@ -1,0 +1,70 @@
+"""Optimizers by name (AdamW, SGD, LARS), with parameter groups that exempt biases and norms
+from weight decay (and, for LARS, from the trust-ratio scaling, as in SimCLR and BYOL)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
+    """Two groups over the trainable parameters of ``modules``: decayed matrices, and exempt
+    biases, norms, gains and anything a module lists in ``no_weight_decay()``."""
+    decay, no_decay = [], []
+    for module in modules:
+        exempt = set(getattr(module, "no_weight_decay", lambda: set())())
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            if p.ndim < 2 or name in exempt or "bias" in name or ".ln" in name or "norm" in name:
+                no_decay.append(p)
+            else:
+                decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and a layer-wise trust ratio ``η ‖w‖ / ‖g + λw‖`` (You et al., 2017),
+    skipped for groups marked ``lars_exclude`` (biases and norms)."""
+
+    def __init__(self, params: Any, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 eta: float = 0.001):
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "eta": eta,
+                                  "lars_exclude": False})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # noqa: D102
+        loss = closure() if closure is not None else None
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad.add(p, alpha=g["weight_decay"]) if g["weight_decay"] else p.grad.clone()
+                if not g["lars_exclude"]:
+                    w_norm, d_norm = p.norm(), d.norm()
+                    ok = (w_norm > 0) & (d_norm > 0)
+                    trust = torch.where(ok, g["eta"] * w_norm / d_norm.clamp(min=1e-12), torch.ones_like(w_norm))
+                    d = d.mul(trust)
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                buf.mul_(g["momentum"]).add_(d)
+                p.add_(buf, alpha=-g["lr"])
+        return loss
+
+
+def build_optimizer(cfg: Any, modules: list[nn.Module]) -> torch.optim.Optimizer:
+    """The optimizer an ``OptimConfig`` names, over the trainable parameters of ``modules``."""
+    groups = param_groups(modules, cfg.weight_decay)
+    if cfg.name == "sgd":
+        for g in groups:
+            g.pop("lars_exclude", None)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.name == "lars":
+        return LARS(groups, lr=cfg.lr, momentum=cfg.momentum)
+    for g in groups:
+        g.pop("lars_exclude", None)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
