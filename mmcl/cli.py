@@ -4,6 +4,9 @@
     mmcl eval zeroshot --model runs/clip_digits/final --shards "data/digits/test-{000000..000001}.tar"
     mmcl eval retrieval --model runs/clip_digits/final --shards ...
     mmcl eval zeroshot --model hf-hub:org/name --shards ...   (load with open_clip itself)
+    mmcl eval knn --model runs/simclr_digits/final --train-shards "data/digits/train-{000000..000004}.tar" \
+        --shards "data/digits/test-{000000..000001}.tar" [--k 20] [--temperature 0.07]
+    mmcl eval linear --model runs/simclr_digits/final --train-shards ... --shards ...
     mmcl push --model runs/clip_digits/final --repo-id org/name [--private] [--revision BRANCH]
 """
 
@@ -28,14 +31,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
 
     ev = sub.add_parser("eval", help="evaluate a saved model").add_subparsers(dest="task", required=True)
-    for task, helptext in (("zeroshot", "zero-shot classification"), ("retrieval", "image-text retrieval R@k")):
+    for task, helptext in (("zeroshot", "zero-shot classification"), ("retrieval", "image-text retrieval R@k"),
+                           ("knn", "weighted kNN on frozen features"), ("linear", "linear probe on frozen features")):
         p = ev.add_parser(task, help=helptext)
         p.add_argument("--model", required=True,
                        help="model folder (RUN/final), Hub repo id, or hf-hub:ID / local-dir:PATH to load "
                             "with open_clip itself")
         p.add_argument("--no-record", dest="record", action="store_false",
                        help="do not add the result to a local model folder's config and card")
-        p.add_argument("--shards", required=True, help="brace pattern of evaluation shards")
+        p.add_argument("--shards", required=True, action="append",
+                       help="brace pattern of evaluation shards (knn/linear: repeatable)")
+        if task in ("knn", "linear"):
+            p.add_argument("--train-shards", required=True, help="labelled reference shards (e.g. the train split)")
+        if task == "knn":
+            p.add_argument("--k", type=int, default=20)
+            p.add_argument("--temperature", type=float, default=0.07)
         p.add_argument("--batch-size", type=int, default=256)
         p.add_argument("--workers", type=int, default=2)
         p.add_argument("--out", type=Path, default=None, help="report folder (default: next to the model)")
@@ -87,6 +97,11 @@ def _eval(args: argparse.Namespace) -> int:
     model = _load_for_eval(args.model).to(acc.device)
     local = Path(args.model).is_dir()
     out = args.out or (Path(args.model).parent / "eval" if local else Path("eval"))
+    if args.task in ("knn", "linear"):
+        return _frozen(args, model, acc, out, local)
+    if len(args.shards) > 1:
+        raise MmclError(f"eval {args.task}: give --shards once")
+    args.shards = args.shards[0]
     if args.task == "retrieval":
         feats = extract(model, args.shards, batch_size=args.batch_size, num_workers=args.workers, device=acc.device)
         res = retrieval(feats["image"], feats["text"])
@@ -122,6 +137,25 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"report: {out / 'zeroshot.json'}, {out / 'zeroshot_confusion.png'}")
         print(f"zero-shot top-5: {res['top5']:.3f}")
         print(f"zero-shot top-1: {res['top1']:.3f} on {res['n']} test images")
+    return 0
+
+
+def _frozen(args: argparse.Namespace, model, acc, out: Path, local: bool) -> int:  # noqa: ANN001
+    from mmcl.evaluate.run import frozen_feature_evals
+    from mmcl.hub import record_eval
+
+    knn = args.task == "knn"
+    results = frozen_feature_evals(model, args.train_shards, args.shards, knn=knn, linear=not knn,
+                                   k=getattr(args, "k", 20), temperature=getattr(args, "temperature", 0.07),
+                                   batch_size=args.batch_size, num_workers=args.workers, device=acc.device)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{args.task}.json").write_text(json.dumps(results, indent=2) + "\n")
+        if local and args.record:
+            record_eval(args.model, results)
+        for r in results:
+            d = r["dataset"]
+            print(f"{args.task} top-1: {r['metrics']['top1']:.3f} on {d['name']} ({d['samples'] or '?'} images)")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Two real gloo processes (torchrun) against one process on the same global batch."""
+"""Two real gloo processes (torchrun) against one process on the same global batch: CLIP and the
+single-modal objectives (loss, gradients, MoCo's queue)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(script: Path, *args: str, timeout: int = 240) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+def torchrun(script: Path, *args: str, timeout: int = 240, nproc: int = 2) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(script), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -32,3 +33,22 @@ def test_two_process_clip_gradients_equal_one_process(tmp_path: Path) -> None:
         r = res[mode]
         assert abs(r["loss"] - r["ref_loss"]) < 1e-5, (mode, r)
         assert r["max_grad_diff"] < 1e-5 and r["max_grad"] > 1e-3 and r["n_params"] > 50, (mode, r)
+
+
+def test_two_process_ssl_objectives_equal_one_process(tmp_path: Path) -> None:
+    import torch
+
+    for procs in (1, 2):
+        torchrun(HERE / "ssl_worker.py", str(tmp_path / f"{procs}.pt"), nproc=procs)
+    one, two = (torch.load(tmp_path / f"{p}.pt") for p in (1, 2))
+    assert set(one) == {"simclr", "moco", "mocov3", "byol", "simsiam"}
+    for name in one:
+        a, b = one[name], two[name]
+        assert abs(a["loss"] - b["loss"]) < 1e-5, (name, a["loss"], b["loss"])
+        assert set(a["grads"]) == set(b["grads"]) and len(a["grads"]) >= 6, name
+        diff = max((a["grads"][k] - b["grads"][k]).abs().max().item() for k in a["grads"])
+        scale = max(g.abs().max().item() for g in a["grads"].values())
+        assert diff < 1e-5 and scale > 1e-4, (name, diff, scale)
+    # every process enqueued every process's keys, in rank order: the queues are the one-process queue
+    assert torch.allclose(one["moco"]["queue"], two["moco"]["queue"], atol=1e-6)
+    assert one["moco"]["ptr"] == two["moco"]["ptr"] == 8

@@ -1,0 +1,98 @@
+"""Every single-modal method on digits, same encoder, same CPU budget: kNN / linear-probe table.
+
+    python benchmarks/ssl_digits.py [--methods simclr,byol] [--steps 100] [--data data/digits]
+
+For each method, trains ``configs/<method>_digits.yaml`` with ``mmcl train`` (a subprocess, as a
+user would), then evaluates the saved encoder and the same encoder at its initialisation (same
+seed, no training) with kNN (k 20, T 0.07) on the test and test-shifted splits and a linear
+probe on the test split. Writes ``benchmarks/results/ssl_digits.json`` (one entry per method)
+and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from data_prep.cli import main as prep
+from mmcl.config import build
+from mmcl.evaluate.run import frozen_feature_evals
+from mmcl.hub import from_pretrained
+from mmcl.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["simclr", "simclr_v2", "moco_v1", "moco_v2", "moco_v3", "byol", "simsiam"]
+
+
+def scores(model: torch.nn.Module, data: Path) -> dict[str, float]:
+    """kNN top-1 on test and test-shifted, linear-probe top-1 on test."""
+    test, shifted = f"{data}/test-{{000000..000001}}.tar", f"{data}/test-shifted-{{000000..000001}}.tar"
+    res = frozen_feature_evals(model, f"{data}/train-{{000000..000004}}.tar", [test, shifted], linear=True,
+                               num_workers=2)
+    get = lambda task, shards: next(r["metrics"]["top1"] for r in res  # noqa: E731
+                                    if r["task"] == task and r["dataset"]["shards"] == shards)
+    return {"knn_test": get("knn", test), "knn_shifted": get("knn", shifted), "linear_test": get("linear", test),
+            "linear_shifted": get("linear", shifted)}
+
+
+def run(method: str, steps: int, data: Path, out: Path) -> dict[str, object]:
+    config = ROOT / "configs" / f"{method}_digits.yaml"
+    sets = [f"run.output_dir={out / method}", f"train.steps={steps}", "train.progress=false",
+            f"data.train_shards={data}/train-{{000000..000004}}.tar", "eval.knn_train_shards=null",
+            "eval.knn_shards=[]"]
+    shutil.rmtree(out / method, ignore_errors=True)
+    t0 = time.perf_counter()
+    cmd = [sys.executable, "-m", "mmcl", "train", "--config", str(config)] + [a for s in sets for a in ("--set", s)]
+    subprocess.run(cmd, check=True)
+    wall = time.perf_counter() - t0
+    rows = [json.loads(line) for line in (out / method / "metrics.jsonl").read_text().splitlines()]
+    std = [r["embedding_std"] for r in rows if "embedding_std" in r][-1]
+    trained = scores(from_pretrained(out / method / "final"), data)
+    recipe = load_recipe(config, [f"data.train_shards={data}/train-{{000000..000004}}.tar"])
+    torch.manual_seed(recipe.run.seed)  # the trainer's set_seed: the very initialisation training started from
+    initial = build("model", recipe.model).eval()
+    initial.mmcl_config = {"preprocess": {"image_size": recipe.data.image_size, "mean": recipe.data.mean,
+                                          "std": recipe.data.std}}
+    random = scores(initial, data)
+    return {"method": method, **{k: round(v, 4) for k, v in trained.items()},
+            "random_knn_test": round(random["knn_test"], 4), "random_knn_shifted": round(random["knn_shifted"], 4),
+            "random_linear_test": round(random["linear_test"], 4), "wall_s": round(wall, 1), "steps": steps,
+            "embedding_std": round(std, 4), "embedding_dim": int(initial.embed_dim)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--data", type=Path, default=ROOT / "data" / "digits")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "ssl_digits")
+    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "ssl_digits.json")
+    args = ap.parse_args()
+    if not (args.data / "manifest.json").is_file():
+        prep(["digits", "--out", str(args.data)])
+    entries = {}
+    if args.results.is_file():
+        entries = {e["method"]: e for e in json.loads(args.results.read_text())}
+    for method in args.methods.split(","):
+        entries[method] = run(method, args.steps, args.data, args.out)
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(list(entries.values()), indent=2) + "\n")
+    print("| method | kNN test | kNN test-shifted | random-init kNN shifted | gain | linear test | wall s | "
+          "embedding std (1/√d) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for e in entries.values():
+        gain = 100 * (e["knn_shifted"] - e["random_knn_shifted"])
+        print(f"| {e['method']} | {e['knn_test']:.3f} | {e['knn_shifted']:.3f} | {e['random_knn_shifted']:.3f} | "
+              f"{gain:+.1f} | {e['linear_test']:.3f} | {e['wall_s']:.0f} | {e['embedding_std']:.3f} "
+              f"({e['embedding_dim'] ** -0.5:.3f}) |")
+
+
+if __name__ == "__main__":
+    main()
