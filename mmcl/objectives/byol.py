@@ -12,12 +12,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from mmcl.config import register, spec
-from mmcl.models.heads import HeadConfig, build_head
+from mmcl.models.heads import HeadConfig
 from mmcl.objectives.infonce import embedding_std
-from mmcl.objectives.momentum import MomentumTarget
+from mmcl.objectives.momentum import MomentumObjective
 
 
 @dataclass
@@ -33,19 +32,8 @@ def byol_loss(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (2 - 2 * F.cosine_similarity(p.float(), t.float().detach(), dim=-1)).mean()
 
 
-class BYOLLoss(nn.Module):
+class BYOLLoss(MomentumObjective):
     """Holds the predictor (trained) and the momentum target."""
-
-    def __init__(self, cfg: BYOLConfig):
-        super().__init__()
-        self.cfg = cfg
-
-    def setup(self, model: nn.Module, total_steps: int) -> None:
-        self.predictor = build_head(self.cfg.predictor, model.embed_dim)
-        self.target = MomentumTarget(model, self.cfg.momentum, "cosine", total_steps)
-
-    def after_optimizer_step(self, step: int) -> None:
-        self.target.update(step)
 
     def forward(self, out: dict[str, Any], batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         p1, p2 = (self.predictor(z) for z in out["z"][:2])

@@ -23,7 +23,7 @@ from torch import nn
 from mmcl.config import register, spec
 from mmcl.objectives.gather import gather_no_grad, world
 from mmcl.objectives.infonce import embedding_std, info_nce, top1
-from mmcl.objectives.momentum import MomentumTarget
+from mmcl.objectives.momentum import MomentumObjective
 from mmcl.objectives.queue import KeyQueue
 
 
@@ -61,20 +61,15 @@ def shuffled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tor
     return out[rank * b:(rank + 1) * b]
 
 
-class MoCoLoss(nn.Module):
+class MoCoLoss(MomentumObjective):
     """Holds the momentum encoder and the queue; built with :meth:`setup` once the model exists."""
 
-    def __init__(self, cfg: MoCoConfig):
-        super().__init__()
-        self.cfg = cfg
+    schedule = "fixed"
 
     def setup(self, model: nn.Module, total_steps: int) -> None:
-        """Copy the online model into the key encoder and size the queue to its embeddings."""
-        self.target = MomentumTarget(model, self.cfg.momentum, "fixed", total_steps)
+        """The key encoder, and the queue sized to the model's embeddings."""
+        super().setup(model, total_steps)
         self.queue = KeyQueue(self.cfg.queue_size, model.embed_dim)
-
-    def after_optimizer_step(self, step: int) -> None:
-        self.target.update(step)
 
     def _key(self, view: torch.Tensor) -> torch.Tensor:
         encode = lambda x: F.normalize(self.target({"views": [x]})["z"][0], dim=-1)  # noqa: E731

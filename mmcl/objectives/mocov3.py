@@ -13,13 +13,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from mmcl.config import register, spec
-from mmcl.models.heads import HeadConfig, build_head
+from mmcl.models.heads import HeadConfig
 from mmcl.objectives.gather import gather_no_grad, world
 from mmcl.objectives.infonce import embedding_std, info_nce, top1
-from mmcl.objectives.momentum import MomentumTarget
+from mmcl.objectives.momentum import MomentumObjective
 
 
 @dataclass
@@ -39,19 +38,8 @@ def mocov3_ctr(q: torch.Tensor, k_all: torch.Tensor, temperature: float,
     return 2 * temperature * info_nce(logits, labels), top1(logits, labels)
 
 
-class MoCoV3Loss(nn.Module):
+class MoCoV3Loss(MomentumObjective):
     """Holds the predictor (trained) and the momentum encoder."""
-
-    def __init__(self, cfg: MoCoV3Config):
-        super().__init__()
-        self.cfg = cfg
-
-    def setup(self, model: nn.Module, total_steps: int) -> None:
-        self.predictor = build_head(self.cfg.predictor, model.embed_dim)
-        self.target = MomentumTarget(model, self.cfg.momentum, "cosine", total_steps)
-
-    def after_optimizer_step(self, step: int) -> None:
-        self.target.update(step)
 
     def forward(self, out: dict[str, Any], batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         rank = world()[0]

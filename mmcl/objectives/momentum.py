@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -53,3 +53,28 @@ class MomentumTarget(nn.Module):
     def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
         with torch.no_grad():
             return self.net(*args, **kwargs)
+
+
+class MomentumObjective(nn.Module):
+    """Base of objectives with a momentum target of the online model (MoCo, MoCo v3, BYOL) and,
+    when their config has a ``predictor``, a trained prediction head on the online branch.
+
+    Subclasses set ``schedule`` ("fixed" or "cosine"); their config has ``momentum``.
+    """
+
+    schedule: Literal["fixed", "cosine"] = "cosine"
+
+    def __init__(self, cfg: Any):
+        super().__init__()
+        self.cfg = cfg
+
+    def setup(self, model: nn.Module, total_steps: int) -> None:
+        """Build the predictor (sized to the model's embeddings) and copy the model into the target."""
+        from mmcl.models.heads import build_head
+
+        if getattr(self.cfg, "predictor", None) is not None:
+            self.predictor = build_head(self.cfg.predictor, model.embed_dim)
+        self.target = MomentumTarget(model, self.cfg.momentum, self.schedule, total_steps)
+
+    def after_optimizer_step(self, step: int) -> None:
+        self.target.update(step)

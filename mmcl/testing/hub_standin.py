@@ -155,6 +155,17 @@ def _handler(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
                 return None
             return hub.repos[repo]
 
+        def _snapshot(self, repo: str, rev: str) -> tuple[Repo, str, dict[str, bytes]] | None:
+            """(repo, commit sha, files) readable at ``rev``, or None after answering the error."""
+            r = self._readable(repo)
+            if r is None:
+                return None
+            found = r.files(rev)
+            if found is None:
+                self._error(404, f"Invalid rev id: {rev}", "RevisionNotFound")
+                return None
+            return r, *found
+
         # -- routes ---------------------------------------------------------------------------
         def create_repo(self) -> None:
             payload = json.loads(self.body)
@@ -224,27 +235,21 @@ def _handler(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
             self._send(200, {"commitUrl": f"{hub.url}/{repo}/commit/{sha}", "commitOid": sha, "success": True})
 
         def repo_info(self, repo: str, rev: str = "main") -> None:
-            r = self._readable(repo)
-            if r is None:
+            snap = self._snapshot(repo, rev)
+            if snap is None:
                 return
-            found = r.files(rev)
-            if found is None:
-                return self._error(404, f"Invalid rev id: {rev}", "RevisionNotFound")
-            sha, files = found
+            r, sha, files = snap
             self._send(200, {"id": repo, "modelId": repo, "sha": sha, "private": r.private,
                              "siblings": [{"rfilename": p} for p in sorted(files)]})
 
         def tree(self, repo: str, rev: str, path: str = "") -> None:
-            r = self._readable(repo)
-            if r is None:
+            snap = self._snapshot(repo, rev)
+            if snap is None:
                 return
-            found = r.files(rev)
-            if found is None:
-                return self._error(404, f"Invalid rev id: {rev}", "RevisionNotFound")
             prefix = path.rstrip("/") + "/" if path else ""
             recursive = self.query.get("recursive", ["false"])[0].lower() in ("1", "true")
             entries: dict[str, dict[str, Any]] = {}
-            for p, data in sorted(found[1].items()):
+            for p, data in sorted(snap[2].items()):
                 if not p.startswith(prefix):
                     continue
                 rest = p[len(prefix):]
@@ -256,13 +261,10 @@ def _handler(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
             self._send(200, list(entries.values()))
 
         def resolve(self, repo: str, rev: str, path: str) -> None:
-            r = self._readable(repo)
-            if r is None:
+            snap = self._snapshot(repo, rev)
+            if snap is None:
                 return
-            found = r.files(rev)
-            if found is None:
-                return self._error(404, f"Invalid rev id: {rev}", "RevisionNotFound")
-            sha, files = found
+            _, sha, files = snap
             if path not in files:
                 return self._error(404, f"Entry not found: {path}", "EntryNotFound")
             self._send(200, raw=files[path], headers={"X-Repo-Commit": sha, "ETag": f'"{blob_oid(files[path])}"'})
