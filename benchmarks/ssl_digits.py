@@ -58,8 +58,7 @@ def run(method: str, steps: int, data: Path, out: Path) -> dict[str, object]:
     recipe = load_recipe(config, [f"data.train_shards={data}/train-{{000000..000004}}.tar"])
     torch.manual_seed(recipe.run.seed)  # the trainer's set_seed: the very initialisation training started from
     initial = build("model", recipe.model).eval()
-    initial.mmcl_config = {"preprocess": {"image_size": recipe.data.image_size, "mean": recipe.data.mean,
-                                          "std": recipe.data.std}}
+    initial.mmcl_config = {"preprocess": recipe.data.preprocess()}
     random = scores(initial, data)
     return {"method": method, **{k: round(v, 4) for k, v in trained.items()},
             "random_knn_test": round(random["knn_test"], 4), "random_knn_shifted": round(random["knn_shifted"], 4),

@@ -6,7 +6,6 @@ latest evaluation results (also as ``model-index`` metadata, which the Hub shows
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -125,10 +124,3 @@ def render(config: dict[str, Any], repo_id: str | None = None) -> str:
               f"({data.get('train_samples', '?')} samples) bounds what the model knows. Check accuracy and "
               "failure modes on your own data before relying on it.", ""]
     return "\n".join(lines)
-
-
-def write_card(folder: Path, config: dict[str, Any]) -> None:
-    """Write ``README.md`` into a model folder (atomically)."""
-    tmp = folder / ".README.md.tmp"
-    tmp.write_text(render(config))
-    tmp.replace(folder / "README.md")

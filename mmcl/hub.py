@@ -38,11 +38,16 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_card(folder: Path, config: dict[str, Any]) -> None:
+    """(Re)write the model card ``README.md`` of a folder from its config."""
+    from mmcl.card import render
+
+    _write_atomic(folder / "README.md", render(config))
+
+
 def save_pretrained(model: nn.Module, path: str | Path, *, name: str, preprocess: dict[str, Any],
                     info: dict[str, Any] | None = None) -> Path:
     """Write ``model`` to ``path`` atomically (a temporary folder renamed when complete)."""
-    from mmcl.card import write_card
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -67,8 +72,6 @@ def record_eval(folder: str | Path, results: list[dict[str, Any]]) -> None:
     A result replaces an earlier one of the same task on the same dataset, so the card always
     shows the latest figures.
     """
-    from mmcl.card import write_card
-
     folder = Path(folder)
     config = read_config(folder)
     key = lambda r: (r["task"], r["dataset"]["name"])  # noqa: E731

@@ -59,12 +59,10 @@ class LARS(torch.optim.Optimizer):
 def build_optimizer(cfg: Any, modules: list[nn.Module]) -> torch.optim.Optimizer:
     """The optimizer an ``OptimConfig`` names, over the trainable parameters of ``modules``."""
     groups = param_groups(modules, cfg.weight_decay)
-    if cfg.name == "sgd":
-        for g in groups:
-            g.pop("lars_exclude", None)
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     if cfg.name == "lars":
         return LARS(groups, lr=cfg.lr, momentum=cfg.momentum)
     for g in groups:
         g.pop("lars_exclude", None)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)

@@ -103,7 +103,7 @@ class Trainer:
         if r.train.sync_bn and self.acc.num_processes > 1:
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         # evaluation during training preprocesses images as the saved model will
-        self.model.mmcl_config = {"preprocess": self.preprocess}
+        self.model.mmcl_config = {"preprocess": r.data.preprocess()}
         self.objective = build("objective", r.objective)
         if hasattr(self.objective, "setup"):  # heads sized to the model, momentum copies of it
             self.objective.setup(self.model, r.train.steps)
@@ -125,12 +125,6 @@ class Trainer:
         self.acc.register_for_checkpointing(self.scheduler, self.state)
         if not trains_objective and list(self.objective.state_dict()):
             self.acc.register_for_checkpointing(self.objective)
-
-    @property
-    def preprocess(self) -> dict[str, Any]:
-        """Image size and normalisation, saved with the model."""
-        d = self.recipe.data
-        return {"image_size": d.image_size, "mean": list(d.mean), "std": list(d.std)}
 
     # ------------------------------------------------------------------------------ helpers
     @property
@@ -277,7 +271,7 @@ class Trainer:
             from mmcl.hub import save_pretrained
 
             info = self._model_info(wall, evals, skipped)
-            save_pretrained(self.unwrapped, final, name=plugin_name("model", r.model), preprocess=self.preprocess,
+            save_pretrained(self.unwrapped, final, name=plugin_name("model", r.model), preprocess=r.data.preprocess(),
                             info=info)
             (self.out / "summary.json").write_text(json.dumps({k: v for k, v in info.items() if k != "recipe"},
                                                               indent=2) + "\n")

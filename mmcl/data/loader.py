@@ -40,6 +40,10 @@ class DataConfig:
     image_keys: list[str] = field(default_factory=lambda: list(IMAGE_KEYS))
     text_key: str = "txt"
 
+    def preprocess(self) -> dict[str, Any]:
+        """Image size and normalisation as saved with a model (and read back by evaluation)."""
+        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+
 
 class Loader:
     """Iterate batches epoch after epoch; keeps the counts of skipped samples by reason."""

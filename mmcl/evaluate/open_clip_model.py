@@ -1,8 +1,8 @@
 """Models loaded by open_clip itself, behind the interface mmcl's evaluations use.
 
-``mmcl eval zeroshot --model hf-hub:org/name`` (or ``local-dir:PATH``, or an open_clip model
-name with ``--pretrained TAG``) evaluates with open_clip's own loader, weights and
-preprocessing values; comparing it with the mmcl-loaded folder checks an export end to end.
+``mmcl eval zeroshot --model hf-hub:org/name`` (or ``local-dir:PATH``) evaluates with open_clip's
+own loader, weights and preprocessing values; comparing it with the mmcl-loaded folder checks an
+export end to end. (In Python, ``OpenClipModel(name, pretrained=TAG)`` also takes built-in names.)
 """
 
 from __future__ import annotations

@@ -27,13 +27,20 @@ def resolve_classes(shards: str, given: list[str] | None) -> list[str]:
     return names
 
 
+def labelled_features(model: Any, shards: str, purpose: str, **kwargs: Any) -> dict[str, Any]:
+    """Image features of ``shards`` (see :func:`extract`), which must all carry a label."""
+    feats = extract(model, shards, texts=False, **kwargs)
+    if (feats["label"] < 0).any():
+        raise MmclError(f"{shards}: some samples have no label; {purpose} labelled shards")
+    return feats
+
+
 def zeroshot(model: Any, shards: str, *, templates: Any = "openai", classes: list[str] | None = None,
              batch_size: int = 256, num_workers: int = 2, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Zero-shot classification result (see :func:`mmcl.evaluate.zeroshot.classify`) plus skip counts."""
     names = resolve_classes(shards, classes)
-    feats = extract(model, shards, batch_size=batch_size, num_workers=num_workers, texts=False, device=device)
-    if (feats["label"] < 0).any():
-        raise MmclError(f"{shards}: some samples have no label; zero-shot needs labelled shards")
+    feats = labelled_features(model, shards, "zero-shot needs", batch_size=batch_size, num_workers=num_workers,
+                              device=device)
     classifier = zeroshot_classifier(model, names, template_set(templates), device=device).cpu()
     result = classify(feats["image"], feats["label"], classifier)
     result["skipped"] = feats["skipped"]
@@ -57,10 +64,8 @@ def frozen_feature_evals(model: Any, train_shards: str, test_shards: list[str], 
     """kNN and/or linear-probe results on each of ``test_shards``, with ``train_shards`` as the
     labelled reference set (features extracted once, on every process)."""
     def labelled(shards: str) -> dict[str, Any]:
-        feats = extract(model, shards, batch_size=batch_size, num_workers=num_workers, texts=False, device=device)
-        if (feats["label"] < 0).any():
-            raise MmclError(f"{shards}: some samples have no label; kNN and linear probes need labelled shards")
-        return feats
+        return labelled_features(model, shards, "kNN and linear probes need", batch_size=batch_size,
+                                 num_workers=num_workers, device=device)
 
     train = labelled(train_shards)
     out: list[dict[str, Any]] = []
