@@ -47,6 +47,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=32, help="upscaled image side in pixels (default 32)")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--edges", action="store_true",
+                   help="also store each image's Sobel edge map as an 'edges' field (multi-view methods: CMC)")
     p.set_defaults(shard_size=256)
 
     p = sub.add_parser("table", help="CSV/TSV/JSONL rows: image path(s), caption, optional label")
@@ -80,9 +82,9 @@ def _sources(args: argparse.Namespace) -> tuple[dict[str, Iterable[Record]], lis
     if args.source == "digits":
         from data_prep.digits import digits_records
 
-        recs, names = digits_records(args.size, args.val_fraction, args.test_fraction, args.seed)
+        recs, names = digits_records(args.size, args.val_fraction, args.test_fraction, args.seed, args.edges)
         return recs, names, {k: len(v) for k, v in recs.items()}, True, \
-            {"type": "digits", "size": args.size, "seed": args.seed}
+            {"type": "digits", "size": args.size, "seed": args.seed, "edges": args.edges}
     if args.source == "table":
         from data_prep.table import table_records
 

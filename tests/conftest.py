@@ -23,6 +23,14 @@ def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def digits_edges_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Digits shards whose samples also hold an ``edges.png`` field (multi-field, for CMC)."""
+    out = tmp_path_factory.mktemp("digits_edges")
+    assert prep_main(["digits", "--out", str(out), "--edges", "--workers", "1", "--no-progress"]) == 0
+    return out
+
+
 def png_bytes(arr: np.ndarray, mode: str | None = None) -> bytes:
     """Encode an array as PNG bytes."""
     buf = io.BytesIO()

@@ -16,7 +16,19 @@ from mmcl.data.samples import IMAGE_KEYS, collate, image_text_sample, multi_view
 from mmcl.data.shards import count_samples, expand_shards
 from mmcl.data.stream import ShardStream, dist_info
 from mmcl.data.transforms import OPENAI_MEAN, OPENAI_STD, build_transform
-from mmcl.errors import DataError
+from mmcl.errors import ConfigError, DataError
+
+
+@dataclass
+class MultiCropConfig:
+    """``data.multi_crop``: the ``views`` global crops at ``image_size`` plus ``local_crops`` smaller
+    crops at ``local_size`` (SwAV, DINO). The scales are the random-resized-crop area ranges."""
+
+    local_crops: int = spec(6, ge=0)
+    local_size: int = spec(96, ge=8)
+    global_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
+    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    local_transform: str | None = spec(None, help="default: data.transform")
 
 
 @dataclass
@@ -34,15 +46,25 @@ class DataConfig:
     transform: str = "clip"
     transform_args: dict[str, Any] = field(default_factory=dict)
     views: int = spec(2, ge=1, help="multi_view: number of augmented views")
+    view_fields: list[str] = spec(default_factory=list,
+                                  help="multi_view: one view per image field instead (e.g. [png, depth.png])")
+    colour: Literal["rgb", "lab", "ycbcr"] = spec("rgb", help="colour space the model sees (CMC's splits)")
     view_transforms: list[str] = field(default_factory=list)
+    multi_crop: MultiCropConfig | None = None
     mean: list[float] = field(default_factory=lambda: list(OPENAI_MEAN))
     std: list[float] = field(default_factory=lambda: list(OPENAI_STD))
     image_keys: list[str] = field(default_factory=lambda: list(IMAGE_KEYS))
     text_key: str = "txt"
 
+    def validate(self) -> None:
+        """Multi-crop views are crops of one image field."""
+        if self.multi_crop and self.view_fields:
+            raise ConfigError("data.multi_crop and data.view_fields cannot be combined")
+
     def preprocess(self) -> dict[str, Any]:
         """Image size and normalisation as saved with a model (and read back by evaluation)."""
-        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+        pre = {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std), "colour": self.colour}
+        return {**pre, "view_fields": list(self.view_fields)} if self.view_fields else pre
 
 
 class Loader:
@@ -88,6 +110,26 @@ class Loader:
             epoch += 1
 
 
+def view_transforms(cfg: DataConfig, train: bool) -> list[Callable[[Any], torch.Tensor]]:
+    """One transform per view: the augmentations (global then local crops with ``multi_crop``) for
+    training; for evaluation the eval transform once per image field."""
+    size, mean, std = cfg.image_size, tuple(cfg.mean), tuple(cfg.std)
+    n_views = len(cfg.view_fields) or (cfg.views if train else 1)
+    names = (cfg.view_transforms or [cfg.transform] * n_views) if train else ["eval"] * n_views
+    if len(names) != n_views:
+        raise ConfigError(f"data.view_transforms names {len(names)} transforms for {n_views} views")
+    if not train:
+        return [build_transform(n, size, mean, std, cfg.colour) for n in names]
+    mc = cfg.multi_crop
+    glob = {**cfg.transform_args, **({"crop_scale": tuple(mc.global_scale)} if mc else {})}
+    tfs = [build_transform(n, size, mean, std, cfg.colour, **glob) for n in names]
+    if mc:
+        local = build_transform(mc.local_transform or cfg.transform, mc.local_size, mean, std, cfg.colour,
+                                **{**cfg.transform_args, "crop_scale": tuple(mc.local_scale)})
+        tfs += [local] * mc.local_crops
+    return tfs
+
+
 def _workers_for(n_shards: int, world_size: int, wanted: int, resample: bool) -> int:
     """Fewer workers than shards per rank leaves workers idle: use at most that many."""
     if resample:
@@ -115,16 +157,14 @@ def make_loader(cfg: DataConfig, shards: str | None = None, *, train: bool = Tru
     size, mean, std = cfg.image_size, tuple(cfg.mean), tuple(cfg.std)
     if cfg.kind == "image_text":
         name = cfg.transform if train else "eval"
-        tf = build_transform(name, size, mean, std, **(cfg.transform_args if train else {}))
+        tf = build_transform(name, size, mean, std, cfg.colour, **(cfg.transform_args if train else {}))
         sample_fn = image_text_sample(tf, cfg.image_keys, cfg.text_key)
         required: tuple[tuple[str, ...], ...] = (tuple(cfg.image_keys), (cfg.text_key,))
     else:
-        names = cfg.view_transforms or [cfg.transform] * cfg.views
-        if not train:
-            names = ["eval"]
-        tfs = [build_transform(n, size, mean, std, **(cfg.transform_args if train else {})) for n in names]
-        sample_fn = multi_view_sample(tfs, cfg.image_keys)
-        required = (tuple(cfg.image_keys),)
+        tfs = view_transforms(cfg, train)
+        fields = [(f,) for f in cfg.view_fields] or [tuple(cfg.image_keys)]
+        sample_fn = multi_view_sample(tfs, fields)
+        required = tuple(fields)
     epoch_samples = cfg.epoch_samples or count_samples(urls)
     stream = ShardStream(
         urls, sample_fn, functools.partial(collate, tokenizer=tokenizer),

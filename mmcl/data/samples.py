@@ -11,7 +11,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import get_worker_info
 
-from mmcl.data.stream import Skip
+from mmcl.data.stream import SampleFn, Skip
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 
@@ -86,13 +86,18 @@ def image_text_sample(transform: Callable[[Any], torch.Tensor], image_keys: Sequ
 
 
 def multi_view_sample(transforms: Sequence[Callable[[Any], torch.Tensor]],
-                      image_keys: Sequence[str] = IMAGE_KEYS) -> Callable[[dict[str, Any], int], dict[str, Any]]:
-    """Sample function giving one independently augmented view per transform: ``{views, label, id, key}``."""
+                      fields: Sequence[Sequence[str]] = (IMAGE_KEYS,)) -> SampleFn:
+    """Sample function giving one independently augmented view per transform: ``{views, label, id, key}``.
+
+    With one field (alternative keys, e.g. png or jpg) every view is an augmentation of that
+    image; with one field per transform (e.g. ``[("png",), ("depth.png",)]``, multi-field
+    samples for CMC) view ``v`` is field ``v`` under transform ``v``.
+    """
 
     def fn(sample: dict[str, Any], seed: int) -> dict[str, Any]:
-        img = decode_image(first_image(sample, image_keys))
+        imgs = [decode_image(first_image(sample, keys)) for keys in fields]
         label, sid = read_meta(sample)
-        views = [seeded(seed * 31 + v, t, img) for v, t in enumerate(transforms)]
+        views = [seeded(seed * 31 + v, t, imgs[v if len(imgs) > 1 else 0]) for v, t in enumerate(transforms)]
         return {"views": views, "label": label, "id": sid, "key": sample["__key__"]}
 
     return fn

@@ -108,12 +108,44 @@ def digits_ssl(size: int, mean: tuple[float, ...], std: tuple[float, ...], crop_
     ])
 
 
+def srgb_to_lab(x: torch.Tensor) -> torch.Tensor:
+    """sRGB in [0, 1] ([..., 3, H, W]) to CIE L*a*b* (D65), scaled to about [0, 1]:
+    ``L / 100``, ``(a + 128) / 255``, ``(b + 128) / 255``."""
+    lin = torch.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
+    m = torch.tensor([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
+                      [0.019334, 0.119193, 0.950227]], dtype=x.dtype, device=x.device)
+    white = torch.tensor([0.950456, 1.0, 1.088754], dtype=x.dtype, device=x.device)
+    xyz = torch.einsum("ij,...jhw->...ihw", m, lin) / white[:, None, None]
+    f = torch.where(xyz > 0.008856, xyz.clamp(min=1e-12) ** (1 / 3), 7.787 * xyz + 16 / 116)
+    fx, fy, fz = f.unbind(-3)
+    lab = torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=-3)
+    return (lab + torch.tensor([0.0, 128.0, 128.0], dtype=x.dtype, device=x.device)[:, None, None]) / \
+        torch.tensor([100.0, 255.0, 255.0], dtype=x.dtype, device=x.device)[:, None, None]
+
+
+def rgb_to_ycbcr(x: torch.Tensor) -> torch.Tensor:
+    """RGB in [0, 1] ([..., 3, H, W]) to full-range YCbCr in [0, 1] (JPEG's, as PIL's ``"YCbCr"``)."""
+    m = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]],
+                     dtype=x.dtype, device=x.device)
+    offset = torch.tensor([0.0, 0.5, 0.5], dtype=x.dtype, device=x.device)
+    return torch.einsum("ij,...jhw->...ihw", m, x) + offset[:, None, None]
+
+
+COLOUR_SPACES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"lab": srgb_to_lab, "ycbcr": rgb_to_ycbcr}
+
+
 def build_transform(name: str, size: int, mean: tuple[float, ...] = OPENAI_MEAN,
-                    std: tuple[float, ...] = OPENAI_STD, **kwargs: Any) -> Transform:
-    """Build the transform registered as ``name``."""
+                    std: tuple[float, ...] = OPENAI_STD, colour: str = "rgb", **kwargs: Any) -> Transform:
+    """Build the transform registered as ``name``; with ``colour`` ``lab`` or ``ycbcr`` the image
+    is converted after augmentation and before ``mean``/``std`` normalisation."""
     if name not in _BUILDERS:
         raise ConfigError(f"unknown transform {name!r}; available: {', '.join(sorted(_BUILDERS))}")
+    if colour != "rgb" and colour not in COLOUR_SPACES:
+        raise ConfigError(f"unknown colour space {colour!r}; available: rgb, {', '.join(sorted(COLOUR_SPACES))}")
     try:
-        return _BUILDERS[name](size, tuple(mean), tuple(std), **kwargs)
+        if colour == "rgb":
+            return _BUILDERS[name](size, tuple(mean), tuple(std), **kwargs)
+        to_unit = _BUILDERS[name](size, (0.0,) * len(mean), (1.0,) * len(std), **kwargs)
     except TypeError as e:
         raise ConfigError(f"transform {name!r}: {e}") from None
+    return T.Compose([to_unit, T.Lambda(COLOUR_SPACES[colour]), T.Normalize(mean, std)])

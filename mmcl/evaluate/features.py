@@ -12,12 +12,14 @@ from mmcl.objectives.gather import gather_variable
 
 
 def data_config_for(model: Any, shards: str, batch_size: int, num_workers: int, kind: str = "image_text") -> DataConfig:
-    """An evaluation ``DataConfig`` using the model's saved preprocessing (size, mean, std)."""
+    """An evaluation ``DataConfig`` using the model's saved preprocessing (size, mean, std, colour
+    space, and the image fields of multi-field models)."""
     pre = getattr(model, "mmcl_config", {}).get("preprocess") or {}
     size = pre["image_size"] if "image_size" in pre else model.image_size
     return DataConfig(train_shards=shards, kind=kind, image_size=size,
                       batch_size=batch_size, num_workers=num_workers,
-                      mean=list(pre.get("mean", OPENAI_MEAN)), std=list(pre.get("std", OPENAI_STD)))
+                      mean=list(pre.get("mean", OPENAI_MEAN)), std=list(pre.get("std", OPENAI_STD)),
+                      colour=pre.get("colour", "rgb"), view_fields=list(pre.get("view_fields", [])))
 
 
 @torch.no_grad()
@@ -31,8 +33,12 @@ def extract(model: Any, shards: str, *, batch_size: int = 256, num_workers: int 
     was_training = model.training
     model.eval()
     for batch in loader:
-        images = batch["image"] if texts else batch["views"][0]
-        feats["image"].append(model.encode_image(images.to(device)).float())
+        if texts:
+            images = batch["image"].to(device)
+        else:  # one view per image field: a list only for multi-field models
+            views = [v.to(device) for v in batch["views"]]
+            images = views[0] if len(views) == 1 else views
+        feats["image"].append(model.encode_image(images).float())
         if texts:
             tokens = batch["text"]
             tokens = {k: v.to(device) for k, v in tokens.items()} if isinstance(tokens, dict) else tokens.to(device)
@@ -41,7 +47,8 @@ def extract(model: Any, shards: str, *, batch_size: int = 256, num_workers: int 
         feats["id"].append(batch["id"].to(device))
     model.train(was_training)
     if not feats["image"]:  # this process read no sample: empty tensors of the right shape for the gather
-        dim = model.encode_image(torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device)).shape[-1]
+        blank = [torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device)] * max(1, len(cfg.view_fields))
+        dim = model.encode_image(blank[0] if len(blank) == 1 else blank).shape[-1]
         feats = {k: [torch.zeros((0, dim) if k in ("image", "text") else (0,), device=device,
                                  dtype=torch.float32 if k in ("image", "text") else torch.long)]
                  for k in feats}

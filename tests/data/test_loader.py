@@ -85,6 +85,33 @@ def test_shuffle_and_augmentation_are_seeded_and_worker_independent(digits_dir: 
     assert not torch.equal(other[key][0], one[key][0])  # ... and re-augments
 
 
+def test_view_fields_give_one_view_per_image_field_and_skip_samples_missing_one(digits_edges_dir: Path,
+                                                                                 tmp_path: Path) -> None:
+    with tarfile.open(digits_edges_dir / "test-000000.tar") as src, tarfile.open(tmp_path / "s-0.tar", "w") as dst:
+        written, dropped = {}, []
+        for m in src.getmembers():
+            data = src.extractfile(m).read()
+            key, _, ext = m.name.partition(".")
+            if ext == "edges.png" and len(dropped) < 2:
+                dropped.append(key)
+                continue
+            written[(key, ext)] = data
+            dst.addfile(m, io.BytesIO(data))
+    cfg = cfg_for(str(tmp_path / "s-0.tar"), kind="multi_view", view_fields=["png", "edges.png"], colour="ycbcr")
+    loader = make_loader(cfg, train=False)
+    keys, batches = collect(loader)
+    assert len(keys) == 256 - 2 and not set(dropped) & set(keys)
+    assert loader.skipped == {"missing field edges.png": 2}
+    b = batches[0]
+    assert len(b["views"]) == 2
+    for v, field in enumerate(("png", "edges.png")):  # view v is field v, in the configured colour space
+        pixels = np.asarray(Image.open(io.BytesIO(written[(b["key"][0], field)])).convert("YCbCr"), dtype=np.float32)
+        assert torch.allclose(b["views"][v][0], torch.from_numpy(pixels / 255).permute(2, 0, 1), atol=1.5 / 255)
+    assert not torch.equal(b["views"][0], b["views"][1])
+    assert DataConfig(train_shards="x", view_fields=["png", "edges.png"], colour="lab").preprocess()["view_fields"] \
+        == ["png", "edges.png"]
+
+
 def test_corrupt_images_and_truncated_tar_are_skipped_and_counted(digits_dir: Path, tmp_path: Path) -> None:
     # shard 0: copied as is; shard 1: 3 images replaced with garbage; shard 2: cut in the middle
     shutil.copy(digits_dir / "train-000000.tar", tmp_path / "s-0.tar")
