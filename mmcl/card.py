@@ -71,7 +71,10 @@ def _architecture(config: dict[str, Any]) -> list[str]:
                      f"context {t.get('context_length')}, vocabulary {t.get('vocab_size')}")
     if mc.get("embed_dim"):
         lines.append(f"- embedding size: {mc['embed_dim']}")
-    lines.append(f"- preprocessing: {pre.get('image_size')} px, mean {pre.get('mean')}, std {pre.get('std')}")
+    colour = f", {pre['colour']} colour space" if pre.get("colour", "rgb") != "rgb" else ""
+    lines.append(f"- preprocessing: {pre.get('image_size')} px{colour}, mean {pre.get('mean')}, std {pre.get('std')}")
+    if pre.get("view_fields"):
+        lines.append(f"- inputs: one image per field {', '.join(pre['view_fields'])}, each to its own encoder")
     return lines
 
 
@@ -82,6 +85,9 @@ def _usage(config: dict[str, Any], repo_id: str | None) -> list[str]:
     if config["model_name"] == "clip":
         lines += ['tokens = model.tokenizer()(["a photo of a cat"])',
                   "text = model.encode_text(tokens)       # L2-normalised", "```"]
+    elif config.get("preprocess", {}).get("view_fields"):
+        lines += ["# one batch per image field, in the order of the card's inputs",
+                  "features = model.encode_image([images, other_field_images])  # for kNN / linear probes", "```"]
     else:
         lines += ["features = model.encode_image(images)  # frozen features for kNN / linear probes", "```"]
     if is_open_clip(config):

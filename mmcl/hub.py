@@ -27,9 +27,14 @@ FORMAT = "mmcl-model/1"
 
 
 def _loaders() -> dict[str, Any]:
-    from mmcl.models import ClipModel, EncoderModel
+    """Model classes by saved ``model_name``: CLIP, and every registered :class:`SavedModel`."""
+    from mmcl.config import registered
+    from mmcl.models import ClipModel
+    from mmcl.models.saved import SavedModel
 
-    return {"clip": ClipModel, "encoder": EncoderModel}
+    saved = {name: builder for name, (_, builder) in registered("model").items()
+             if isinstance(builder, type) and issubclass(builder, SavedModel)}
+    return {"clip": ClipModel, **saved}
 
 
 def _write_atomic(path: Path, text: str) -> None:

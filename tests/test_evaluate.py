@@ -37,3 +37,12 @@ def test_recall_at_k_counts_rank_of_the_paired_key() -> None:
     keys = torch.tensor([[1.0, 0, 0, 0], [0.9, 0.5, 0, 0], [0, 0, 0.2, 0], [0, 0, 0.9, 0.1]])
     # query0 -> key0 rank 0; query1 -> key1 rank 0; query2: key3 scores 0.9 > 0.2 -> rank 1; query3 rank 0
     assert recall_at_k(q, keys, ks=(1, 2), chunk=3) == {1: 0.75, 2: 1.0}
+
+
+def test_flat_metrics_keep_one_key_per_dataset() -> None:
+    from mmcl.evaluate.run import flat_metrics
+
+    res = [{"task": "knn", "dataset": {"name": n}, "metrics": {"top1": v}}
+           for n, v in (("d/test", 0.9), ("d/shift", 0.7))]
+    res.append({"task": "zeroshot", "dataset": {"name": "d/test"}, "metrics": {"top1": 0.5}})
+    assert flat_metrics(res) == {"knn/d/test/top1": 0.9, "knn/d/shift/top1": 0.7, "zeroshot/top1": 0.5}

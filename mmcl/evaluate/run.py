@@ -54,8 +54,11 @@ def result(task: str, shards: str, metrics: dict[str, float], **extra: Any) -> d
 
 
 def flat_metrics(results: list[dict[str, Any]]) -> dict[str, float]:
-    """``{"zeroshot/top1": ..., "retrieval/image_to_text_R@1": ...}`` for logging."""
-    return {f"{r['task']}/{k}": v for r in results for k, v in r["metrics"].items()}
+    """``{"zeroshot/top1": ..., "retrieval/image_to_text_R@1": ...}`` for logging; a task run on
+    several datasets is keyed by dataset too (``knn/digits/test-shifted/top1``)."""
+    tasks = [r["task"] for r in results]
+    return {(f"{r['task']}/{r['dataset']['name']}/{k}" if tasks.count(r["task"]) > 1 else f"{r['task']}/{k}"): v
+            for r in results for k, v in r["metrics"].items()}
 
 
 def frozen_feature_evals(model: Any, train_shards: str, test_shards: list[str], *, knn: bool = True,

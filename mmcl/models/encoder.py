@@ -3,23 +3,24 @@
 ``forward`` embeds every view of a multi-view batch (``{"views": [V × [B, 3, H, W]]}``) and
 returns backbone features ``h`` and projections ``z`` per view; the objective decides what to
 compare. Views are encoded one at a time, so BatchNorm statistics are per view (as in the
-BYOL/SimSiam/MoCo reference code) and views may differ in size (multi-crop).
+BYOL/SimSiam/MoCo reference code), or with ``group_views`` once per run of same-size views
+(multi-crop: the global crops together, then the local crops, as in SwAV and DINO).
 ``encode_image`` gives the L2-normalised backbone features used by kNN and linear probes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmcl.config import from_dict, register, to_dict
+from mmcl.config import register, spec
 from mmcl.models.encoders import BackboneConfig, build_backbone
 from mmcl.models.heads import HeadConfig, build_head
+from mmcl.models.saved import SavedModel
 
 
 @dataclass
@@ -28,9 +29,25 @@ class EncoderModelConfig:
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     projector: HeadConfig | None = field(default_factory=HeadConfig)
+    group_views: bool = spec(False, help="encode consecutive same-size views in one batch (multi-crop)")
 
 
-class EncoderModel(nn.Module):
+def encode_grouped(net: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``net`` applied once per run of consecutive views of the same size (2 global crops, then the
+    local crops, as in DINO's multi-crop wrapper); results split back per view."""
+    out: list[torch.Tensor] = []
+    start = 0
+    while start < len(views):
+        end = start
+        while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+            end += 1
+        out += list(net(torch.cat(views[start:end])).split([v.shape[0] for v in views[start:end]]))
+        start = end
+    return out
+
+
+@register("model", "encoder", EncoderModelConfig)
+class EncoderModel(SavedModel):
     """Backbone + projector.
 
     >>> m = EncoderModel(EncoderModelConfig(projector=HeadConfig(dims=[64, 16])))
@@ -38,6 +55,8 @@ class EncoderModel(nn.Module):
     >>> [z.shape for z in out["z"]], out["h"][0].shape
     ([torch.Size([2, 16]), torch.Size([2, 16])], torch.Size([2, 256]))
     """
+
+    config_cls = EncoderModelConfig
 
     def __init__(self, cfg: EncoderModelConfig):
         super().__init__()
@@ -49,33 +68,14 @@ class EncoderModel(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> dict[str, list[torch.Tensor]]:
         """Per-view backbone features ``h`` and projections ``z``."""
-        h = [self.backbone(v) for v in batch["views"]]
-        return {"h": h, "z": [self.projector(x) for x in h]}
+        views = batch["views"]
+        h = encode_grouped(self.backbone, views) if self.cfg.group_views else [self.backbone(v) for v in views]
+        z = encode_grouped(self.projector, h) if self.cfg.group_views else [self.projector(x) for x in h]
+        return {"h": h, "z": z}
 
     def encode_image(self, image: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Backbone features (the representation evaluated by kNN / linear probes)."""
         x = self.backbone(image)
         return F.normalize(x, dim=-1) if normalize else x
 
-    def save_files(self, folder: Path, preprocess: dict[str, Any]) -> dict[str, Any]:
-        """Write ``model.safetensors``; return the config that rebuilds the architecture."""
-        from safetensors.torch import save_file
 
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
-                  str(folder / "model.safetensors"))
-        return {"mmcl_model": to_dict(self.cfg), "feature_dim": self.feature_dim}
-
-    @classmethod
-    def load_files(cls, folder: Path, config: dict[str, Any]) -> EncoderModel:
-        """Rebuild a model written by :meth:`save_files`."""
-        from safetensors.torch import load_file
-
-        model = cls(from_dict(EncoderModelConfig, config["mmcl_model"]))
-        model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
-        return model
-
-
-@register("model", "encoder", EncoderModelConfig)
-def build_encoder(cfg: EncoderModelConfig) -> EncoderModel:
-    """Registry entry: ``model: {name: encoder, ...}``."""
-    return EncoderModel(cfg)

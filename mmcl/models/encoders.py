@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mmcl.config import spec
@@ -27,6 +28,7 @@ class BackboneConfig:
     width: int = spec(32, ge=4, help="cnn: channels of the first block (doubled per block)")
     depth: int = spec(4, ge=1, le=6, help="cnn: number of conv blocks")
     norm: Norm = "bn"
+    in_channels: int = spec(3, ge=1, help="input channels (CMC's L view: 1, ab view: 2)")
     small_stem: bool = False
     open_clip_model: str | None = spec(None, help="open_clip: a model name (its vision tower is used)")
     open_clip_config: str | None = spec(None, help="open_clip: a JSON config or shipped name")
@@ -45,10 +47,10 @@ class SmallCNN(nn.Module):
     """``depth`` blocks of (3×3 stride-2 conv, norm, ReLU), channels doubling from ``width``, then
     global average pooling: a CPU-sized encoder (32 px → 2×2×256 with the defaults)."""
 
-    def __init__(self, width: int = 32, depth: int = 4, norm: Norm = "bn"):
+    def __init__(self, width: int = 32, depth: int = 4, norm: Norm = "bn", in_channels: int = 3):
         super().__init__()
         layers: list[nn.Module] = []
-        c_in = 3
+        c_in = in_channels
         for i in range(depth):
             c_out = width * 2 ** i
             layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=norm == "none"), norm_layer(norm, c_out),
@@ -64,7 +66,7 @@ class SmallCNN(nn.Module):
 class ResNet(nn.Module):
     """A torchvision ResNet without its classifier (optionally with the small-image stem)."""
 
-    def __init__(self, name: str, small_stem: bool, norm: Norm):
+    def __init__(self, name: str, small_stem: bool, norm: Norm, in_channels: int = 3):
         super().__init__()
         import torchvision
 
@@ -75,8 +77,10 @@ class ResNet(nn.Module):
             raise ConfigError("backbone.norm: torchvision ResNets need bn or gn")
         net = getattr(torchvision.models, name)(weights=None, **kwargs)
         if small_stem:
-            net.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+            net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
             net.maxpool = nn.Identity()
+        elif in_channels != 3:
+            net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
         self.out_dim = net.fc.in_features
         net.fc = nn.Identity()
         self.net = net
@@ -86,7 +90,11 @@ class ResNet(nn.Module):
 
 
 class OpenClipVision(nn.Module):
-    """The vision tower of an open_clip model (a name such as ViT-B-32, or a JSON config)."""
+    """The vision tower of an open_clip model (a name such as ViT-B-32, or a JSON config).
+
+    A ViT tower also takes images of another size than it was built for (multi-crop's local
+    crops): the patch-position embeddings are interpolated (bicubic) to the new grid, as in DINO.
+    """
 
     def __init__(self, model: str | None, config: str | None):
         super().__init__()
@@ -101,13 +109,39 @@ class OpenClipVision(nn.Module):
         self.out_dim = model_cfg["embed_dim"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tower(x)
+        tower = self.tower
+        grid = getattr(tower, "grid_size", None)
+        if grid is None or tuple(grid) == self._grid(x):
+            return tower(x)
+        if not hasattr(tower, "positional_embedding") or getattr(tower, "output_tokens", False):
+            raise ConfigError(f"this open_clip vision tower takes {tower.image_size} px images only")
+        return self._resized_forward(x)
+
+    def _grid(self, x: torch.Tensor) -> tuple[int, int]:
+        ph, pw = self.tower.patch_size
+        return x.shape[-2] // ph, x.shape[-1] // pw
+
+    def _resized_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """open_clip's ViT forward with the position embeddings interpolated to ``x``'s grid."""
+        t = self.tower
+        pos = t.positional_embedding
+        (gh, gw), (h, w) = t.grid_size, self._grid(x)
+        patch_pos = pos[1:].reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos, size=(h, w), mode="bicubic", align_corners=False)
+        pos = torch.cat([pos[:1], patch_pos.permute(0, 2, 3, 1).reshape(h * w, -1)])
+        x = t.conv1(x).flatten(2).transpose(1, 2)
+        cls = t.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = t.ln_pre(t.patch_dropout(torch.cat([cls, x], dim=1) + pos.to(x.dtype)))
+        pooled, _ = t._pool(t.transformer(x))
+        return pooled @ t.proj if t.proj is not None else pooled
 
 
 def build_backbone(cfg: BackboneConfig) -> nn.Module:
     """The backbone a config names; its ``out_dim`` is the feature size."""
     if cfg.name == "cnn":
-        return SmallCNN(cfg.width, cfg.depth, cfg.norm)
+        return SmallCNN(cfg.width, cfg.depth, cfg.norm, cfg.in_channels)
     if cfg.name.startswith("resnet"):
-        return ResNet(cfg.name, cfg.small_stem, cfg.norm)
+        return ResNet(cfg.name, cfg.small_stem, cfg.norm, cfg.in_channels)
+    if cfg.in_channels != 3:
+        raise ConfigError("backbone.in_channels: open_clip vision towers take 3-channel images")
     return OpenClipVision(cfg.open_clip_model, cfg.open_clip_config)

@@ -1,0 +1,122 @@
+"""Contrastive Predictive Coding for images (van den Oord et al., 2018; Hénaff et al., 2019):
+a patch encoder over an overlapping grid of patches, and an autoregressive context network
+down the rows of the grid.
+
+``forward`` cuts each image into a ``G × G`` grid of ``patch_size`` patches every ``patch_stride``
+pixels, encodes every patch to ``z`` ([B, G, G, D]) and runs the context network to ``c``
+([B, G, G, C]), where ``c[:, i, j]`` depends on patch rows ``0..i`` only: a stack of masked
+convolutions whose kernels see the current and earlier rows (``context: conv``), or a GRU down
+each column (``context: gru``). The CPC objective predicts ``z`` k rows below from ``c``.
+The representation evaluated by kNN and linear probes is ``z`` averaged over the grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmcl.config import register, spec
+from mmcl.models.encoders import BackboneConfig, build_backbone
+from mmcl.models.saved import SavedModel
+
+
+@dataclass
+class CPCModelConfig:
+    """``model: {name: cpc, backbone: {...}, patch_size: 8, patch_stride: 4, context: conv}``."""
+
+    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(depth=2, norm="gn"))
+    patch_size: int = spec(8, ge=2)
+    patch_stride: int = spec(4, ge=1)
+    context: Literal["conv", "gru"] = "conv"
+    context_dim: int = spec(256, ge=1)
+    context_layers: int = spec(3, ge=1, help="conv: masked convolutions (each sees 1 more row up)")
+
+
+def patch_grid(images: torch.Tensor, size: int, stride: int) -> torch.Tensor:
+    """[B, C, H, W] → [B, G, G, C, size, size] overlapping patches (G = (H - size) // stride + 1)."""
+    patches = images.unfold(2, size, stride).unfold(3, size, stride)  # B, C, G, G, size, size
+    return patches.permute(0, 2, 3, 1, 4, 5).contiguous()
+
+
+class RowCausalConv(nn.Module):
+    """A 2×3 convolution over a [B, C, G, G] grid padded so output row i sees input rows i-1 and i."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, (2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (1, 1, 1, 0)))  # left, right, top, bottom
+
+
+class ConvContext(nn.Module):
+    """Stacked row-causal convolutions (ReLU between), then a 1×1 output convolution."""
+
+    def __init__(self, d_in: int, dim: int, layers: int):
+        super().__init__()
+        blocks: list[nn.Module] = []
+        for i in range(layers):
+            blocks += [RowCausalConv(d_in if i == 0 else dim, dim), nn.ReLU(inplace=True)]
+        self.net = nn.Sequential(*blocks, nn.Conv2d(dim, dim, 1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """[B, G, G, D] → [B, G, G, C]."""
+        return self.net(z.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class GRUContext(nn.Module):
+    """A GRU down each column of the grid."""
+
+    def __init__(self, d_in: int, dim: int):
+        super().__init__()
+        self.gru = nn.GRU(d_in, dim, batch_first=True)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """[B, G, G, D] → [B, G, G, C]."""
+        b, g, w, d = z.shape
+        cols = z.permute(0, 2, 1, 3).reshape(b * w, g, d)
+        c, _ = self.gru(cols)
+        return c.reshape(b, w, g, -1).permute(0, 2, 1, 3)
+
+
+@register("model", "cpc", CPCModelConfig)
+class CPCModel(SavedModel):
+    """Patch encoder + context network.
+
+    >>> m = CPCModel(CPCModelConfig(context_dim=32))
+    >>> out = m({"views": [torch.zeros(2, 3, 32, 32)]})
+    >>> out["z"].shape, out["c"].shape, m.encode_image(torch.zeros(2, 3, 32, 32)).shape
+    (torch.Size([2, 7, 7, 64]), torch.Size([2, 7, 7, 32]), torch.Size([2, 64]))
+    """
+
+    config_cls = CPCModelConfig
+
+    def __init__(self, cfg: CPCModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = build_backbone(cfg.backbone)
+        d = self.encoder.out_dim
+        self.context = ConvContext(d, cfg.context_dim, cfg.context_layers) if cfg.context == "conv" \
+            else GRUContext(d, cfg.context_dim)
+        self.feature_dim = self.embed_dim = d
+        self.context_dim = cfg.context_dim
+
+    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] → patch embeddings ``z`` [B, G, G, D]."""
+        patches = patch_grid(images, self.cfg.patch_size, self.cfg.patch_stride)
+        b, g, w = patches.shape[:3]
+        return self.encoder(patches.flatten(0, 2)).reshape(b, g, w, -1)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Patch embeddings ``z`` and contexts ``c`` of the first view."""
+        z = self.patch_features(batch["views"][0])
+        return {"z": z, "c": self.context(z)}
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Patch embeddings averaged over the grid."""
+        h = self.patch_features(images).mean(dim=(1, 2))
+        return F.normalize(h, dim=-1) if normalize else h
