@@ -31,7 +31,7 @@ def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-@pytest.mark.parametrize("method", ["moco_v2", "byol"])
+@pytest.mark.parametrize("method", ["moco_v2", "byol", "instdisc"])
 def test_resumed_ssl_run_matches_uninterrupted_run(method: str, digits_dir: Path, tmp_path: Path) -> None:
     full = tmp_path / "full"
     trainer = Trainer(recipe(method, digits_dir, full))
@@ -44,8 +44,11 @@ def test_resumed_ssl_run_matches_uninterrupted_run(method: str, digits_dir: Path
     assert sorted(resumed) == [3, 4]
     for step in (3, 4):
         assert resumed[step] == pytest.approx(reference[step], abs=1e-5), (step, resumed, reference)
-    # the momentum target moved, and the saved encoder is the online network
     objective = trainer.acc.unwrap_model(trainer.objective)
+    if method == "instdisc":  # the memory bank (and NCE's normaliser) came back from the checkpoint
+        assert int(objective.bank.seen.sum()) == 4 * 32
+        return
+    # the momentum target moved, and the saved encoder is the online network
     online = dict(trainer.unwrapped.named_parameters())
     target = dict(objective.target.net.named_parameters())
     assert any(not torch.equal(online[k], target[k]) for k in online)
@@ -70,3 +73,30 @@ def test_simclr_recipe_trains_evaluates_and_reports_knn(digits_dir: Path, tmp_pa
     assert mmcl_main(["eval", "knn", "--model", str(out / "final"), "--train-shards", shards, "--shards", shards,
                       "--workers", "0", "--k", "1"]) == 0
     assert "knn top-1: 1.000 on digits/val (180 images)" in capsys.readouterr().out  # each image is its own neighbour
+
+
+@pytest.mark.parametrize("method", ["cmc", "cpc", "invaspread"])
+def test_multiview_and_predictive_recipes_train_save_and_evaluate(method: str, digits_dir: Path,
+                                                                   digits_edges_dir: Path, tmp_path: Path,
+                                                                   capsys) -> None:
+    data = digits_edges_dir if method == "cmc" else digits_dir
+    out = tmp_path / method
+    # CPC: a 5×5 grid of 16 px patches (3 CNN blocks leave 2×2 maps; on 1×1 maps GroupNorm with one
+    # channel per group would output a constant), 3 rows ahead predicted
+    extra = ["model.patch_size=16", "model.patch_stride=4", "objective.steps=3"] if method == "cpc" else []
+    trainer = Trainer(recipe(method, data, out, "train.save_every=0", *extra))
+    trainer.fit()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
+    if method == "cpc":
+        assert {"acc_k1", "acc_k2", "acc_k3"} <= set(rows[-1])
+    if method == "cmc":  # the card tells users each field goes to its own encoder
+        assert "one image per field png, edges.png" in (out / "final" / "README.md").read_text()
+    saved = from_pretrained(out / "final")
+    x = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)] if method == "cmc" else torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(saved.encode_image(x), trainer.unwrapped.eval().encode_image(x), atol=1e-6)
+    shards = f"{data}/val-000000.tar"
+    assert mmcl_main(["eval", "knn", "--model", str(out / "final"), "--train-shards", shards, "--shards", shards,
+                      "--workers", "0", "--k", "1", "--no-record"]) == 0
+    assert "knn top-1: 1.000 on digits/val (180 images)" in capsys.readouterr().out

@@ -27,18 +27,25 @@ class SimCLRConfig:
     temperature: float = spec(0.5, gt=0)
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, z1_all: torch.Tensor, z2_all: torch.Tensor, temperature: float,
-            rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """NT-Xent of this process's rows. ``z1, z2``: [B, D] normalised views of the same B images;
-    ``z*_all``: [N·B, D] of all processes in rank order. Returns (loss, logits top-1 accuracy)."""
+def pair_logits(z1: torch.Tensor, z2: torch.Tensor, z1_all: torch.Tensor, z2_all: torch.Tensor,
+                temperature: float, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's 2B rows ``[z1; z2]`` scored against all 2NB columns ``[z1_all; z2_all]``
+    (÷ τ, float32, self-similarity -inf), and each row's positive column (the other view).
+    ``z1, z2``: [B, D] normalised views of the same B images; ``z*_all``: [N·B, D] of all processes
+    in rank order."""
     b, n_all = z1.shape[0], z1_all.shape[0]
-    rows = torch.cat([z1, z2])
-    cols = torch.cat([z1_all, z2_all])
-    logits = rows @ cols.T / temperature
+    logits = (torch.cat([z1, z2]) @ torch.cat([z1_all, z2_all]).T / temperature).float()
     own = torch.arange(b, device=z1.device) + rank * b
     self_idx = torch.cat([own, own + n_all])
     pos_idx = torch.cat([own + n_all, own])
-    logits = logits.float().masked_fill(F.one_hot(self_idx, cols.shape[0]).bool(), float("-inf"))
+    logits = logits.masked_fill(F.one_hot(self_idx, 2 * n_all).bool(), float("-inf"))
+    return logits, pos_idx
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, z1_all: torch.Tensor, z2_all: torch.Tensor, temperature: float,
+            rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """NT-Xent of this process's rows (see :func:`pair_logits`). Returns (loss, top-1 accuracy)."""
+    logits, pos_idx = pair_logits(z1, z2, z1_all, z2_all, temperature, rank)
     return info_nce(logits, pos_idx), top1(logits, pos_idx)
 
 

@@ -41,8 +41,17 @@ def test_two_process_ssl_objectives_equal_one_process(tmp_path: Path) -> None:
     for procs in (1, 2):
         torchrun(HERE / "ssl_worker.py", str(tmp_path / f"{procs}.pt"), nproc=procs)
     one, two = (torch.load(tmp_path / f"{p}.pt") for p in (1, 2))
-    assert set(one) == {"simclr", "moco", "mocov3", "byol", "simsiam"}
-    for name in one:
+    assert set(one) == {"simclr", "moco", "mocov3", "byol", "simsiam", "invaspread", "cmc", "cmc_full_lab", "cpc",
+                        "cpc_gru", "instdisc", "cmc_bank", "swav", "dino", "sinkhorn"}
+    # Sinkhorn over the global batch: each process's share of the assignments is the one-process result
+    assert torch.allclose(one["sinkhorn"], two["sinkhorn"], atol=1e-6)
+    assert torch.allclose(two["sinkhorn"].sum(dim=1), torch.ones(8), atol=1e-5)
+    assert torch.allclose(one["dino"]["center"], two["dino"]["center"], atol=1e-6)
+    for name in ("instdisc", "cmc_bank"):  # every process applied every process's bank updates, once
+        for rows1, rows2, seen in zip(one[name]["rows"], two[name]["rows"], two[name]["seen"]):
+            assert torch.allclose(rows1, rows2, atol=1e-6), name
+            assert seen.nonzero().squeeze(1).tolist() == [0, 2, 3, 5, 7, 11, 13, 19]
+    for name in one.keys() - {"instdisc", "cmc_bank", "sinkhorn"}:
         a, b = one[name], two[name]
         assert abs(a["loss"] - b["loss"]) < 1e-5, (name, a["loss"], b["loss"])
         assert set(a["grads"]) == set(b["grads"]) and len(a["grads"]) >= 6, name

@@ -1,0 +1,139 @@
+"""DINO (Caron et al., 2021): self-distillation with no labels.
+
+The student (the trained model) sees every crop, the teacher (an EMA of the student, momentum on
+a cosine from 0.996 to 1) only the global crops. Both end in the DINO head: the model's projector
+(MLP to a bottleneck, e.g. ``dims [2048, 2048, 256], norm none, activation gelu``), L2
+normalisation, then a weight-normalised linear layer to ``out_dim`` (its weight rows have unit
+norm; ``norm_last_layer: false`` learns their scale). The teacher's outputs are centred and
+sharpened, ``softmax((t - c) / τ_t)``, and each student crop predicts every teacher crop other
+than itself: ``-Σ p_t log softmax(s / τ_s)``, averaged over pairs. The centre follows the batch
+mean of the teacher outputs over all processes, ``c ← m c + (1 - m) mean(t)``; τ_t warms up
+linearly from ``warmup_teacher_temperature``. Logged, as in the paper's collapse study: the
+teacher's mean entropy as a fraction of log(out_dim) (1: uniform, the collapse onto the centre,
+whose distribution after centring is uniform, so KL to the centre is log(out_dim) × (1 - this);
+0: one dimension dominates) and the mean KL between teacher and student (0 when both collapse).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmcl.config import register, spec
+from mmcl.objectives.gather import gather_no_grad, world
+from mmcl.objectives.infonce import embedding_std
+from mmcl.objectives.momentum import MomentumObjective, MomentumTarget
+
+
+@dataclass
+class DINOConfig:
+    """``objective: {name: dino, out_dim: 65536, teacher_temperature: 0.04, ...}``."""
+
+    out_dim: int = spec(65536, ge=2)
+    norm_last_layer: bool = True
+    momentum: float = spec(0.996, ge=0, le=1, help="teacher EMA base, cosine to 1")
+    student_temperature: float = spec(0.1, gt=0)
+    teacher_temperature: float = spec(0.04, gt=0)
+    warmup_teacher_temperature: float = spec(0.04, gt=0)
+    warmup_teacher_steps: int = spec(0, ge=0)
+    center_momentum: float = spec(0.9, ge=0, lt=1)
+    global_crops: int = spec(2, ge=1, help="the first crops, seen by the teacher")
+
+
+class WeightNormLinear(nn.Module):
+    """``x`` (L2-normalised) times a weight whose rows are normalised to ``g`` (1 and frozen when
+    ``learn_scale`` is false): DINO's last layer."""
+
+    def __init__(self, d_in: int, d_out: int, learn_scale: bool):
+        super().__init__()
+        self.v = nn.Parameter(torch.empty(d_out, d_in))
+        nn.init.trunc_normal_(self.v, std=0.02)
+        self.g = nn.Parameter(torch.ones(d_out, 1), requires_grad=learn_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.normalize(x, dim=-1), self.g * F.normalize(self.v, dim=1))
+
+
+class _Student(nn.Module):
+    """The model followed by the last layer: what the teacher is an EMA copy of."""
+
+    def __init__(self, model: nn.Module, last: nn.Module):
+        super().__init__()
+        self.model, self.last = model, last
+
+    def forward(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        return [self.last(z) for z in self.model(batch)["z"]]
+
+
+def teacher_temperature(step: int, cfg: DINOConfig) -> float:
+    """Linear warm-up from ``warmup_teacher_temperature`` to ``teacher_temperature``."""
+    if step >= cfg.warmup_teacher_steps:
+        return cfg.teacher_temperature
+    frac = step / cfg.warmup_teacher_steps
+    return cfg.warmup_teacher_temperature + frac * (cfg.teacher_temperature - cfg.warmup_teacher_temperature)
+
+
+def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], center: torch.Tensor,
+              student_temperature: float, teacher_temperature: float) -> torch.Tensor:
+    """Mean over (teacher crop i, student crop v ≠ i) of the cross-entropy between the centred,
+    sharpened teacher and the student."""
+    targets = [F.softmax((t.float() - center) / teacher_temperature, dim=-1) for t in teacher]
+    logs = [F.log_softmax(s.float() / student_temperature, dim=-1) for s in student]
+    terms = [-(p * logs[v]).sum(dim=-1).mean() for i, p in enumerate(targets) for v in range(len(logs)) if v != i]
+    return torch.stack(terms).mean()
+
+
+class DINOLoss(MomentumObjective):
+    """Holds the last layer (trained), the teacher and the centre."""
+
+    schedule = "cosine"
+
+    def __init__(self, cfg: DINOConfig):
+        super().__init__(cfg)
+        self.register_buffer("center", torch.zeros(1, cfg.out_dim))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def setup(self, model: nn.Module, total_steps: int) -> None:
+        """The last layer on the model's embeddings, and the teacher: an EMA of model + last layer."""
+        self.last = WeightNormLinear(model.embed_dim, self.cfg.out_dim, not self.cfg.norm_last_layer)
+        self.target = MomentumTarget(_Student(model, self.last), self.cfg.momentum, "cosine", total_steps)
+
+    def after_optimizer_step(self, step: int) -> None:
+        super().after_optimizer_step(step)
+        self.step.fill_(step)
+
+    @torch.no_grad()
+    def update_center(self, teacher: list[torch.Tensor]) -> None:
+        """``c ← m c + (1 - m) · mean of the teacher outputs over crops and the global batch``."""
+        t = torch.cat(teacher).float()
+        total = gather_no_grad(t.sum(dim=0, keepdim=True)).sum(dim=0, keepdim=True)
+        mean = total / (t.shape[0] * world()[1])
+        self.center.mul_(self.cfg.center_momentum).add_(mean, alpha=1 - self.cfg.center_momentum)
+
+    def forward(self, out: dict[str, Any], batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg = self.cfg
+        student = [self.last(z) for z in out["z"]]
+        teacher = self.target({**batch, "views": batch["views"][:cfg.global_crops]})
+        temp = teacher_temperature(int(self.step), cfg)
+        loss = dino_loss(student, teacher, self.center, cfg.student_temperature, temp)
+        with torch.no_grad():
+            log_t = [F.log_softmax((t.float() - self.center) / temp, dim=-1) for t in teacher]
+            entropy = torch.stack([-(lt.exp() * lt).sum(dim=-1).mean() for lt in log_t]).mean()
+            log_s = [F.log_softmax(s.float() / cfg.student_temperature, dim=-1) for s in student[:cfg.global_crops]]
+            kl = torch.stack([(lt.exp() * (lt - ls)).sum(dim=-1).mean() for i, lt in enumerate(log_t)
+                              for v, ls in enumerate(log_s) if v != i] or [torch.zeros(())]).mean()
+        self.update_center(teacher)
+        return loss, {"embedding_std": embedding_std(out["z"][0]), "teacher_entropy": entropy / math.log(cfg.out_dim),
+                      "kl_teacher_student": kl, "teacher_temperature": torch.tensor(temp),
+                      "momentum": torch.tensor(self.target.momentum)}
+
+
+@register("objective", "dino", DINOConfig)
+def build_dino(cfg: DINOConfig) -> DINOLoss:
+    """Registry entry: ``objective: {name: dino}``."""
+    return DINOLoss(cfg)

@@ -1,0 +1,71 @@
+"""Instance discrimination with a memory bank (Wu et al., 2018): every training image is its own
+class, represented by a slowly moving row of a memory bank.
+
+One augmented view per image; its normalised projection ``v`` is scored against its own bank row
+(the positive) and ``K`` rows drawn uniformly from the bank, at temperature τ, with either
+noise-contrastive estimation (the paper's NCE, normaliser ``Z`` estimated once from the first
+batch, averaged over processes) or softmax-NCE (cross-entropy over the ``1 + K`` scores). The
+bank rows of the whole global batch are then updated on every process (see :mod:`bank`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmcl.config import register, spec
+from mmcl.objectives.bank import MemoryBank, bank_logits, nce_loss
+from mmcl.objectives.gather import gather_no_grad
+from mmcl.objectives.infonce import embedding_std, info_nce, top1
+
+
+@dataclass
+class InstDiscConfig:
+    """``objective: {name: instdisc, bank_size: N, negatives: 4096, temperature: 0.07, loss: nce}``."""
+
+    bank_size: int = spec(help="rows of the memory bank: more than the largest training sample id")
+    negatives: int = spec(4096, ge=1)
+    temperature: float = spec(0.07, gt=0)
+    momentum: float = spec(0.5, ge=0, lt=1, help="proximal update of the bank rows")
+    loss: Literal["nce", "softmax"] = "nce"
+
+
+class InstDiscLoss(nn.Module):
+    """Holds the memory bank (sized to the model's embeddings in :meth:`setup`)."""
+
+    def __init__(self, cfg: InstDiscConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("log_z", torch.tensor(float("nan")))
+
+    def setup(self, model: nn.Module, total_steps: int) -> None:
+        """The bank, one ``embed_dim`` row per sample id."""
+        self.bank = MemoryBank(self.cfg.bank_size, model.embed_dim, self.cfg.momentum)
+
+    def forward(self, out: dict[str, Any], batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg, ids = self.cfg, batch["id"]
+        self.bank.check_ids(ids)
+        v = F.normalize(out["z"][0], dim=-1)
+        logits = bank_logits(v, self.bank.rows, ids, self.bank.sample(v.shape[0], cfg.negatives), cfg.temperature)
+        labels = torch.zeros(v.shape[0], dtype=torch.long, device=v.device)
+        if cfg.loss == "softmax":
+            loss = info_nce(logits, labels)
+        else:
+            if torch.isnan(self.log_z):
+                with torch.no_grad():
+                    mean_exp = gather_no_grad(logits.detach().exp().mean()[None]).mean()
+                    self.log_z.fill_(float(mean_exp.log()) + math.log(cfg.bank_size))
+            loss = nce_loss(logits, self.log_z, cfg.bank_size)
+        self.bank.update(ids, v)
+        return loss, {"acc": top1(logits, labels), "embedding_std": embedding_std(out["z"][0])}
+
+
+@register("objective", "instdisc", InstDiscConfig)
+def build_instdisc(cfg: InstDiscConfig) -> InstDiscLoss:
+    """Registry entry: ``objective: {name: instdisc, bank_size: ...}``."""
+    return InstDiscLoss(cfg)

@@ -1,0 +1,119 @@
+"""SwAV (Caron et al., 2020): online clustering with swapped assignments.
+
+Every crop's normalised projection is scored against ``K`` L2-normalised prototypes. For each
+of the global crops the scores (no gradient) become soft cluster assignments ``q`` through
+Sinkhorn-Knopp over the global batch: ``Q = exp(scores / ε)``, then rows and columns alternately
+rescaled so every prototype gets an equal share of the batch and every sample one unit of mass
+(the row sums are all-reduced across processes, so the assignment is the one a single process
+would compute on the whole batch). Each other crop predicts ``q`` from its own scores:
+``-Σ q log softmax(scores / τ)``, averaged over crops and global crops. The prototypes are
+renormalised before every step and receive no gradient for the first ``freeze_prototypes_steps``
+steps; an optional queue of past projections enlarges the batch the assignments are computed on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from mmcl.config import register, spec
+from mmcl.objectives.gather import gather_no_grad, world
+from mmcl.objectives.infonce import embedding_std
+
+
+@dataclass
+class SwAVConfig:
+    """``objective: {name: swav, prototypes: 3000, epsilon: 0.05, sinkhorn_iterations: 3, temperature: 0.1}``."""
+
+    prototypes: int = spec(3000, ge=2)
+    epsilon: float = spec(0.05, gt=0)
+    sinkhorn_iterations: int = spec(3, ge=1)
+    temperature: float = spec(0.1, gt=0)
+    assignment_crops: int = spec(2, ge=1, help="the first crops (global) assignments are computed for")
+    freeze_prototypes_steps: int = spec(313, ge=0)
+    queue_length: int = spec(0, ge=0, help="past projections per process used in the assignments (0: none)")
+    queue_start_step: int = spec(0, ge=0)
+
+
+def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+    if world()[1] > 1:
+        dist.all_reduce(x)
+    return x
+
+
+@torch.no_grad()
+def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
+    """Soft assignments [B, K] of this process's rows: each column of the global ``Q`` (one sample)
+    sums to 1, each row (one prototype) to ``B_global / K``. ``scores``: [B, K] (no gradient)."""
+    q = torch.exp(scores.float() / epsilon).T  # K × B
+    b_global = torch.tensor(float(q.shape[1]), device=q.device)
+    b_global = _all_reduce(b_global)
+    k = q.shape[0]
+    q /= _all_reduce(q.sum())
+    for _ in range(iterations):
+        q /= _all_reduce(q.sum(dim=1, keepdim=True))
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= b_global
+    return (q * b_global).T
+
+
+class SwAVLoss(nn.Module):
+    """Holds the prototypes (trained with the model) and the optional queue."""
+
+    def __init__(self, cfg: SwAVConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def setup(self, model: nn.Module, total_steps: int) -> None:
+        """Prototypes sized to the model's embeddings; the queue, if any."""
+        self.prototypes = nn.Linear(model.embed_dim, self.cfg.prototypes, bias=False)
+        if self.cfg.queue_length:
+            self.register_buffer("queue", torch.zeros(self.cfg.assignment_crops, self.cfg.queue_length,
+                                                      model.embed_dim))
+
+    def after_optimizer_step(self, step: int) -> None:
+        self.step.fill_(step)
+
+    def _scores(self, z: torch.Tensor) -> torch.Tensor:
+        w = self.prototypes.weight
+        if int(self.step) < self.cfg.freeze_prototypes_steps:
+            w = w.detach() + 0.0 * w  # in the graph (DDP sees it used) but with zero gradient
+        return z @ w.T
+
+    def forward(self, out: dict[str, Any], batch: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg = self.cfg
+        with torch.no_grad():
+            self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
+        z = [F.normalize(x, dim=-1) for x in out["z"]]
+        scores = [self._scores(x) for x in z]
+        b, n_crops, losses = z[0].shape[0], len(z), []
+        use_queue = cfg.queue_length and int(self.step) >= cfg.queue_start_step and bool(self.queue[:, -1].any())
+        for i in range(cfg.assignment_crops):
+            s = scores[i].detach()
+            if use_queue:
+                s = torch.cat([s, self.queue[i].to(s.dtype) @ self.prototypes.weight.detach().T])
+            q = sinkhorn(s, cfg.epsilon, cfg.sinkhorn_iterations)[:b]
+            for v in range(n_crops):
+                if v != i:
+                    losses.append(-(q * F.log_softmax(scores[v].float() / cfg.temperature, dim=1)).sum(dim=1).mean())
+        if cfg.queue_length:
+            with torch.no_grad():
+                for i in range(cfg.assignment_crops):
+                    self.queue[i] = torch.cat([z[i].detach().to(self.queue.dtype), self.queue[i][:-b]])
+        usage = gather_no_grad(scores[0].detach().argmax(dim=1))
+        metrics = {"embedding_std": embedding_std(out["z"][0]),
+                   "prototype_usage": torch.tensor(usage.unique().numel() / cfg.prototypes)}
+        return torch.stack(losses).mean(), metrics
+
+
+@register("objective", "swav", SwAVConfig)
+def build_swav(cfg: SwAVConfig) -> SwAVLoss:
+    """Registry entry: ``objective: {name: swav}``."""
+    return SwAVLoss(cfg)

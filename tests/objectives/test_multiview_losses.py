@@ -1,0 +1,184 @@
+"""InvaSpread, InstDisc, CMC and CPC against independent plain-Python reference computations; the
+memory bank's updates and sampling; CPC's patch grid and causality; colour-space conversions."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from mmcl.data.transforms import build_transform, rgb_to_ycbcr, srgb_to_lab
+from mmcl.errors import DataError
+from mmcl.models.cpc import CPCModel, CPCModelConfig, patch_grid
+from mmcl.objectives.bank import MemoryBank, bank_logits, nce_loss
+from mmcl.objectives.cmc import CMCConfig, CMCLoss, view_pairs
+from mmcl.objectives.cpc import CPCConfig, CPCLoss
+from mmcl.objectives.instdisc import InstDiscConfig, InstDiscLoss
+from mmcl.objectives.invaspread import invaspread_loss
+from mmcl.objectives.simclr import pair_logits
+
+from . import dot, unit
+
+torch.manual_seed(0)
+
+
+def test_invaspread_matches_the_definition_and_splits_over_processes() -> None:
+    z1, z2, tau = unit(4, 3), unit(4, 3), 0.2
+    feats = list(z1) + list(z2)
+    n = len(feats)
+    ref = 0.0
+    for r, f in enumerate(feats):
+        pos = (r + n // 2) % n
+        denom = sum(math.exp(dot(g, f) / tau) for c, g in enumerate(feats) if c != r)
+        prob = [math.exp(dot(g, f) / tau) / denom for g in feats]
+        ref += -math.log(prob[pos]) - sum(math.log(1 - prob[c]) for c in range(n) if c not in (r, pos))
+    loss = invaspread_loss(*pair_logits(z1, z2, z1, z2, tau, 0))
+    assert loss.item() == pytest.approx(ref / n, rel=1e-6)
+    split = [invaspread_loss(*pair_logits(z1[k * 2:(k + 1) * 2], z2[k * 2:(k + 1) * 2], z1, z2, tau, k))
+             for k in (0, 1)]
+    assert (sum(split) / 2).item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_nce_and_softmax_nce_match_the_definitions() -> None:
+    v, rows, tau = unit(3, 4), unit(10, 4), 0.5
+    ids, neg = torch.tensor([1, 4, 9]), torch.tensor([[0, 2], [3, 3], [9, 5]])
+    logits = bank_logits(v, rows, ids, neg, tau).double()
+    log_z, n, k = torch.tensor(1.3, dtype=torch.float64), 10, 2
+    ref = 0.0
+    for b in range(3):
+        h = lambda j: (math.exp(dot(v[b], rows[j]) / tau - 1.3)) / (math.exp(dot(v[b], rows[j]) / tau - 1.3) + k / n)  # noqa: E731,B023
+        ref += -math.log(h(int(ids[b]))) - sum(math.log(1 - h(int(j))) for j in neg[b])
+    assert nce_loss(logits, log_z, n).item() == pytest.approx(ref / 3, rel=1e-5)
+    soft = F.cross_entropy(logits, torch.zeros(3, dtype=torch.long)).item()
+    ref_soft = sum(-math.log(math.exp(dot(v[b], rows[ids[b]]) / tau) /
+                             (math.exp(dot(v[b], rows[ids[b]]) / tau) + sum(math.exp(dot(v[b], rows[j]) / tau)
+                                                                            for j in neg[b]))) for b in range(3)) / 3
+    assert soft == pytest.approx(ref_soft, rel=1e-5)
+
+
+def test_memory_bank_updates_samples_and_checks_ids() -> None:
+    bank = MemoryBank(8, 3, momentum=0.5)
+    before = bank.rows.clone()
+    assert bank.sample(2, 5).max() < 8  # nothing filled yet: any row
+    v = torch.tensor([[3.0, 0, 0], [0, 0, -2.0]])
+    bank.update(torch.tensor([1, 6]), v)
+    for i, row in zip((1, 6), F.normalize(v, dim=1)):
+        expected = F.normalize(0.5 * before[i] + 0.5 * row, dim=0)
+        assert torch.allclose(bank.rows[i], expected, atol=1e-6)
+    untouched = [0, 2, 3, 4, 5, 7]
+    assert torch.equal(bank.rows[untouched], before[untouched])
+    assert bank.seen.nonzero().squeeze(1).tolist() == [1, 6]
+    assert set(bank.sample(50, 2).unique().tolist()) == {1, 6}  # only filled rows once k of them are
+    with pytest.raises(DataError, match="bank_size"):
+        bank.check_ids(torch.tensor([2, 8]))
+
+
+def test_instdisc_estimates_z_once_and_updates_the_bank() -> None:
+    loss_fn = InstDiscLoss(InstDiscConfig(bank_size=16, negatives=4, temperature=0.1))
+    loss_fn.setup(type("M", (), {"embed_dim": 5})(), 10)
+    z = torch.randn(3, 5, requires_grad=True)
+    batch = {"id": torch.tensor([0, 7, 15])}
+    loss, _ = loss_fn({"z": [z]}, batch)
+    loss.backward()
+    assert z.grad.abs().sum() > 0 and torch.isfinite(loss_fn.log_z)
+    log_z = loss_fn.log_z.item()
+    loss_fn({"z": [torch.randn(3, 5)]}, batch)
+    assert loss_fn.log_z.item() == log_z
+    assert loss_fn.bank.seen.nonzero().squeeze(1).tolist() == [0, 7, 15]
+
+
+def test_cmc_batch_loss_matches_the_definition_in_core_and_full_modes() -> None:
+    z = [unit(3, 4) for _ in range(3)]
+    tau = 0.3
+
+    def l_dir(a: torch.Tensor, b: torch.Tensor) -> float:  # L^{a→b}, batch mean
+        return sum(-math.log(math.exp(dot(a[i], b[i]) / tau) / sum(math.exp(dot(a[i], bj) / tau) for bj in b))
+                   for i in range(len(a))) / len(a)
+
+    assert view_pairs(3, "core") == [(0, 1), (0, 2)]
+    assert view_pairs(3, "full") == [(0, 1), (0, 2), (1, 2)]
+    for mode in ("core", "full"):
+        loss, _ = CMCLoss(CMCConfig(mode=mode, temperature=tau))({"z": [x * 2 for x in z]}, {})
+        ref = sum(l_dir(z[i], z[j]) + l_dir(z[j], z[i]) for i, j in view_pairs(3, mode))
+        assert loss.item() == pytest.approx(ref, rel=1e-5), mode
+
+
+def test_cmc_bank_loss_scores_each_view_against_the_other_views_memory() -> None:
+    cmc = CMCLoss(CMCConfig(negatives="bank", bank_size=6, bank_negatives=3, temperature=0.5))
+    cmc.setup(type("M", (), {"embed_dim": 4, "backbones": [0, 1]})(), 10)
+    rows = [b.rows.clone() for b in cmc.banks]
+    z, ids = [unit(2, 4), unit(2, 4)], torch.tensor([1, 4])
+    neg = cmc.banks[0].sample(2, 3)
+    cmc.banks[0].draws.zero_()  # the loss draws the same negatives again
+    loss, _ = cmc({"z": z}, {"id": ids})
+
+    def l_dir(a: torch.Tensor, memory: torch.Tensor) -> float:
+        total = 0.0
+        for b in range(2):
+            pos = math.exp(dot(a[b], memory[ids[b]]) / 0.5)
+            total += -math.log(pos / (pos + sum(math.exp(dot(a[b], memory[j]) / 0.5) for j in neg[b])))
+        return total / 2
+
+    assert loss.item() == pytest.approx(l_dir(z[0], rows[1]) + l_dir(z[1], rows[0]), rel=1e-5)
+    assert not torch.equal(cmc.banks[0].rows[1], rows[0][1]) and torch.equal(cmc.banks[0].rows[0], rows[0][0])
+
+
+def test_cpc_patch_grid_and_context_causality() -> None:
+    x = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).reshape(2, 3, 16, 16)
+    grid = patch_grid(x, 8, 4)
+    assert grid.shape == (2, 3, 3, 3, 8, 8)
+    assert torch.equal(grid[1, 2, 1], x[1, :, 8:16, 4:12])
+    for context in ("conv", "gru"):
+        model = CPCModel(CPCModelConfig(context=context, context_dim=8, context_layers=2))
+        z = torch.randn(2, 5, 5, model.embed_dim, requires_grad=True)
+        c = model.context(z)
+        assert c.shape == (2, 5, 5, 8)
+        for row in range(5):  # the context of row i never depends on rows below it (its future)
+            (grad,) = torch.autograd.grad(c[:, row].sum(), z, retain_graph=True)
+            assert grad[:, row + 1:].abs().sum() == 0, (context, row)
+            assert grad[:, row].abs().sum() > 0
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_cpc_loss_matches_the_definition(normalize: bool) -> None:
+    cpc = CPCLoss(CPCConfig(steps=2, normalize=normalize, temperature=0.5))
+    cpc.setup(type("M", (), {"context_dim": 3, "embed_dim": 4})(), 10)
+    z, c = torch.randn(2, 4, 2, 4, dtype=torch.float64), torch.randn(2, 4, 2, 3, dtype=torch.float64)
+    cpc.double()
+    loss, metrics = cpc({"z": z, "c": c})
+
+    def score(pred: torch.Tensor, target: torch.Tensor) -> float:
+        if not normalize:
+            return dot(pred, target)
+        return dot(pred, target) / math.sqrt(dot(pred, pred) * dot(target, target)) / 0.5
+
+    ref = 0.0
+    for k, w in enumerate(cpc.predictors, start=1):
+        targets = [(b, i, j) for b in range(2) for i in range(k, 4) for j in range(2)]
+        total = 0.0
+        for b, i, j in [(b, i, j) for b in range(2) for i in range(4 - k) for j in range(2)]:
+            pred = w.weight.detach() @ c[b, i, j]
+            scores = [score(pred, z[t]) for t in targets]
+            pos = targets.index((b, i + k, j))
+            total += -(scores[pos] - math.log(sum(math.exp(s) for s in scores)))
+        ref += total / len(targets)
+    assert loss.item() == pytest.approx(ref / 2, rel=1e-6)
+    assert set(metrics) >= {"acc_k1", "acc_k2"}
+
+
+def test_colour_spaces_against_known_values_and_pil() -> None:
+    rgb = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]]).T[:, :, None].double()
+    lab = srgb_to_lab(rgb)[:, :, 0].T * torch.tensor([100.0, 255, 255]) - torch.tensor([0.0, 128, 128])
+    known = torch.tensor([[53.24, 80.09, 67.20], [87.74, -86.18, 83.18], [32.30, 79.19, -107.86], [100, 0, 0]])
+    assert torch.allclose(lab.float(), known, atol=0.02)
+    arr = np.random.default_rng(0).integers(0, 256, (7, 7, 3), dtype=np.uint8)
+    pil = torch.from_numpy(np.array(Image.fromarray(arr).convert("YCbCr"))).permute(2, 0, 1).double() / 255
+    ours = rgb_to_ycbcr(torch.from_numpy(arr).permute(2, 0, 1).double() / 255)
+    assert (ours - pil).abs().max() < 1.5 / 255  # PIL rounds to 8 bits
+    tf = build_transform("eval", 7, (0.5,) * 3, (0.5,) * 3, colour="lab")
+    assert torch.allclose(tf(Image.fromarray(arr)), (srgb_to_lab(torch.from_numpy(arr).permute(2, 0, 1) / 255) - 0.5)
+                          / 0.5, atol=1e-5)
