@@ -1,12 +1,13 @@
-"""Every single-modal method on digits, same encoder, same CPU budget: kNN / linear-probe table.
+"""Every self-supervised method on digits, same CNN, same step budget: kNN / linear-probe table.
 
-    python benchmarks/ssl_digits.py [--methods simclr,byol] [--steps 100] [--data data/digits]
+    python benchmarks/ssl_digits.py [--methods simclr,byol] [--steps 250] [--data data/digits]
 
 For each method, trains ``configs/<method>_digits.yaml`` with ``mmcl train`` (a subprocess, as a
 user would), then evaluates the saved encoder and the same encoder at its initialisation (same
 seed, no training) with kNN (k 20, T 0.07) on the test and test-shifted splits and a linear
 probe on the test split. Writes ``benchmarks/results/ssl_digits.json`` (one entry per method)
-and prints a Markdown table.
+and prints a Markdown table. CMC reads digits shards with an edge-map field (built beside
+``--data`` with ``mmcl-prep digits --edges``); CPC's per-k prediction accuracies are recorded.
 """
 
 from __future__ import annotations
@@ -28,7 +29,12 @@ from mmcl.hub import from_pretrained
 from mmcl.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["simclr", "simclr_v2", "moco_v1", "moco_v2", "moco_v3", "byol", "simsiam"]
+METHODS = ["simclr", "simclr_v2", "moco_v1", "moco_v2", "moco_v3", "byol", "simsiam", "invaspread", "instdisc", "cmc",
+           "cpc", "swav", "dino"]
+VIEWS = {"cmc": "image and its Sobel edge map (two fields), one encoder each",
+         "cpc": "7×7 grid of 8 px patches every 4 px, rows 1..3 ahead predicted",
+         "instdisc": "one augmented view against the memory bank",
+         "swav": "2 global 32 px + 2 local 16 px crops", "dino": "2 global 32 px + 2 local 16 px crops"}
 
 
 def scores(model: torch.nn.Module, data: Path) -> dict[str, float]:
@@ -54,6 +60,7 @@ def run(method: str, steps: int, data: Path, out: Path) -> dict[str, object]:
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in (out / method / "metrics.jsonl").read_text().splitlines()]
     std = [r["embedding_std"] for r in rows if "embedding_std" in r][-1]
+    last = [r for r in rows if "loss" in r][-1]
     trained = scores(from_pretrained(out / method / "final"), data)
     recipe = load_recipe(config, [f"data.train_shards={data}/train-{{000000..000004}}.tar"])
     torch.manual_seed(recipe.run.seed)  # the trainer's set_seed: the very initialisation training started from
@@ -63,24 +70,30 @@ def run(method: str, steps: int, data: Path, out: Path) -> dict[str, object]:
     return {"method": method, **{k: round(v, 4) for k, v in trained.items()},
             "random_knn_test": round(random["knn_test"], 4), "random_knn_shifted": round(random["knn_shifted"], 4),
             "random_linear_test": round(random["linear_test"], 4), "wall_s": round(wall, 1), "steps": steps,
-            "embedding_std": round(std, 4), "embedding_dim": int(initial.embed_dim)}
+            "embedding_std": round(std, 4), "embedding_dim": int(initial.embed_dim),
+            "views": VIEWS.get(method, "two augmented views of the image"),
+            **({"cpc_acc": {k: round(v, 4) for k, v in last.items() if k.startswith("acc_k")}}
+               if method == "cpc" else {})}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=250)
     ap.add_argument("--data", type=Path, default=ROOT / "data" / "digits")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "ssl_digits")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "ssl_digits.json")
     args = ap.parse_args()
+    edges = args.data.with_name(args.data.name + "_edges")
     if not (args.data / "manifest.json").is_file():
         prep(["digits", "--out", str(args.data)])
+    if "cmc" in args.methods.split(",") and not (edges / "manifest.json").is_file():
+        prep(["digits", "--out", str(edges), "--edges"])
     entries = {}
     if args.results.is_file():
         entries = {e["method"]: e for e in json.loads(args.results.read_text())}
     for method in args.methods.split(","):
-        entries[method] = run(method, args.steps, args.data, args.out)
+        entries[method] = run(method, args.steps, edges if method == "cmc" else args.data, args.out)
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(list(entries.values()), indent=2) + "\n")
     print("| method | kNN test | kNN test-shifted | random-init kNN shifted | gain | linear test | wall s | "
