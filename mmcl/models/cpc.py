@@ -34,12 +34,29 @@ class CPCModelConfig:
     context: Literal["conv", "gru"] = "conv"
     context_dim: int = spec(256, ge=1)
     context_layers: int = spec(3, ge=1, help="conv: masked convolutions (each sees 1 more row up)")
+    patch_jitter: int = spec(0, ge=0, help="training only: each patch cut up to this many pixels off its "
+                                           "grid position, independently per patch (CPC v2's patch augmentation)")
 
 
 def patch_grid(images: torch.Tensor, size: int, stride: int) -> torch.Tensor:
     """[B, C, H, W] → [B, G, G, C, size, size] overlapping patches (G = (H - size) // stride + 1)."""
     patches = images.unfold(2, size, stride).unfold(3, size, stride)  # B, C, G, G, size, size
     return patches.permute(0, 2, 3, 1, 4, 5).contiguous()
+
+
+def jittered_patch_grid(images: torch.Tensor, size: int, stride: int, jitter: int) -> torch.Tensor:
+    """:func:`patch_grid` with every patch moved by its own random offset in [-jitter, jitter]²
+    (the image edge-padded): a prediction from the context cannot know the offset of its target,
+    so the patch encoder is pushed towards features that do not change under small shifts."""
+    b, _, h, w = images.shape
+    g_h, g_w = (h - size) // stride + 1, (w - size) // stride + 1
+    every = F.pad(images, (jitter,) * 4, mode="replicate").unfold(2, size, 1).unfold(3, size, 1)
+    dev = images.device
+    rows = (torch.arange(g_h, device=dev) * stride + jitter)[None, :, None]
+    cols = (torch.arange(g_w, device=dev) * stride + jitter)[None, None, :]
+    rows = rows + torch.randint(-jitter, jitter + 1, (b, g_h, g_w), device=dev)
+    cols = cols + torch.randint(-jitter, jitter + 1, (b, g_h, g_w), device=dev)
+    return every[torch.arange(b, device=dev)[:, None, None], :, rows, cols]  # B, G, G, C, size, size
 
 
 class RowCausalConv(nn.Module):
@@ -106,8 +123,10 @@ class CPCModel(SavedModel):
         self.context_dim = cfg.context_dim
 
     def patch_features(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] → patch embeddings ``z`` [B, G, G, D]."""
-        patches = patch_grid(images, self.cfg.patch_size, self.cfg.patch_stride)
+        """[B, 3, H, W] → patch embeddings ``z`` [B, G, G, D] (patches jittered when training)."""
+        cfg = self.cfg
+        patches = jittered_patch_grid(images, cfg.patch_size, cfg.patch_stride, cfg.patch_jitter) \
+            if self.training and cfg.patch_jitter else patch_grid(images, cfg.patch_size, cfg.patch_stride)
         b, g, w = patches.shape[:3]
         return self.encoder(patches.flatten(0, 2)).reshape(b, g, w, -1)
 

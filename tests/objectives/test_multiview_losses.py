@@ -13,7 +13,7 @@ from PIL import Image
 
 from mmcl.data.transforms import build_transform, rgb_to_ycbcr, srgb_to_lab
 from mmcl.errors import DataError
-from mmcl.models.cpc import CPCModel, CPCModelConfig, patch_grid
+from mmcl.models.cpc import CPCModel, CPCModelConfig, jittered_patch_grid, patch_grid
 from mmcl.objectives.bank import MemoryBank, bank_logits, nce_loss
 from mmcl.objectives.cmc import CMCConfig, CMCLoss, view_pairs
 from mmcl.objectives.cpc import CPCConfig, CPCLoss
@@ -141,6 +141,26 @@ def test_cpc_patch_grid_and_context_causality() -> None:
             (grad,) = torch.autograd.grad(c[:, row].sum(), z, retain_graph=True)
             assert grad[:, row + 1:].abs().sum() == 0, (context, row)
             assert grad[:, row].abs().sum() > 0
+
+
+def test_cpc_jittered_patches_move_each_patch_within_the_jitter() -> None:
+    x = torch.randn(2, 3, 16, 16)
+    padded = F.pad(x, (2,) * 4, mode="replicate")
+    assert torch.equal(jittered_patch_grid(x, 8, 4, 0), patch_grid(x, 8, 4))
+    grid = jittered_patch_grid(x, 8, 4, 2)
+    offsets = set()
+    for b in range(2):
+        for i in range(3):
+            for j in range(3):
+                found = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                         if torch.equal(grid[b, i, j], padded[b, :, 4 * i + 2 + dy:4 * i + 10 + dy,
+                                                               4 * j + 2 + dx:4 * j + 10 + dx])]
+                assert found, (b, i, j)
+                offsets.add(found[0])
+    assert len(offsets) > 3  # patches move independently
+    model = CPCModel(CPCModelConfig(patch_jitter=2))
+    with torch.no_grad():  # jitter only while training: evaluation features are deterministic
+        assert torch.equal(model.eval().encode_image(x.repeat(1, 1, 2, 2)), model.encode_image(x.repeat(1, 1, 2, 2)))
 
 
 @pytest.mark.parametrize("normalize", [False, True])
