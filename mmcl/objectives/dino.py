@@ -43,6 +43,7 @@ class DINOConfig:
     warmup_teacher_steps: int = spec(0, ge=0)
     center_momentum: float = spec(0.9, ge=0, lt=1)
     global_crops: int = spec(2, ge=1, help="the first crops, seen by the teacher")
+    freeze_last_layer_steps: int = spec(0, ge=0, help="the last layer gets no gradient for this many steps")
 
 
 class WeightNormLinear(nn.Module):
@@ -55,8 +56,11 @@ class WeightNormLinear(nn.Module):
         nn.init.trunc_normal_(self.v, std=0.02)
         self.g = nn.Parameter(torch.ones(d_out, 1), requires_grad=learn_scale)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.normalize(x, dim=-1), self.g * F.normalize(self.v, dim=1))
+    def forward(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        """With ``frozen`` the weights are used but get zero gradient (still in the graph, so DDP
+        sees them used)."""
+        v, g = (self.v.detach() + 0.0 * self.v, self.g.detach() + 0.0 * self.g) if frozen else (self.v, self.g)
+        return F.linear(F.normalize(x, dim=-1), g * F.normalize(v, dim=1))
 
 
 class _Student(nn.Module):
@@ -117,7 +121,8 @@ class DINOLoss(MomentumObjective):
 
     def forward(self, out: dict[str, Any], batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.cfg
-        student = [self.last(z) for z in out["z"]]
+        frozen = int(self.step) < cfg.freeze_last_layer_steps
+        student = [self.last(z, frozen) for z in out["z"]]
         teacher = self.target({**batch, "views": batch["views"][:cfg.global_crops]})
         temp = teacher_temperature(int(self.step), cfg)
         loss = dino_loss(student, teacher, self.center, cfg.student_temperature, temp)

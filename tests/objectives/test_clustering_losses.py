@@ -118,6 +118,21 @@ def test_dino_teacher_sees_global_crops_and_is_an_ema_of_model_and_last_layer() 
     assert int(dino.step) == 1
 
 
+def test_dino_last_layer_frozen_for_the_first_steps() -> None:
+    model = EncoderModel(EncoderModelConfig(backbone=BackboneConfig(width=8, depth=2, norm="gn"),
+                                            projector=HeadConfig(dims=[16, 8], norm="none")))
+    dino = DINOLoss(DINOConfig(out_dim=6, freeze_last_layer_steps=1, norm_last_layer=False))
+    dino.setup(model, 10)
+    views = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    dino(model({"views": views}), {"views": views})[0].backward()
+    assert dino.last.v.grad.abs().sum() == 0 and dino.last.g.grad.abs().sum() == 0
+    assert all(p.grad.abs().sum() > 0 for p in model.projector.parameters())
+    dino.after_optimizer_step(1)
+    dino.last.v.grad = None
+    dino(model({"views": views}), {"views": views})[0].backward()
+    assert dino.last.v.grad.abs().sum() > 0
+
+
 def test_multi_crop_views_and_grouped_encoding(digits_dir: Path) -> None:
     cfg = DataConfig(train_shards=str(digits_dir / "val-000000.tar"), kind="multi_view", image_size=32, batch_size=8,
                      num_workers=0, transform="digits_ssl", views=2,
