@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["simclr", "simclr_v2", "moco_v1", "moco_v2", "moco_v3", "byol", "simsiam", "invaspread", "instdisc", "cmc",
            "cpc", "swav", "dino"]
 VIEWS = {"cmc": "image and its Sobel edge map (two fields), one encoder each",
-         "cpc": "7×7 grid of 8 px patches every 4 px, rows 1..3 ahead predicted",
+         "cpc": "6×6 grid of 12 px patches every 4 px (one augmented view), rows 1..3 ahead predicted",
          "instdisc": "one augmented view against the memory bank",
          "swav": "2 global 32 px + 2 local 16 px crops", "dino": "2 global 32 px + 2 local 16 px crops"}
 
