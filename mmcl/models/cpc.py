@@ -36,6 +36,8 @@ class CPCModelConfig:
     context_layers: int = spec(3, ge=1, help="conv: masked convolutions (each sees 1 more row up)")
     patch_jitter: int = spec(0, ge=0, help="training only: each patch cut up to this many pixels off its "
                                            "grid position, independently per patch (CPC v2's patch augmentation)")
+    patch_rotate: float = spec(0.0, ge=0, le=180, help="training only: each patch rotated by its own random "
+                                                         "angle in [-patch_rotate, patch_rotate] degrees")
 
 
 def patch_grid(images: torch.Tensor, size: int, stride: int) -> torch.Tensor:
@@ -57,6 +59,16 @@ def jittered_patch_grid(images: torch.Tensor, size: int, stride: int, jitter: in
     rows = rows + torch.randint(-jitter, jitter + 1, (b, g_h, g_w), device=dev)
     cols = cols + torch.randint(-jitter, jitter + 1, (b, g_h, g_w), device=dev)
     return every[torch.arange(b, device=dev)[:, None, None], :, rows, cols]  # B, G, G, C, size, size
+
+
+def rotate_patches(patches: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """[N, C, s, s] patches, patch n rotated about its centre by ``degrees[n]`` (bilinear, edge
+    values outside)."""
+    angle = degrees.to(patches.device, torch.float32) * torch.pi / 180
+    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta.to(patches.dtype), list(patches.shape), align_corners=False)
+    return F.grid_sample(patches, grid, padding_mode="border", align_corners=False)
 
 
 class RowCausalConv(nn.Module):
@@ -123,12 +135,17 @@ class CPCModel(SavedModel):
         self.context_dim = cfg.context_dim
 
     def patch_features(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] → patch embeddings ``z`` [B, G, G, D] (patches jittered when training)."""
+        """[B, 3, H, W] → patch embeddings ``z`` [B, G, G, D] (patches jittered and rotated when
+        training, if configured)."""
         cfg = self.cfg
         patches = jittered_patch_grid(images, cfg.patch_size, cfg.patch_stride, cfg.patch_jitter) \
             if self.training and cfg.patch_jitter else patch_grid(images, cfg.patch_size, cfg.patch_stride)
         b, g, w = patches.shape[:3]
-        return self.encoder(patches.flatten(0, 2)).reshape(b, g, w, -1)
+        patches = patches.flatten(0, 2)
+        if self.training and cfg.patch_rotate:
+            angles = (torch.rand(patches.shape[0], device=patches.device) * 2 - 1) * cfg.patch_rotate
+            patches = rotate_patches(patches, angles)
+        return self.encoder(patches).reshape(b, g, w, -1)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Patch embeddings ``z`` and contexts ``c`` of the first view."""

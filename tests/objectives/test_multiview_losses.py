@@ -13,7 +13,7 @@ from PIL import Image
 
 from mmcl.data.transforms import build_transform, rgb_to_ycbcr, srgb_to_lab
 from mmcl.errors import DataError
-from mmcl.models.cpc import CPCModel, CPCModelConfig, jittered_patch_grid, patch_grid
+from mmcl.models.cpc import CPCModel, CPCModelConfig, jittered_patch_grid, patch_grid, rotate_patches
 from mmcl.objectives.bank import MemoryBank, bank_logits, nce_loss
 from mmcl.objectives.cmc import CMCConfig, CMCLoss, view_pairs
 from mmcl.objectives.cpc import CPCConfig, CPCLoss
@@ -143,7 +143,7 @@ def test_cpc_patch_grid_and_context_causality() -> None:
             assert grad[:, row].abs().sum() > 0
 
 
-def test_cpc_jittered_patches_move_each_patch_within_the_jitter() -> None:
+def test_cpc_patch_augmentation_jitters_and_rotates_each_patch() -> None:
     x = torch.randn(2, 3, 16, 16)
     padded = F.pad(x, (2,) * 4, mode="replicate")
     assert torch.equal(jittered_patch_grid(x, 8, 4, 0), patch_grid(x, 8, 4))
@@ -158,9 +158,16 @@ def test_cpc_jittered_patches_move_each_patch_within_the_jitter() -> None:
                 assert found, (b, i, j)
                 offsets.add(found[0])
     assert len(offsets) > 3  # patches move independently
-    model = CPCModel(CPCModelConfig(patch_jitter=2))
-    with torch.no_grad():  # jitter only while training: evaluation features are deterministic
-        assert torch.equal(model.eval().encode_image(x.repeat(1, 1, 2, 2)), model.encode_image(x.repeat(1, 1, 2, 2)))
+    patches = torch.randn(3, 3, 8, 8)
+    turned = rotate_patches(patches, torch.tensor([90.0, -90.0, 0.0]))
+    assert torch.allclose(turned[0], torch.rot90(patches[0], 1, (1, 2)), atol=1e-5)
+    assert torch.allclose(turned[1], torch.rot90(patches[1], -1, (1, 2)), atol=1e-5)
+    assert torch.allclose(turned[2], patches[2], atol=1e-5)
+    model = CPCModel(CPCModelConfig(patch_jitter=2, patch_rotate=20))
+    big = x.repeat(1, 1, 2, 2)
+    with torch.no_grad():  # only while training: evaluation features are deterministic
+        assert not torch.equal(model.train().patch_features(big), model.patch_features(big))
+        assert torch.equal(model.eval().encode_image(big), model.encode_image(big))
 
 
 @pytest.mark.parametrize("normalize", [False, True])
