@@ -1,12 +1,13 @@
-"""Every self-supervised method on digits, same CNN, same step budget: kNN / linear-probe table.
+"""Every self-supervised method on digits, one small CNN, a few CPU minutes each: kNN / linear-probe table.
 
-    python benchmarks/ssl_digits.py [--methods simclr,byol] [--steps 250] [--data data/digits]
+    python benchmarks/ssl_digits.py [--methods simclr,byol] [--steps N] [--data data/digits]
 
 For each method, trains ``configs/<method>_digits.yaml`` with ``mmcl train`` (a subprocess, as a
-user would), then evaluates the saved encoder and the same encoder at its initialisation (same
-seed, no training) with kNN (k 20, T 0.07) on the test and test-shifted splits and a linear
-probe on the test split. Writes ``benchmarks/results/ssl_digits.json`` (one entry per method)
-and prints a Markdown table. CMC reads digits shards with an edge-map field (built beside
+user would) for the recipe's ``train.steps`` (or ``--steps``), then evaluates the saved encoder
+and the same encoder at its initialisation (same seed, no training) with kNN (k 20, T 0.07) on
+the test and test-shifted splits and a linear probe on the test split. Writes
+``benchmarks/results/ssl_digits.json`` (one entry per method; a subset of methods is merged into
+it) and prints a Markdown table. CMC reads digits shards with an edge-map field (built beside
 ``--data`` with ``mmcl-prep digits --edges``); CPC's per-k prediction accuracies are recorded.
 """
 
@@ -48,9 +49,9 @@ def scores(model: torch.nn.Module, data: Path) -> dict[str, float]:
             "linear_shifted": get("linear", shifted)}
 
 
-def run(method: str, steps: int, data: Path, out: Path) -> dict[str, object]:
+def run(method: str, steps: int | None, data: Path, out: Path) -> dict[str, object]:
     config = ROOT / "configs" / f"{method}_digits.yaml"
-    sets = [f"run.output_dir={out / method}", f"train.steps={steps}", "train.progress=false",
+    sets = [f"run.output_dir={out / method}", *([f"train.steps={steps}"] if steps else []), "train.progress=false",
             f"data.train_shards={data}/train-{{000000..000004}}.tar", "eval.knn_train_shards=null",
             "eval.knn_shards=[]"]
     shutil.rmtree(out / method, ignore_errors=True)
@@ -62,14 +63,15 @@ def run(method: str, steps: int, data: Path, out: Path) -> dict[str, object]:
     std = [r["embedding_std"] for r in rows if "embedding_std" in r][-1]
     last = [r for r in rows if "loss" in r][-1]
     trained = scores(from_pretrained(out / method / "final"), data)
-    recipe = load_recipe(config, [f"data.train_shards={data}/train-{{000000..000004}}.tar"])
+    recipe = load_recipe(config, sets)
     torch.manual_seed(recipe.run.seed)  # the trainer's set_seed: the very initialisation training started from
     initial = build("model", recipe.model).eval()
     initial.mmcl_config = {"preprocess": recipe.data.preprocess()}
     random = scores(initial, data)
     return {"method": method, **{k: round(v, 4) for k, v in trained.items()},
             "random_knn_test": round(random["knn_test"], 4), "random_knn_shifted": round(random["knn_shifted"], 4),
-            "random_linear_test": round(random["linear_test"], 4), "wall_s": round(wall, 1), "steps": steps,
+            "random_linear_test": round(random["linear_test"], 4), "wall_s": round(wall, 1),
+            "steps": recipe.train.steps,
             "embedding_std": round(std, 4), "embedding_dim": int(initial.embed_dim),
             "views": VIEWS.get(method, "two augmented views of the image"),
             **({"cpc_acc": {k: round(v, 4) for k, v in last.items() if k.startswith("acc_k")}}
@@ -79,7 +81,7 @@ def run(method: str, steps: int, data: Path, out: Path) -> dict[str, object]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--steps", type=int, default=250)
+    ap.add_argument("--steps", type=int, default=None, help="override every recipe's train.steps")
     ap.add_argument("--data", type=Path, default=ROOT / "data" / "digits")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "ssl_digits")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "ssl_digits.json")
