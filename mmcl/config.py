@@ -251,7 +251,12 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. optim.lr=1e-3")
         path, _, text = item.partition("=")
-        value = yaml.safe_load(text) if text.strip() else ""
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            hint = "quote strings that hold braces or brackets, e.g. eval.knn_shards=['data/test-{000000..000001}.tar']"
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({problem}); {hint}") from None
         node = raw
         parts = path.strip().split(".")
         for part in parts[:-1]:

@@ -69,6 +69,10 @@ def test_set_overrides_parse_yaml_values(tmp_path) -> None:
         load(Recipe, path, ["optim.lrate=1"])
     with pytest.raises(ConfigError, match="expected key.path=value"):
         apply_overrides({}, ["optim.lr"])
+    with pytest.raises(ConfigError, match=r"not valid YAML .*quote strings"):  # unquoted braces in a list
+        apply_overrides({}, ["eval.knn_shards=[data/test-{000000..000001}.tar]"])
+    quoted = apply_overrides({}, ["eval.knn_shards=['data/test-{000000..000001}.tar']"])
+    assert quoted == {"eval": {"knn_shards": ["data/test-{000000..000001}.tar"]}}
 
 
 def test_missing_file_and_bad_yaml_are_config_errors(tmp_path) -> None:
