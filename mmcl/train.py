@@ -13,6 +13,7 @@ import math
 import shutil
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,19 @@ def find_checkpoint(out_dir: Path, resume: str) -> Path | None:
         return path
     found = sorted((out_dir / "checkpoints").glob("step_*"))
     return found[-1] if found else None
+
+
+def _timed(batches: Iterator[Any], waited: dict[str, float]) -> Iterator[Any]:
+    """``batches``, adding the seconds spent waiting for each to ``waited["s"]`` (the loader's share
+    of the step time, logged as ``data_wait``: near 1 means the GPU waits for data)."""
+    while True:
+        t = time.perf_counter()
+        try:
+            item = next(batches)
+        except StopIteration:
+            return
+        waited["s"] += time.perf_counter() - t
+        yield item
 
 
 class Trainer:
@@ -188,10 +202,10 @@ class Trainer:
         window_bad = consecutive_bad = 0
         epoch, batches, current = start_epoch, 0, start_epoch
         t0 = t_log = time.perf_counter()
-        samples = 0
+        samples, waited = 0, {"s": 0.0}
         evals: list[dict[str, Any]] = []
         self.model.train()
-        for epoch, batch in self.loader.forever(start_epoch):
+        for epoch, batch in _timed(self.loader.forever(start_epoch), waited):
             if epoch != current:
                 current, batches = epoch, 0
             batches += 1
@@ -244,11 +258,14 @@ class Trainer:
                 now = time.perf_counter()
                 record = {"step": step, "epoch": epoch, **dict(zip(names, means)),
                           "lr": self.scheduler.get_last_lr()[0], "samples_per_s": samples / max(1e-9, now - t_log),
+                          "data_wait": waited["s"] / max(1e-9, now - t_log),
                           "bad_steps": self.state.bad_steps, "skipped": self._skip_counts()}
+                if acc.device.type == "cuda":  # peak memory of this process since the start, GiB
+                    record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
                 self._log(record)
                 bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}")
                 window.clear()
-                samples, t_log = 0, now
+                samples, t_log, waited["s"] = 0, now, 0.0
             if r.train.eval_every and step % r.train.eval_every == 0 and step != r.train.steps:
                 evals = self.evaluate()
                 self._log({"step": step, **flat_metrics(evals)})

@@ -52,8 +52,9 @@ def test_resumed_ssl_run_matches_uninterrupted_run(method: str, digits_dir: Path
     online = dict(trainer.unwrapped.named_parameters())
     target = dict(objective.target.net.named_parameters())
     assert any(not torch.equal(online[k], target[k]) for k in online)
-    saved = from_pretrained(full / "final")
-    x = torch.randn(2, 3, 32, 32)
+    device = trainer.acc.device  # the GPU where there is one
+    saved = from_pretrained(full / "final").to(device)
+    x = torch.randn(2, 3, 32, 32, device=device)
     with torch.no_grad():
         assert torch.allclose(saved.encode_image(x), trainer.unwrapped.eval().encode_image(x), atol=1e-6)
     assert read_config(full / "final")["model_name"] == "encoder"
@@ -68,6 +69,7 @@ def test_simclr_recipe_trains_evaluates_and_reports_knn(digits_dir: Path, tmp_pa
     assert {(e["task"], e["dataset"]["name"]) for e in evals} == {("knn", "digits/val"), ("linear", "digits/val")}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(0 < r["embedding_std"] < 1 for r in rows if "embedding_std" in r)
+    assert all(0 <= r["data_wait"] <= 1 for r in rows if "samples_per_s" in r)  # loader's share of the time
     card = (out / "final" / "README.md").read_text()
     assert "kNN classification" in card and "pipeline_tag: image-feature-extraction" in card
     assert mmcl_main(["eval", "knn", "--model", str(out / "final"), "--train-shards", shards, "--shards", shards,
@@ -92,8 +94,10 @@ def test_multiview_and_predictive_recipes_train_save_and_evaluate(method: str, d
         assert {"acc_k1", "acc_k2", "acc_k3"} <= set(rows[-1])
     if method == "cmc":  # the card tells users each field goes to its own encoder
         assert "one image per field png, edges.png" in (out / "final" / "README.md").read_text()
-    saved = from_pretrained(out / "final")
-    x = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)] if method == "cmc" else torch.randn(2, 3, 32, 32)
+    device = trainer.acc.device
+    saved = from_pretrained(out / "final").to(device)
+    x = torch.randn(2, 3, 32, 32, device=device)
+    x = [x, torch.randn_like(x)] if method == "cmc" else x
     with torch.no_grad():
         assert torch.allclose(saved.encode_image(x), trainer.unwrapped.eval().encode_image(x), atol=1e-6)
     shards = f"{data}/val-000000.tar"
