@@ -1,0 +1,113 @@
+"""The full-size recipes on one GPU: samples/s and peak memory, fp32 vs bf16, through the real path.
+
+    python benchmarks/gpu_recipes.py [--recipes simclr,dino] [--precisions no,bf16] [--steps 30]
+
+Each recipe (``configs/<name>_imagenet.yaml``, its own per-process batch and model) is trained by
+``accelerate launch --num_processes 1 --mixed_precision P -m mmcl train`` on 224 px digits shards
+(JPEG, 100 images a shard, resampled so no epoch boundary interrupts the workers), then evaluated by
+kNN on the test split as the recipe's end-of-training evaluation would. Throughput is the mean
+``samples_per_s`` of the logged windows after the first (images per second; each image gives the
+recipe's views), so it includes the loader; ``data_wait`` is the share of that time the trainer
+waited for a batch, and "without the wait" divides it out: the step throughput the GPU would give
+with a loader that keeps up. Needs a GPU; on a machine without one it says so and stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = "simclr,moco_v2,moco_v3,byol,simsiam,instdisc,cmc,cpc,swav,dino"
+
+
+def run(recipe: str, precision: str, data: Path, out: Path, steps: int, workers: int) -> dict:
+    run_dir = out / f"{recipe}_{precision}"
+    train = f"{data}/train-{{000000..000012}}.tar"
+    sets = {"run.output_dir": run_dir, "data.train_shards": train, "data.num_workers": workers,
+            "data.resample": "true", "data.epoch_samples": 10**6,
+            "train.steps": steps, "train.log_every": 10, "train.save_every": 0, "train.progress": "false",
+            "optim.warmup_steps": steps, "eval.knn_train_shards": train,
+            "eval.knn_shards": f"['{data}/test-{{000000..000003}}.tar']", "eval.num_workers": workers}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", precision, "--dynamo_backend", "no", "-m", "mmcl", "train",
+           "--config", str(ROOT / "configs" / f"{recipe}_imagenet.yaml")]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v}"]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+        return {"recipe": recipe, "precision": precision, "error": "\n".join(tail)}
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logs = [r for r in rows if "samples_per_s" in r]
+    evals = {k: v for r in rows for k, v in r.items() if k.startswith("knn")}
+    return {"recipe": recipe, "precision": precision, "batch": _batch(run_dir),
+            "samples_per_s": _mean(r["samples_per_s"] for r in logs[1:]),
+            "data_wait": _mean(r["data_wait"] for r in logs[1:]),
+            "step_samples_per_s": _mean(r["samples_per_s"] / max(1e-6, 1 - r["data_wait"]) for r in logs[1:]),
+            "gpu_mem_gb": max(r.get("gpu_mem_gb", 0.0) for r in logs), "last_loss": logs[-1].get("loss", math.nan),
+            "finite": all(math.isfinite(r.get("loss", math.nan)) for r in logs), "wall_s": round(wall, 1), **evals}
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / max(1, len(values))
+
+
+def _batch(run_dir: Path) -> int:
+    import yaml
+
+    return yaml.safe_load((run_dir / "recipe.yaml").read_text())["data"]["batch_size"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipes", default=RECIPES)
+    ap.add_argument("--precisions", default="no,bf16")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    ap.add_argument("--data", type=Path, default=None, help="224 px digits shards (built if not given)")
+    ap.add_argument("--out", type=Path, default=None, help="run folders (default: a temporary folder)")
+    ap.add_argument("--results", type=Path, default=None, help="also write the rows as JSON here")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_recipes.py: no CUDA device here; this benchmark measures GPU training")
+    data = args.data
+    if data is None:
+        data = Path(tempfile.mkdtemp()) / "digits224"
+        subprocess.run([sys.executable, "-m", "data_prep", "digits", "--out", str(data), "--size", "224",
+                        "--format", "jpg", "--shard-size", "100", "--no-progress"], check=True, cwd=ROOT)
+    out = args.out or Path(tempfile.mkdtemp())
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.workers} loader workers, "
+          f"{args.steps} steps per run")
+    rows = []
+    for recipe in args.recipes.split(","):
+        for precision in args.precisions.split(","):
+            row = run(recipe, precision, data, out, args.steps, args.workers)
+            rows.append(row)
+            if args.results:  # after every run, so a run cut short keeps what it measured
+                args.results.parent.mkdir(parents=True, exist_ok=True)
+                args.results.write_text(json.dumps(rows, indent=2) + "\n")
+            if "error" in row:
+                print(f"{recipe:9s} {precision:4s} FAILED\n{row['error']}", flush=True)
+                continue
+            knn = " ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in row.items() if k.startswith("knn"))
+            print(f"{recipe:9s} {precision:4s} batch {row['batch']:4d}  {row['samples_per_s']:6.0f} samples/s "
+                  f"(waiting for data {row['data_wait']:4.0%}; {row['step_samples_per_s']:6.0f} without the wait)  "
+                  f"{row['gpu_mem_gb']:5.1f} GiB  loss {row['last_loss']:.3f} finite={row['finite']}  "
+                  f"{row['wall_s']:.0f} s  {knn}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
