@@ -98,14 +98,14 @@ def main() -> None:
         entries[method] = run(method, args.steps, edges if method == "cmc" else args.data, args.out)
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(list(entries.values()), indent=2) + "\n")
-    print("| method | kNN test | kNN test-shifted | random-init kNN shifted | gain | linear test | wall s | "
+    print("| method | steps | kNN test | kNN test-shifted | random-init kNN shifted | gain | linear test | wall s | "
           "embedding std (1/√d) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for e in entries.values():
         gain = 100 * (e["knn_shifted"] - e["random_knn_shifted"])
-        print(f"| {e['method']} | {e['knn_test']:.3f} | {e['knn_shifted']:.3f} | {e['random_knn_shifted']:.3f} | "
-              f"{gain:+.1f} | {e['linear_test']:.3f} | {e['wall_s']:.0f} | {e['embedding_std']:.3f} "
-              f"({e['embedding_dim'] ** -0.5:.3f}) |")
+        print(f"| {e['method']} | {e['steps']} | {e['knn_test']:.3f} | {e['knn_shifted']:.3f} | "
+              f"{e['random_knn_shifted']:.3f} | {gain:+.1f} | {e['linear_test']:.3f} | {e['wall_s']:.0f} | "
+              f"{e['embedding_std']:.3f} ({e['embedding_dim'] ** -0.5:.3f}) |")
 
 
 if __name__ == "__main__":
