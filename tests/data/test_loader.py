@@ -173,3 +173,29 @@ def test_unknown_transform_is_a_config_error() -> None:
 
     with pytest.raises(ConfigError, match="unknown transform 'simclrr'"):
         build_transform("simclrr", 32)
+
+
+def test_random_gaussian_blur_matches_a_gaussian_convolution_and_follows_the_torch_seed() -> None:
+    import math
+
+    from sklearn.datasets import load_digits
+    from torchvision.transforms.v2 import functional as F
+
+    from mmcl.data.transforms import RandomGaussianBlur
+
+    digit = np.kron(load_digits().images[3] / 16, np.ones((28, 28)))  # a real digit, 224 px
+    img = Image.fromarray((digit * 255).astype(np.uint8)).convert("RGB")
+    blur = RandomGaussianBlur((0.5, 2.0))
+    for seed in range(3):
+        torch.manual_seed(seed)
+        sigma = float(torch.empty(1).uniform_(0.5, 2.0))
+        torch.manual_seed(seed)
+        fast = np.asarray(blur(img)).astype(float)
+        k = 2 * math.ceil(4 * sigma) + 1
+        reference = F.gaussian_blur(F.pil_to_tensor(img), [k, k], [sigma, sigma]).permute(1, 2, 0).numpy()
+        diff = np.abs(fast - reference.astype(float))
+        assert diff.max() <= 4 and diff.mean() < 0.5, (sigma, diff.max(), diff.mean())  # box approximation
+        assert np.abs(fast - np.asarray(img)).max() > 20  # it did blur the strokes
+        torch.manual_seed(seed)
+        x = F.pil_to_tensor(img).float() / 255
+        assert torch.equal(blur(x), F.gaussian_blur(x, [k, k], [sigma, sigma]))  # tensors: the convolution
