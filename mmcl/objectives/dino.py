@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcl.config import register, spec
-from mmcl.objectives.gather import gather_no_grad, world
+from mmcl.objectives.gather import all_reduce_sum, world
 from mmcl.objectives.infonce import embedding_std
 from mmcl.objectives.momentum import MomentumObjective, MomentumTarget
 
@@ -115,7 +115,7 @@ class DINOLoss(MomentumObjective):
     def update_center(self, teacher: list[torch.Tensor]) -> None:
         """``c ← m c + (1 - m) · mean of the teacher outputs over crops and the global batch``."""
         t = torch.cat(teacher).float()
-        total = gather_no_grad(t.sum(dim=0, keepdim=True)).sum(dim=0, keepdim=True)
+        total = all_reduce_sum(t.sum(dim=0, keepdim=True))
         mean = total / (t.shape[0] * world()[1])
         self.center.mul_(self.cfg.center_momentum).add_(mean, alpha=1 - self.cfg.center_momentum)
 

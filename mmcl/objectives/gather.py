@@ -53,6 +53,15 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """``x`` summed over all processes, in place and returned (no gradient; statistics such as
+    Sinkhorn's marginals, DINO's centre, the NCE normaliser). Identity for one process."""
+    if world()[1] > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+@torch.no_grad()
 def gather_variable(x: torch.Tensor) -> torch.Tensor:
     """Concatenate tensors whose first dimension differs between processes (evaluation features)."""
     if world()[1] == 1:

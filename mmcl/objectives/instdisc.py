@@ -20,7 +20,7 @@ from torch import nn
 
 from mmcl.config import register, spec
 from mmcl.objectives.bank import MemoryBank, bank_logits, nce_loss
-from mmcl.objectives.gather import gather_no_grad
+from mmcl.objectives.gather import all_reduce_sum, world
 from mmcl.objectives.infonce import embedding_std, info_nce, top1
 
 
@@ -58,7 +58,7 @@ class InstDiscLoss(nn.Module):
         else:
             if torch.isnan(self.log_z):
                 with torch.no_grad():
-                    mean_exp = gather_no_grad(logits.detach().exp().mean()[None]).mean()
+                    mean_exp = all_reduce_sum(logits.detach().exp().mean()) / world()[1]
                     self.log_z.fill_(float(mean_exp.log()) + math.log(cfg.bank_size))
             loss = nce_loss(logits, self.log_z, cfg.bank_size)
         self.bank.update(ids, v)

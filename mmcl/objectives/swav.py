@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from mmcl.config import register, spec
-from mmcl.objectives.gather import gather_no_grad, world
+from mmcl.objectives.gather import all_reduce_sum, gather_no_grad
 from mmcl.objectives.infonce import embedding_std
 
 
@@ -40,23 +39,16 @@ class SwAVConfig:
     queue_start_step: int = spec(0, ge=0)
 
 
-def _all_reduce(x: torch.Tensor) -> torch.Tensor:
-    if world()[1] > 1:
-        dist.all_reduce(x)
-    return x
-
-
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
     """Soft assignments [B, K] of this process's rows: each column of the global ``Q`` (one sample)
     sums to 1, each row (one prototype) to ``B_global / K``. ``scores``: [B, K] (no gradient)."""
     q = torch.exp(scores.float() / epsilon).T  # K × B
-    b_global = torch.tensor(float(q.shape[1]), device=q.device)
-    b_global = _all_reduce(b_global)
+    b_global = all_reduce_sum(torch.tensor(float(q.shape[1]), device=q.device))
     k = q.shape[0]
-    q /= _all_reduce(q.sum())
+    q /= all_reduce_sum(q.sum())
     for _ in range(iterations):
-        q /= _all_reduce(q.sum(dim=1, keepdim=True))
+        q /= all_reduce_sum(q.sum(dim=1, keepdim=True))
         q /= k
         q /= q.sum(dim=0, keepdim=True)
         q /= b_global
