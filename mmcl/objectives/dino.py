@@ -82,14 +82,26 @@ def teacher_temperature(step: int, cfg: DINOConfig) -> float:
     return cfg.warmup_teacher_temperature + frac * (cfg.teacher_temperature - cfg.warmup_teacher_temperature)
 
 
+def log_probs(student: list[torch.Tensor], teacher: list[torch.Tensor], center: torch.Tensor,
+              student_temperature: float, teacher_temperature: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Log-distributions of the centred, sharpened teacher crops and of the student crops (float32)."""
+    log_t = [F.log_softmax((t.float() - center) / teacher_temperature, dim=-1) for t in teacher]
+    log_s = [F.log_softmax(s.float() / student_temperature, dim=-1) for s in student]
+    return log_t, log_s
+
+
+def cross_entropy_pairs(log_t: list[torch.Tensor], log_s: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over (teacher crop i, student crop v ≠ i) of ``-Σ p_t log p_s`` (batch mean)."""
+    terms = [-(lt.exp() * log_s[v]).sum(dim=-1).mean() for i, lt in enumerate(log_t) for v in range(len(log_s))
+             if v != i]
+    return torch.stack(terms).mean()
+
+
 def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], center: torch.Tensor,
               student_temperature: float, teacher_temperature: float) -> torch.Tensor:
     """Mean over (teacher crop i, student crop v ≠ i) of the cross-entropy between the centred,
     sharpened teacher and the student."""
-    targets = [F.softmax((t.float() - center) / teacher_temperature, dim=-1) for t in teacher]
-    logs = [F.log_softmax(s.float() / student_temperature, dim=-1) for s in student]
-    terms = [-(p * logs[v]).sum(dim=-1).mean() for i, p in enumerate(targets) for v in range(len(logs)) if v != i]
-    return torch.stack(terms).mean()
+    return cross_entropy_pairs(*log_probs(student, teacher, center, student_temperature, teacher_temperature))
 
 
 class DINOLoss(MomentumObjective):
@@ -125,13 +137,12 @@ class DINOLoss(MomentumObjective):
         student = [self.last(z, frozen) for z in out["z"]]
         teacher = self.target({**batch, "views": batch["views"][:cfg.global_crops]})
         temp = teacher_temperature(int(self.step), cfg)
-        loss = dino_loss(student, teacher, self.center, cfg.student_temperature, temp)
-        with torch.no_grad():
-            log_t = [F.log_softmax((t.float() - self.center) / temp, dim=-1) for t in teacher]
+        log_t, log_s = log_probs(student, teacher, self.center, cfg.student_temperature, temp)
+        loss = cross_entropy_pairs(log_t, log_s)
+        with torch.no_grad():  # the collapse monitors, from the same distributions
             entropy = torch.stack([-(lt.exp() * lt).sum(dim=-1).mean() for lt in log_t]).mean()
-            log_s = [F.log_softmax(s.float() / cfg.student_temperature, dim=-1) for s in student[:cfg.global_crops]]
             kl = torch.stack([(lt.exp() * (lt - ls)).sum(dim=-1).mean() for i, lt in enumerate(log_t)
-                              for v, ls in enumerate(log_s) if v != i] or [torch.zeros(())]).mean()
+                              for v, ls in enumerate(log_s[:cfg.global_crops]) if v != i] or [torch.zeros(())]).mean()
         self.update_center(teacher)
         return loss, {"embedding_std": embedding_std(out["z"][0]), "teacher_entropy": entropy / math.log(cfg.out_dim),
                       "kl_teacher_student": kl, "teacher_temperature": torch.tensor(temp),
