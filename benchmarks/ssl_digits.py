@@ -24,18 +24,31 @@ from pathlib import Path
 import torch
 
 from data_prep.cli import main as prep
-from mmcl.config import build
+from mmcl.config import build, plugin_name
 from mmcl.evaluate.run import frozen_feature_evals
 from mmcl.hub import from_pretrained
-from mmcl.recipe import load_recipe
+from mmcl.recipe import Recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["simclr", "simclr_v2", "moco_v1", "moco_v2", "moco_v3", "byol", "simsiam", "invaspread", "instdisc", "cmc",
            "cpc", "swav", "dino"]
-VIEWS = {"cmc": "image and its Sobel edge map (two fields), one encoder each",
-         "cpc": "6×6 grid of 12 px patches every 4 px (one augmented view), rows 1..3 ahead predicted",
-         "instdisc": "one augmented view against the memory bank",
-         "swav": "2 global 32 px + 2 local 16 px crops", "dino": "2 global 32 px + 2 local 16 px crops"}
+
+
+def describe_views(recipe: Recipe) -> str:
+    """What the method compares, read off its recipe (recorded with each result)."""
+    d, m, objective = recipe.data, recipe.model, plugin_name("objective", recipe.objective)
+    if d.view_fields:
+        return f"one image field per encoder: {', '.join(d.view_fields)}"
+    if objective == "cpc":
+        g = (d.image_size - m.patch_size) // m.patch_stride + 1
+        return (f"{g}×{g} grid of {m.patch_size} px patches every {m.patch_stride} px (one augmented view), "
+                f"rows 1..{recipe.objective.steps} ahead predicted")
+    if d.multi_crop:
+        mc = d.multi_crop
+        return f"{d.views} global {d.image_size} px + {mc.local_crops} local {mc.local_size} px crops"
+    if objective == "instdisc":
+        return "one augmented view against the memory bank"
+    return f"{d.views} augmented views of the image"
 
 
 def scores(model: torch.nn.Module, data: Path) -> dict[str, float]:
@@ -73,7 +86,7 @@ def run(method: str, steps: int | None, data: Path, out: Path) -> dict[str, obje
             "random_linear_test": round(random["linear_test"], 4), "wall_s": round(wall, 1),
             "steps": recipe.train.steps,
             "embedding_std": round(std, 4), "embedding_dim": int(initial.embed_dim),
-            "views": VIEWS.get(method, "two augmented views of the image"),
+            "views": describe_views(recipe),
             **({"cpc_acc": {k: round(v, 4) for k, v in last.items() if k.startswith("acc_k")}}
                if method == "cpc" else {})}
 
