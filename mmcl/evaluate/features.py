@@ -22,6 +22,11 @@ def data_config_for(model: Any, shards: str, batch_size: int, num_workers: int, 
                       colour=pre.get("colour", "rgb"), view_fields=list(pre.get("view_fields", [])))
 
 
+def image_input(views: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """What ``encode_image`` takes: the one view's tensor, or (multi-field models) one per field."""
+    return views[0] if len(views) == 1 else views
+
+
 @torch.no_grad()
 def extract(model: Any, shards: str, *, batch_size: int = 256, num_workers: int = 2, texts: bool = True,
             device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -35,9 +40,8 @@ def extract(model: Any, shards: str, *, batch_size: int = 256, num_workers: int 
     for batch in loader:
         if texts:
             images = batch["image"].to(device)
-        else:  # one view per image field: a list only for multi-field models
-            views = [v.to(device) for v in batch["views"]]
-            images = views[0] if len(views) == 1 else views
+        else:  # one view per image field
+            images = image_input([v.to(device) for v in batch["views"]])
         feats["image"].append(model.encode_image(images).float())
         if texts:
             tokens = batch["text"]
@@ -48,7 +52,7 @@ def extract(model: Any, shards: str, *, batch_size: int = 256, num_workers: int 
     model.train(was_training)
     if not feats["image"]:  # this process read no sample: empty tensors of the right shape for the gather
         blank = [torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device)] * max(1, len(cfg.view_fields))
-        dim = model.encode_image(blank[0] if len(blank) == 1 else blank).shape[-1]
+        dim = model.encode_image(image_input(blank)).shape[-1]
         feats = {k: [torch.zeros((0, dim) if k in ("image", "text") else (0,), device=device,
                                  dtype=torch.float32 if k in ("image", "text") else torch.long)]
                  for k in feats}
