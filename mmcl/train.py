@@ -1,5 +1,6 @@
 """One training loop for every method: Accelerate, AdamW + warmup/cosine, accumulation, clipping,
-checkpoints with exact resume, NaN guards, logging and evaluation.
+checkpoints with exact resume (safetensors + JSON, see :mod:`mmcl.checkpoint`), guards against
+non-finite losses, gradients and weights, logging and evaluation.
 
 The loop never asks which method it runs. The model maps a batch to outputs, the objective
 maps outputs to ``(loss, metrics)``, and either may define ``after_optimizer_step(step)``
@@ -23,6 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm import tqdm
 
+from mmcl import checkpoint as ckpt
 from mmcl.config import build, plugin_name
 from mmcl.data import class_names, count_samples, expand_shards, make_loader
 from mmcl.errors import MmclError
@@ -44,7 +46,7 @@ class TrainState:
         self.bad_steps = 0
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain data for ``accelerator.save_state``."""
+        """Plain data, saved as ``state.json`` in every checkpoint."""
         return {"step": self.step, "positions": self.positions, "bad_steps": self.bad_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -71,17 +73,6 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, list):
         return [to_device(v, device) for v in batch]
     return batch
-
-
-def find_checkpoint(out_dir: Path, resume: str) -> Path | None:
-    """``latest`` -> newest ``checkpoints/step_*`` (None if there is none); otherwise the given path."""
-    if resume != "latest":
-        path = Path(resume)
-        if not path.is_dir():
-            raise MmclError(f"--resume {resume}: no such checkpoint folder")
-        return path
-    found = sorted((out_dir / "checkpoints").glob("step_*"))
-    return found[-1] if found else None
 
 
 def _timed(batches: Iterator[Any], waited: dict[str, float]) -> Iterator[Any]:
@@ -129,16 +120,13 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, r.train.steps, o.warmup_steps, o.schedule, o.min_lr_ratio))
         # The scheduler is stepped by hand once per optimizer step (Accelerate's wrapper would step it
-        # once per process), and checkpointed as a custom object.
+        # once per process).
         if trains_objective:  # an objective with its own trained heads is wrapped (DDP) like the model
             self.model, self.objective, self.optimizer = self.acc.prepare(self.model, self.objective, self.optimizer)
         else:
             self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
             self.objective.to(self.acc.device)
         self.state = TrainState()
-        self.acc.register_for_checkpointing(self.scheduler, self.state)
-        if not trains_objective and list(self.objective.state_dict()):
-            self.acc.register_for_checkpointing(self.objective)
 
     # ------------------------------------------------------------------------------ helpers
     @property
@@ -159,16 +147,115 @@ class Trainer:
             total.update(counts)
         return dict(total)
 
-    def save_checkpoint(self, epoch: int, batches: int) -> None:
-        """Save model, optimizer, scheduler, RNG and data position of every process."""
-        pos = self.acc.gather(torch.tensor([[epoch, batches]], device=self.acc.device)).tolist()
-        self.state.positions = pos
-        path = self.out / "checkpoints" / f"step_{self.state.step:08d}"
-        self.acc.save_state(str(path))
+    def _any(self, flag: bool | torch.Tensor) -> bool:
+        """True on every process when ``flag`` is true on any: a vote that keeps processes in step."""
+        return self.acc.reduce(torch.as_tensor(flag, dtype=torch.float32, device=self.acc.device).reshape(1),
+                               "sum").item() > 0
+
+    def _modules(self) -> dict[str, torch.nn.Module]:
+        """What a checkpoint holds as module state (weights, buffers, queues, banks)."""
+        return {"model": self.unwrapped, "objective": self.acc.unwrap_model(self.objective)}
+
+    def _check_finite_weights(self, what: str) -> None:
+        """Refuse to write non-finite weights anywhere (every process votes). Checked: the model's
+        whole state and the objective's parameters (its buffers may hold NaN as "not yet set")."""
+        tensors = [*self.unwrapped.state_dict().values(), *self.acc.unwrap_model(self.objective).parameters()]
+        tensors = [t for t in tensors if t.is_floating_point()]
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all() if tensors else torch.tensor(True)
+        if self._any(~finite):
+            raise TrainingError(f"the weights became NaN or inf by step {self.state.step}; not writing them to "
+                                f"{what} (the checkpoints already on disk are unchanged). Lower optim.lr or set "
+                                "optim.grad_clip")
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """Global gradient norm (after un-scaling, before clipping), clipping to ``optim.grad_clip`` if set."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        return self.acc.clip_grad_norm_(params, self.recipe.optim.grad_clip or float("inf")).detach()
+
+    def _checkpoint_states(self) -> dict[str, Any]:
+        """The states saved once per checkpoint (by the main process), by file name."""
+        states = {f"{name}.safetensors": m.state_dict() for name, m in self._modules().items()}
+        states["optimizer.safetensors"] = self.optimizer.state_dict()
+        states["scheduler.safetensors"] = self.scheduler.state_dict()
+        if self.acc.scaler is not None:
+            states["scaler.safetensors"] = self.acc.scaler.state_dict()
+        return states
+
+    def _layout(self) -> dict[str, int]:
+        """What a checkpoint's data positions depend on: resuming needs the same values."""
+        r = self.recipe
+        return {"processes": self.acc.num_processes, "batch_size": r.data.batch_size, "grad_accum": r.optim.grad_accum}
+
+    def _fail_together(self, error: str | None, partial: Path) -> None:
+        """Raise on every process if any failed (so none waits forever), removing the partial folder."""
+        if not self._any(error is not None):
+            return
         if self.acc.is_main_process:
-            for old in sorted((self.out / "checkpoints").glob("step_*"))[: -self.recipe.train.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        self.acc.wait_for_everyone()
+            shutil.rmtree(partial, ignore_errors=True)
+        raise ckpt.CheckpointError(error or f"another process could not write the checkpoint {partial}")
+
+    def save_checkpoint(self, epoch: int, batches: int) -> None:
+        """Save model, objective, optimizer, scheduler, RNG and data position of every process as
+        safetensors + JSON under a temporary name, then rename it into place (see :mod:`mmcl.checkpoint`)."""
+        acc = self.acc
+        self.state.positions = acc.gather(torch.tensor([[epoch, batches]], device=acc.device)).tolist()
+        folder = self.out / "checkpoints"
+        final = folder / f"step_{self.state.step:08d}"
+        self._check_finite_weights(str(final))
+        partial = ckpt.partial_path(final)
+        states = self._checkpoint_states() if acc.is_main_process else {}
+        need = sum(ckpt.state_bytes(s) for s in states.values()) + (1 << 20) * acc.num_processes
+        error = None
+        if acc.is_main_process:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir()
+                free = ckpt.free_bytes(folder)
+                if free < need:
+                    error = (f"not enough disk space for checkpoint {final}: it needs about {ckpt.gib(need)} and "
+                             f"{ckpt.gib(free)} are free; free some space (or lower train.keep_checkpoints) and "
+                             "rerun with --resume latest")
+            except OSError as e:
+                error = f"could not create checkpoint folder {partial}: {e}"
+        self._fail_together(error, partial)
+        try:  # every process: its own generators
+            ckpt.write_state(ckpt.rng_state(acc.device), partial / f"rng_{acc.process_index}.safetensors")
+        except Exception as e:  # noqa: BLE001 (a full disk, a lost mount: all processes must stop together)
+            error = f"could not write checkpoint {final} (process {acc.process_index}): {e}"
+        self._fail_together(error, partial)
+        if acc.is_main_process:
+            try:
+                for name, state in states.items():
+                    ckpt.write_state(state, partial / name)
+                (partial / ckpt.STATE).write_text(json.dumps(self.state.state_dict()) + "\n")
+                ckpt.write_manifest(partial, {"step": self.state.step, **self._layout()})
+                ckpt.publish(partial, final)
+                ckpt.prune(folder, self.recipe.train.keep_checkpoints)
+            except Exception as e:  # noqa: BLE001
+                free = ckpt.free_bytes(folder)
+                error = (f"could not write checkpoint {final}: {e}. It needs about {ckpt.gib(need)}; "
+                         f"{ckpt.gib(free)} are free. The earlier checkpoints are unchanged")
+        self._fail_together(error, partial)
+
+    def load_checkpoint(self, folder: Path) -> tuple[int, int]:
+        """Restore everything :meth:`save_checkpoint` saved; returns this process's (epoch, batches read).
+        Only the files the verified manifest lists are read, and only as safetensors and JSON."""
+        acc = self.acc
+        listed = ckpt.verify(folder, self._layout())["files"]
+        ignored = sorted(p.name for p in folder.iterdir() if p.name not in listed and p.name != ckpt.MANIFEST)
+        if ignored:
+            acc.print(f"ignoring files in {folder} that its manifest does not list: {', '.join(ignored)}")
+        for name, module in self._modules().items():
+            module.load_state_dict(ckpt.read_state(folder / f"{name}.safetensors"), strict=True)
+        self.optimizer.load_state_dict(ckpt.read_state(folder / "optimizer.safetensors"))
+        self.scheduler.load_state_dict(ckpt.read_state(folder / "scheduler.safetensors"))
+        if acc.scaler is not None and "scaler.safetensors" in listed:
+            acc.scaler.load_state_dict(ckpt.read_state(folder / "scaler.safetensors"))
+        self.state.load_state_dict(json.loads((folder / ckpt.STATE).read_text()))
+        ckpt.set_rng_state(ckpt.read_state(folder / f"rng_{acc.process_index}.safetensors"), acc.device)
+        epoch, batches = self.state.positions[acc.process_index]
+        return epoch, batches
 
     def evaluate(self) -> list[dict[str, Any]]:
         """Zero-shot and retrieval on the recipe's eval shards (every process takes part)."""
@@ -186,13 +273,12 @@ class Trainer:
         acc.init_trackers(r.run.name or self.out.name, config=_flat(recipe_dict(r)))
         start_epoch, skip = 0, 0
         if resume:
-            ckpt = find_checkpoint(self.out, resume)
-            if ckpt is None:
+            found = ckpt.find_checkpoint(self.out, resume, warn=acc.print)
+            if found is None:
                 acc.print(f"no checkpoint in {self.out / 'checkpoints'}; starting from scratch")
             else:
-                acc.load_state(str(ckpt))
-                start_epoch, skip = self.state.positions[acc.process_index]
-                acc.print(f"resumed from {ckpt} at step {self.state.step}")
+                start_epoch, skip = self.load_checkpoint(found)
+                acc.print(f"resumed from {found} at step {self.state.step}")
         if self.state.step >= r.train.steps:
             return self._finish(time.perf_counter(), {})
 
@@ -216,14 +302,17 @@ class Trainer:
                 with acc.autocast():
                     out = self.model(batch)
                     loss, metrics = self.objective(out, batch)
-                bad = acc.reduce(torch.tensor(float(not torch.isfinite(loss)), device=acc.device), "sum").item()
+                bad = self._any(~torch.isfinite(loss.detach()))
                 if bad:
                     window_bad = 1
                 else:
                     acc.backward(loss)
-                    if acc.sync_gradients and r.optim.grad_clip:
-                        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-                        metrics["grad_norm"] = acc.clip_grad_norm_(params, r.optim.grad_clip)
+                    if acc.sync_gradients:  # the update is skipped (by vote) if any gradient is NaN or inf
+                        metrics["grad_norm"] = norm = self._clip_gradients()
+                        bad = self._any(~torch.isfinite(norm))
+                        window_bad = window_bad or bad
+                        if bad and acc.scaler is not None:
+                            self.optimizer.step()  # fp16: the grad scaler skips this update and lowers its scale
                 if not (acc.sync_gradients and window_bad):
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -239,8 +328,9 @@ class Trainer:
                 consecutive_bad += 1
                 window_bad = 0
                 if consecutive_bad >= r.train.max_bad_steps:
-                    raise TrainingError(f"the loss was NaN or inf for {consecutive_bad} steps in a row (step "
-                                        f"{self.state.step}); lower optim.lr, check the data, or use bf16/fp32")
+                    raise TrainingError(f"the loss or the gradients were NaN or inf for {consecutive_bad} steps in "
+                                        f"a row (step {self.state.step}); lower optim.lr, set optim.grad_clip, "
+                                        "check the data, or use bf16/fp32")
                 continue
             consecutive_bad = 0
             self.scheduler.step()
@@ -283,6 +373,7 @@ class Trainer:
             evals = self.evaluate()
             self._log({"step": self.state.step, **flat_metrics(evals)})
         final = self.out / "final"
+        self._check_finite_weights(str(final))
         skipped = self._skip_counts()  # a collective: every process takes part
         if acc.is_main_process:
             from mmcl.hub import save_pretrained

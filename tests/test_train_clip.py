@@ -4,6 +4,7 @@ open_clip compatibility, and clear CLI errors."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,67 @@ def test_nan_losses_are_skipped_then_stop_the_run(digits_dir: Path, tmp_path: Pa
     with pytest.raises(TrainingError, match="NaN or inf for 3 steps in a row"):
         trainer.fit()
     assert trainer.state.step == 2 and trainer.state.bad_steps == 3
+
+
+@dataclass
+class PoisonConfig:
+    nan_grads_from: int = 10**9
+    nan_weights_at: int = 10**9
+
+
+class Poison(ClipLoss):
+    """A CLIP loss whose gradients turn NaN (the loss stays finite) from a given call on, or which
+    makes a model weight NaN after a given optimizer step: what a too-high learning rate does."""
+
+    def __init__(self, cfg: PoisonConfig):
+        super().__init__()
+        self.poison, self.calls, self.model = cfg, 0, []
+
+    def setup(self, model, steps):
+        self.model.append(model)
+
+    def forward(self, out, batch=None):
+        loss, metrics = super().forward(out, batch)
+        self.calls += 1
+        if self.calls > self.poison.nan_grads_from:
+            loss = loss + torch.sqrt(loss * 0)  # value unchanged; d/dloss = 0 * inf = NaN
+        return loss, metrics
+
+    def after_optimizer_step(self, step):
+        if step == self.poison.nan_weights_at:
+            with torch.no_grad():
+                next(self.model[0].parameters()).fill_(float("nan"))
+
+
+register("objective", "test_poison", PoisonConfig)(Poison)
+
+
+def test_nan_gradients_are_never_applied(digits_dir: Path, tmp_path: Path) -> None:
+    r = recipe(digits_dir, tmp_path / "run", "objective={name: test_poison, nan_grads_from: 2}",
+               "train.max_bad_steps=3", "eval.zeroshot_shards=null", "optim.grad_clip=null")
+    trainer = Trainer(r)
+    before = {}
+
+    def snapshot(step):  # the weights after the last good step
+        before.update({k: v.clone() for k, v in trainer.unwrapped.state_dict().items()})
+
+    trainer.objective.after_optimizer_step = snapshot
+    with pytest.raises(TrainingError, match="gradients were NaN or inf for 3 steps in a row"):
+        trainer.fit()
+    assert trainer.state.step == 2 and trainer.state.bad_steps == 3
+    after = trainer.unwrapped.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in after)  # no bad step moved a weight
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["grad_norm"]) for r in rows)
+
+
+def test_nan_weights_are_never_saved(digits_dir: Path, tmp_path: Path) -> None:
+    r = recipe(digits_dir, tmp_path / "run", "objective={name: test_poison, nan_weights_at: 2}", "train.save_every=1",
+               "eval.zeroshot_shards=null")
+    with pytest.raises(TrainingError, match="weights became NaN or inf by step 2; not writing them to .*step_00000002"):
+        Trainer(r).fit()
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000001"]
+    assert not (tmp_path / "run" / "final").exists()
 
 
 def test_cli_reports_config_and_data_mistakes(digits_dir: Path, tmp_path: Path, capsys) -> None:

@@ -1,0 +1,169 @@
+"""Checkpoints a run can trust: nothing in a checkpoint folder can run code, a save is whole or
+absent, damage and layout changes are clear errors, and a failed write stops the run cleanly."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import resource
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_train_clip import losses, recipe
+
+from mmcl import checkpoint as ckpt
+from mmcl.cli import main as mmcl_main
+from mmcl.train import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Plant:
+    """Unpickling this writes a marker file: proof that a loader executed code from a checkpoint."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code from a checkpoint ran"))
+
+
+@pytest.fixture(scope="module")
+def full_run(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six uninterrupted steps with checkpoints at steps 2, 4 and 6 (all kept)."""
+    out = tmp_path_factory.mktemp("ckpt") / "full"
+    Trainer(recipe(digits_dir, out, "train.save_every=2", "train.keep_checkpoints=3",
+                   "eval.zeroshot_shards=null")).fit()
+    return out
+
+
+def interrupted_copy(full: Path, dest: Path, step: int) -> Path:
+    """A run folder as a run killed after checkpoint ``step`` leaves it."""
+    shutil.copytree(full / "checkpoints" / f"step_{step:08d}", dest / "checkpoints" / f"step_{step:08d}")
+    return dest
+
+
+def resume(digits_dir: Path, run: Path, *extra: str, how: str = "latest") -> dict[int, float]:
+    Trainer(recipe(digits_dir, run, "train.save_every=2", "eval.zeroshot_shards=null", *extra)).fit(resume=how)
+    return losses(run)
+
+
+def test_checkpoint_holds_only_safetensors_and_json(full_run: Path) -> None:
+    folder = full_run / "checkpoints" / "step_00000004"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["manifest.json", "model.safetensors", "objective.safetensors", "optimizer.safetensors",
+                     "rng_0.safetensors", "scheduler.safetensors", "state.json"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["step"] == 4 and manifest["processes"] == 1 and set(manifest["files"]) == set(names) - {
+        "manifest.json"}
+    # the optimizer state comes back exactly (tensors, tuples, integer keys)
+    state = ckpt.read_state(folder / "optimizer.safetensors")
+    assert isinstance(state["param_groups"][0]["betas"], tuple) and all(isinstance(k, int) for k in state["state"])
+    assert not list(full_run.glob("checkpoints/.*"))  # no partial folder is left behind
+
+
+def test_state_round_trip_keeps_types(tmp_path: Path) -> None:
+    state = {"t": torch.arange(6.0).view(2, 3), "tied": None, 3: (1, [2.5, None], "x"),
+             "np": np.arange(4, dtype=np.uint32), "rng": ckpt.rng_state(torch.device("cpu"))}
+    state["tied"] = state["t"]  # two names for one storage, as tied weights
+    ckpt.write_state(state, tmp_path / "s.safetensors")
+    back = ckpt.read_state(tmp_path / "s.safetensors")
+    assert torch.equal(back["t"], state["t"]) and torch.equal(back["tied"], state["t"])
+    assert back[3] == (1, [2.5, None], "x")
+    assert back["np"].dtype == np.uint32 and back["np"].tolist() == [0, 1, 2, 3]
+    assert back["rng"]["python"] == state["rng"]["python"]
+
+
+def test_resume_never_runs_code_planted_in_a_checkpoint(full_run: Path, digits_dir: Path, tmp_path: Path,
+                                                       capsys) -> None:
+    run = interrupted_copy(full_run, tmp_path / "run", 4)
+    folder = run / "checkpoints" / "step_00000004"
+    marker = tmp_path / "pwned"
+    # what Accelerate's load_state would unpickle, and a pickled "optimizer" beside the real one
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "pytorch_model.bin"):
+        (folder / name).write_bytes(pickle.dumps(Plant(marker)))
+    resumed = resume(digits_dir, run)
+    assert not marker.exists()
+    assert sorted(resumed) == [5, 6]
+    assert "ignoring files in" in capsys.readouterr().out
+    # a state file replaced by a pickle is refused by its hash, before anything reads it
+    (folder / "optimizer.safetensors").write_bytes(pickle.dumps(Plant(marker)))
+    with pytest.raises(ckpt.CheckpointError, match="damaged or was altered: optimizer.safetensors"):
+        resume(digits_dir, run, how=str(folder))
+    assert not marker.exists()
+
+
+def test_latest_passes_over_a_save_cut_short(full_run: Path, digits_dir: Path, tmp_path: Path) -> None:
+    reference = losses(full_run)
+    run = interrupted_copy(full_run, tmp_path / "run", 2)
+    # killed while writing step 4: under the temporary name, or (an older layout) in place with no manifest
+    shutil.copytree(full_run / "checkpoints" / "step_00000004", run / "checkpoints" / ".step_00000004.partial")
+    cut = shutil.copytree(full_run / "checkpoints" / "step_00000004", run / "checkpoints" / "step_00000004")
+    (cut / "manifest.json").unlink()
+    (cut / "optimizer.safetensors").write_bytes(b"")
+    resumed = resume(digits_dir, run)
+    assert sorted(resumed) == [3, 4, 5, 6]
+    for step in (3, 4, 5, 6):
+        assert resumed[step] == pytest.approx(reference[step], abs=1e-6)
+    # the new checkpoints replaced the damaged folder and the partial one
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing_rng", "incomplete: rng_0.safetensors is missing"),
+    ("flipped_byte", "damaged or was altered: model.safetensors"),
+    ("no_manifest", "not a complete mmcl checkpoint"),
+    ("other_batch", "written with batch_size=32 and this run has batch_size=16"),
+])
+def test_damaged_or_mismatched_checkpoint_is_a_clear_error(damage: str, message: str, full_run: Path,
+                                                           digits_dir: Path, tmp_path: Path, capsys) -> None:
+    run = interrupted_copy(full_run, tmp_path / "run", 4)
+    folder = run / "checkpoints" / "step_00000004"
+    extra = []
+    if damage == "missing_rng":
+        (folder / "rng_0.safetensors").unlink()
+    elif damage == "flipped_byte":
+        data = bytearray((folder / "model.safetensors").read_bytes())
+        data[-1] ^= 1
+        (folder / "model.safetensors").write_bytes(bytes(data))
+    elif damage == "no_manifest":
+        (folder / "manifest.json").unlink()
+    else:
+        extra = ["--set", "data.batch_size=16"]
+    code = mmcl_main(["train", "--config", str(ROOT / "configs" / "clip_digits.yaml"),
+                      "--set", f"data.train_shards={digits_dir}/train-{{000000..000004}}.tar",
+                      "--set", f"run.output_dir={run}", "--set", "train.steps=6", "--set", "train.progress=false",
+                      "--set", "data.batch_size=32", *extra, "--resume", str(folder)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_failed_write_is_a_clear_error_and_leaves_no_folder(digits_dir: Path, tmp_path: Path) -> None:
+    """A write that fails half way (here: files capped at 64 KiB, as a disk filling up) stops the run
+    with the folder and size named, and leaves neither a checkpoint nor a partial folder behind."""
+    trainer = Trainer(recipe(digits_dir, tmp_path / "run", "train.steps=2", "train.save_every=1",
+                             "eval.zeroshot_shards=null", "data.num_workers=0"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, hard))
+    try:
+        with pytest.raises(ckpt.CheckpointError, match=r"could not write checkpoint .*step_00000001.*needs about"):
+            trainer.fit()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
+
+
+def test_not_enough_space_is_refused_before_writing(digits_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(ckpt, "free_bytes", lambda folder: 1000)
+    trainer = Trainer(recipe(digits_dir, tmp_path / "run", "train.steps=1", "eval.zeroshot_shards=null",
+                             "data.num_workers=0"))
+    with pytest.raises(ckpt.CheckpointError, match=r"not enough disk space for checkpoint .*step_00000001: it needs "
+                                                    r"about [0-9.]+ MiB and 0.0 MiB are free"):
+        trainer.fit()
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
