@@ -1,7 +1,9 @@
 """Read any image a user might have and turn it into clean RGB bytes, or a reason to skip it.
 
 Every problem is a named reason ("corrupt image", "truncated image", ...), never an exception,
-so a shard build counts what it skipped and carries on.
+so a shard build counts what it skipped and carries on. :func:`decode_image` is the one decoder:
+mmcl-prep converts with it and the loader (``mmcl.data``) reads every shard with it, so shards
+from other tools (img2dataset, hand-made tars) give the same pixels as mmcl-prep's would.
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ TRUNCATED = "truncated image"
 TOO_LARGE = "too many pixels (decompression bomb)"
 MISSING_CAPTION = "missing or empty caption"
 
+# Why decode_image refuses an image: short stable names, as the loader counts them ...
+BAD_IMAGE, TRUNCATED_IMAGE, TOO_MANY_PIXELS = "bad_image", "truncated_image", "too_large"
+# ... and as mmcl-prep's manifest words them.
+MANIFEST_REASON = {BAD_IMAGE: NOT_AN_IMAGE, TRUNCATED_IMAGE: TRUNCATED, TOO_MANY_PIXELS: TOO_LARGE}
+
+MAX_PIXELS = 89_478_485  # PIL's own default limit; larger images are skipped
 FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 
 
@@ -32,7 +40,7 @@ class ImageOptions:
     fmt: str = "png"  # png | jpg | webp
     quality: int = 95  # JPEG / WebP quality
     max_side: int | None = None  # resize (keeping aspect) so the longer side is at most this
-    max_pixels: int = 89_478_485  # PIL's own default limit; larger images are skipped
+    max_pixels: int = MAX_PIXELS  # larger images are skipped
 
     @property
     def ext(self) -> str:
@@ -40,14 +48,23 @@ class ImageOptions:
         return self.fmt
 
 
+class BadImage(ValueError):
+    """An image :func:`decode_image` refuses; ``reason`` is ``bad_image``, ``truncated_image`` or ``too_large``."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert palette, alpha, 16/32-bit, CMYK and grayscale images to 8-bit RGB.
 
-    Transparent pixels are composited on white (what a viewer shows); high bit-depth integer
-    images are rescaled by their actual range rather than clipped.
+    Transparent pixels (an alpha band, or a palette, grey or RGB image with a transparent
+    colour) are composited on white (what a viewer shows); high bit-depth integer images are
+    rescaled by their actual range rather than clipped.
     """
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("P", "L", "RGB") and "transparency" in img.info:
+        img = img.convert("RGBA")
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
@@ -78,6 +95,32 @@ def encode(img: Image.Image, opts: ImageOptions) -> bytes:
     return buf.getvalue()
 
 
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Image bytes to 8-bit RGB (:func:`to_rgb`), or :class:`BadImage` saying why not.
+
+    The pixel count is read from the header before any pixel is decoded, so a small file that
+    declares a huge image is refused without allocating it (PIL's own decompression-bomb
+    error is the second guard). A truncated image is refused, never padded with grey.
+    """
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # lazy: reads the header only
+            if img.width * img.height > max_pixels:
+                raise BadImage(TOO_MANY_PIXELS)
+            img.load()
+            return to_rgb(img)
+    except BadImage:
+        raise
+    except Image.DecompressionBombError:
+        raise BadImage(TOO_MANY_PIXELS) from None
+    except UnidentifiedImageError:
+        raise BadImage(BAD_IMAGE) from None
+    except Exception as e:  # PIL's decoders raise many types on corrupt data
+        raise BadImage(TRUNCATED_IMAGE if "truncated" in str(e).lower() else BAD_IMAGE) from None
+
+
 def load_image(source: str | Path | bytes, opts: ImageOptions) -> tuple[bytes | None, str | None]:
     """Return ``(encoded RGB bytes, None)`` or ``(None, reason)`` for a path or raw bytes."""
     if isinstance(source, (str, Path)):
@@ -89,21 +132,11 @@ def load_image(source: str | Path | bytes, opts: ImageOptions) -> tuple[bytes | 
         data = source
     if len(data) == 0:
         return None, EMPTY_FILE
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            if img.width * img.height > opts.max_pixels:
-                return None, TOO_LARGE
-            img.load()
-    except Image.DecompressionBombError:
-        return None, TOO_LARGE
-    except UnidentifiedImageError:
-        return None, NOT_AN_IMAGE
-    except (OSError, SyntaxError, ValueError) as e:
-        return None, TRUNCATED if "truncated" in str(e).lower() else NOT_AN_IMAGE
-    return encode(_resize(to_rgb(img), opts.max_side), opts), None
+        img = decode_image(data, opts.max_pixels)
+    except BadImage as e:
+        return None, MANIFEST_REASON[e.reason]
+    return encode(_resize(img, opts.max_side), opts), None
 
 
 def image_from_array(arr: np.ndarray, opts: ImageOptions) -> bytes:

@@ -11,9 +11,10 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader
 
+from data_prep.images import MAX_PIXELS
 from mmcl.config import spec
-from mmcl.data.samples import IMAGE_KEYS, collate, image_text_sample, multi_view_sample
-from mmcl.data.shards import count_samples, expand_shards
+from mmcl.data.samples import IMAGE_KEYS, MISSING_CAPTION, MISSING_IMAGE, collate, image_text_sample, multi_view_sample
+from mmcl.data.shards import count_samples, expand_shards, samples_per_shard
 from mmcl.data.stream import ShardStream, dist_info
 from mmcl.data.transforms import OPENAI_MEAN, OPENAI_STD, build_transform
 from mmcl.errors import ConfigError, DataError
@@ -55,6 +56,7 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: list(OPENAI_STD))
     image_keys: list[str] = field(default_factory=lambda: list(IMAGE_KEYS))
     text_key: str = "txt"
+    max_pixels: int = spec(MAX_PIXELS, ge=1, help="larger images are skipped (too_large), as mmcl-prep --max-pixels")
 
     def validate(self) -> None:
         """Multi-crop views are crops of one image field."""
@@ -158,18 +160,19 @@ def make_loader(cfg: DataConfig, shards: str | None = None, *, train: bool = Tru
     if cfg.kind == "image_text":
         name = cfg.transform if train else "eval"
         tf = build_transform(name, size, mean, std, cfg.colour, **(cfg.transform_args if train else {}))
-        sample_fn = image_text_sample(tf, cfg.image_keys, cfg.text_key)
-        required: tuple[tuple[str, ...], ...] = (tuple(cfg.image_keys), (cfg.text_key,))
+        sample_fn = image_text_sample(tf, cfg.image_keys, cfg.text_key, cfg.max_pixels)
+        required = {MISSING_IMAGE: tuple(cfg.image_keys), MISSING_CAPTION: (cfg.text_key,)}
     else:
         tfs = view_transforms(cfg, train)
         fields = [(f,) for f in cfg.view_fields] or [tuple(cfg.image_keys)]
-        sample_fn = multi_view_sample(tfs, fields)
-        required = tuple(fields)
+        sample_fn = multi_view_sample(tfs, fields, cfg.max_pixels)
+        required = ({f"{MISSING_IMAGE}:{f}": (f,) for f in cfg.view_fields} if cfg.view_fields
+                    else {MISSING_IMAGE: tuple(cfg.image_keys)})
     epoch_samples = cfg.epoch_samples or count_samples(urls)
     stream = ShardStream(
         urls, sample_fn, functools.partial(collate, tokenizer=tokenizer),
         batch_size=batch_size or cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer if train else 0,
         shuffle_shards=train, resample=cfg.resample and train, epoch_samples=epoch_samples,
-        drop_last=train, seed=seed, required=required, rank=rank, world_size=world_size,
-        num_workers=workers)
+        drop_last=train, seed=seed, required=required, shard_samples=samples_per_shard(urls), rank=rank,
+        world_size=world_size, num_workers=workers)
     return Loader(stream, workers, pin_memory=torch.cuda.is_available())

@@ -1,44 +1,69 @@
-"""Decode raw WebDataset samples into tensors: image-text pairs or N augmented views."""
+"""Decode raw WebDataset samples into tensors: image-text pairs or N augmented views.
+
+A sample that cannot be used raises :class:`~mmcl.data.stream.Skip` with a short stable reason,
+which the stream counts; nothing a single sample holds can stop a run. The reasons:
+``bad_image``, ``truncated_image``, ``too_large`` (see :func:`data_prep.images.decode_image`),
+``bad_json`` (a ``.json`` that does not parse to an object), ``bad_label``, ``bad_id``,
+``bad_caption`` (not UTF-8) and ``missing_caption`` (empty).
+"""
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import get_worker_info
 
+from data_prep.images import MAX_PIXELS, BadImage
+from data_prep.images import decode_image as _decode
 from mmcl.data.stream import SampleFn, Skip
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+BAD_JSON, BAD_LABEL, BAD_ID = "bad_json", "bad_label", "bad_id"
+BAD_CAPTION, MISSING_CAPTION, MISSING_IMAGE = "bad_caption", "missing_caption", "missing_image"
+INT64_MAX = 2**63 - 1  # labels and ids become int64 tensors
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Bytes to an RGB PIL image; a corrupt or truncated image raises :class:`Skip`."""
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Bytes to an RGB PIL image exactly as mmcl-prep converts them; a bad image raises :class:`Skip`."""
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        raise Skip("corrupt or truncated image") from None
-    return img.convert("RGB")
+        return _decode(data, max_pixels)
+    except BadImage as e:
+        raise Skip(e.reason) from None
+
+
+def _is_index(x: Any) -> bool:
+    """A non-negative integer that fits int64 (JSON ``true`` and ``3.0`` are not)."""
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= INT64_MAX
 
 
 def read_meta(sample: dict[str, Any]) -> tuple[int, int]:
-    """(label, id) from the sample's ``.json``; -1 where unknown. Unreadable JSON is a skip."""
-    key = sample["__key__"]
-    default_id = int(key) if str(key).isdigit() else -1
+    """(label, id) from the sample's ``.json``; -1 where unknown.
+
+    The ``.json`` must be an object; ``label`` a non-negative integer or null (unlabelled);
+    ``id`` a non-negative integer, by default the key when it is a number. Anything else
+    (``[1, 2, 3]``, ``{"label": "cat"}``, ``{"id": null}``) is a counted skip, never an error.
+    """
+    key = str(sample["__key__"])
+    default_id = int(key) if key.isascii() and key.isdigit() and int(key) <= INT64_MAX else -1
     raw = sample.get("json")
     if raw is None:
         return -1, default_id
     try:
         meta = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise Skip("unreadable .json") from None
+    except (ValueError, RecursionError):  # includes JSONDecodeError and UnicodeDecodeError
+        raise Skip(BAD_JSON) from None
+    if not isinstance(meta, dict):
+        raise Skip(BAD_JSON)
     label = meta.get("label")
-    return (int(label) if label is not None else -1), int(meta.get("id", default_id))
+    if label is not None and not _is_index(label):
+        raise Skip(BAD_LABEL)
+    if "id" in meta and not _is_index(meta["id"]):
+        raise Skip(BAD_ID)
+    return (-1 if label is None else label), meta.get("id", default_id)
 
 
 def first_image(sample: dict[str, Any], keys: Sequence[str]) -> bytes:
@@ -46,7 +71,7 @@ def first_image(sample: dict[str, Any], keys: Sequence[str]) -> bytes:
     for k in keys:
         if k in sample:
             return sample[k]
-    raise Skip(f"missing field {'/'.join(keys)}")
+    raise Skip(MISSING_IMAGE)
 
 
 def seeded(seed: int, fn: Callable[[Any], torch.Tensor], x: Any) -> torch.Tensor:
@@ -67,18 +92,18 @@ def seeded(seed: int, fn: Callable[[Any], torch.Tensor], x: Any) -> torch.Tensor
 
 
 def image_text_sample(transform: Callable[[Any], torch.Tensor], image_keys: Sequence[str] = IMAGE_KEYS,
-                      text_key: str = "txt") -> Callable[[dict[str, Any], int], dict[str, Any]]:
+                      text_key: str = "txt", max_pixels: int = MAX_PIXELS) -> SampleFn:
     """Sample function for image-text pairs: ``{image, text, label, id, key}``."""
 
     def fn(sample: dict[str, Any], seed: int) -> dict[str, Any]:
         try:
-            text = sample[text_key].decode("utf-8").strip()
+            text = sample.get(text_key, b"").decode("utf-8").strip()
         except UnicodeDecodeError:
-            raise Skip("caption is not UTF-8") from None
+            raise Skip(BAD_CAPTION) from None
         if not text:
-            raise Skip("empty caption")
-        img = decode_image(first_image(sample, image_keys))
-        label, sid = read_meta(sample)
+            raise Skip(MISSING_CAPTION)
+        label, sid = read_meta(sample)  # cheap checks before decoding
+        img = decode_image(first_image(sample, image_keys), max_pixels)
         return {"image": seeded(seed, transform, img), "text": text, "label": label, "id": sid,
                 "key": sample["__key__"]}
 
@@ -86,7 +111,7 @@ def image_text_sample(transform: Callable[[Any], torch.Tensor], image_keys: Sequ
 
 
 def multi_view_sample(transforms: Sequence[Callable[[Any], torch.Tensor]],
-                      fields: Sequence[Sequence[str]] = (IMAGE_KEYS,)) -> SampleFn:
+                      fields: Sequence[Sequence[str]] = (IMAGE_KEYS,), max_pixels: int = MAX_PIXELS) -> SampleFn:
     """Sample function giving one independently augmented view per transform: ``{views, label, id, key}``.
 
     With one field (alternative keys, e.g. png or jpg) every view is an augmentation of that
@@ -95,8 +120,8 @@ def multi_view_sample(transforms: Sequence[Callable[[Any], torch.Tensor]],
     """
 
     def fn(sample: dict[str, Any], seed: int) -> dict[str, Any]:
-        imgs = [decode_image(first_image(sample, keys)) for keys in fields]
         label, sid = read_meta(sample)
+        imgs = [decode_image(first_image(sample, keys), max_pixels) for keys in fields]
         views = [seeded(seed * 31 + v, t, imgs[v if len(imgs) > 1 else 0]) for v, t in enumerate(transforms)]
         return {"views": views, "label": label, "id": sid, "key": sample["__key__"]}
 

@@ -67,6 +67,21 @@ def shard_sizes(manifest: dict[str, Any] | None) -> dict[str, int]:
     return {s["name"]: s["samples"] for split in manifest.get("splits", {}).values() for s in split["shards"]}
 
 
+def samples_per_shard(urls: list[str]) -> dict[str, int]:
+    """URL -> samples in that shard, for local shards named in the ``manifest.json`` beside them."""
+    sizes: dict[str, dict[str, int]] = {}  # folder -> its manifest's shard sizes
+    out = {}
+    for url in urls:
+        if is_remote(url):
+            continue
+        folder = str(Path(url).parent)
+        if folder not in sizes:
+            sizes[folder] = shard_sizes(find_manifest([url]))
+        if Path(url).name in sizes[folder]:
+            out[url] = sizes[folder][Path(url).name]
+    return out
+
+
 def count_samples(urls: list[str], manifest: dict[str, Any] | None = None) -> int | None:
     """Total samples in ``urls`` according to the manifest, or None if any shard is unknown."""
     sizes = shard_sizes(manifest if manifest is not None else find_manifest(urls))

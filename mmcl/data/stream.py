@@ -4,9 +4,17 @@ Every random choice (shard order, shuffle buffer, augmentations) comes from gene
 seeded by ``(seed, epoch, rank, worker)`` or by the sample key, so a run is reproducible,
 resumes exactly, and gives the same augmentation to a sample whatever the worker count.
 
-Bad data never stops the stream: an unreadable or truncated shard, a corrupt image or a
-missing field is skipped and counted; each batch carries the counts of what was skipped since
-the previous batch under ``batch["skipped"]``, so the trainer can report them.
+Bad data never stops the stream: an unreadable or truncated shard, a bad sample (see
+:mod:`mmcl.data.samples`) or a missing field is skipped and counted by a short stable reason;
+each batch carries the counts of what was skipped since the previous batch under
+``batch["skipped"]``, so the trainer can report them. Shard-level reasons:
+
+- ``bad_shard``: a shard that cannot be opened or read to its end (truncated, not a tar), or
+  that holds fewer samples than ``manifest.json`` lists (a tar cut at a member boundary reads
+  as a whole, shorter tar); once per shard. The samples read before the fault are kept.
+- ``bad_shard_samples``: the samples such a shard lost: the manifest's count minus those read.
+- ``duplicate_file``: a second file with the same name in one sample (the first is kept).
+- the ``required`` reasons, e.g. ``missing_image``, ``missing_caption``: a missing field.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mmcl.errors import DataError
 
-UNREADABLE_SHARD = "unreadable or truncated shard"
+BAD_SHARD, BAD_SHARD_SAMPLES, DUPLICATE_FILE = "bad_shard", "bad_shard_samples", "duplicate_file"
 
 SampleFn = Callable[[dict[str, Any], int], "dict[str, Any] | str"]
 CollateFn = Callable[[list[dict[str, Any]]], dict[str, Any]]
@@ -62,17 +70,19 @@ class ShardStream(IterableDataset):
         resample: draw shards with replacement forever (epoch ends after ``epoch_samples``).
         epoch_samples: samples per epoch over all processes (needed with ``resample``).
         drop_last: drop a final partial batch (training: every rank gets equal batches).
-        required: groups of alternative raw fields every sample must have, e.g.
-            ``(("png", "jpg"), ("txt",))``; a missing one is a counted skip, but a stream whose
-            first samples all lack it is a user error.
+        required: skip reason -> alternative raw fields every sample must have one of, e.g.
+            ``{"missing_image": ("png", "jpg"), "missing_caption": ("txt",)}``; a missing one is a
+            counted skip, but a stream whose first samples all lack it is a user error.
+        shard_samples: URL -> samples in that shard (from ``manifest.json``), to count the
+            samples a truncated shard lost.
         rank, world_size: this process's place; default from torch.distributed / env vars.
     """
 
     def __init__(self, urls: list[str], sample_fn: SampleFn, collate_fn: CollateFn, *, batch_size: int,
                  shuffle_buffer: int = 0, shuffle_shards: bool = False, resample: bool = False,
                  epoch_samples: int | None = None, drop_last: bool = False, seed: int = 0,
-                 required: tuple[tuple[str, ...], ...] = (), rank: int | None = None, world_size: int | None = None,
-                 num_workers: int = 0):
+                 required: dict[str, tuple[str, ...]] | None = None, shard_samples: dict[str, int] | None = None,
+                 rank: int | None = None, world_size: int | None = None, num_workers: int = 0):
         super().__init__()
         if resample and not epoch_samples:
             raise DataError("resampling needs the epoch length: set data.epoch_samples or add a manifest.json")
@@ -80,7 +90,8 @@ class ShardStream(IterableDataset):
         self.urls, self.sample_fn, self.collate_fn = list(urls), sample_fn, collate_fn
         self.batch_size, self.shuffle_buffer, self.shuffle_shards = batch_size, shuffle_buffer, shuffle_shards
         self.resample, self.epoch_samples, self.drop_last, self.seed = resample, epoch_samples, drop_last, seed
-        self.required = tuple(required)
+        self.required = dict(required or {})
+        self.shard_samples = dict(shard_samples or {})
         self.rank = r if rank is None else rank
         self.world_size = w if world_size is None else world_size
         self.num_workers = max(1, num_workers)
@@ -113,6 +124,37 @@ class ShardStream(IterableDataset):
             random.Random(sample_seed(self.seed, self.epoch, "shards")).shuffle(urls)
         yield from urls[slot::slots]
 
+    def _read_shard(self, url: str, skipped: Counter[str]) -> Iterator[dict[str, Any]]:
+        """The raw samples of one shard, ``{"__key__", "__url__", ext: bytes, ...}``.
+
+        A shard that cannot be opened or read to its end, or that has fewer samples than the
+        manifest lists, counts one ``bad_shard`` plus the samples it lost (``bad_shard_samples``:
+        the manifest's count minus those read); the samples read before the fault are kept.
+        """
+        failed = False
+
+        def files() -> Iterator[dict[str, Any]]:
+            nonlocal failed
+            try:
+                for f in wds.tariterators.tar_file_iterator(wds.gopen(url)):
+                    yield {**f, "__url__": url}
+            except Exception:  # a truncated tar, not a tar, an unreachable URL, a failed pipe: all one fault
+                failed = True
+
+        def duplicate(exn: Exception) -> bool:
+            skipped[DUPLICATE_FILE] += 1
+            return True
+
+        read = 0
+        for sample in wds.tariterators.group_by_keys(files(), handler=duplicate):
+            read += 1
+            yield sample
+        lost = self.shard_samples.get(url, read) - read
+        if failed or lost > 0:
+            skipped[BAD_SHARD] += 1
+        if lost > 0:
+            skipped[BAD_SHARD_SAMPLES] += lost
+
     def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
         if self.shuffle_buffer <= 1:
             yield from samples
@@ -132,14 +174,7 @@ class ShardStream(IterableDataset):
         skipped: Counter[str] = Counter()
         first_missing = 0  # samples lacking a required field before any sample had it
 
-        def on_error(exn: Exception) -> bool:
-            skipped[UNREADABLE_SHARD] += 1
-            return True
-
-        shards = ({"url": u} for u in self._my_shards(worker, num_workers))
-        raw = wds.tariterators.group_by_keys(
-            wds.tariterators.tar_file_expander(wds.tariterators.url_opener(shards, handler=on_error),
-                                               handler=on_error), handler=on_error)
+        raw = (s for url in self._my_shards(worker, num_workers) for s in self._read_shard(url, skipped))
         rng = random.Random(sample_seed(self.seed, self.epoch, "buffer", self.rank, worker))
         limit = None
         if self.resample:
@@ -149,15 +184,16 @@ class ShardStream(IterableDataset):
         produced = 0
         seen_required = False
         for sample in self._shuffled(raw, rng):
-            missing = ["/".join(g) for g in self.required if not any(f in sample for f in g)]
+            missing = {reason: "/".join(g) for reason, g in self.required.items() if not any(f in sample for f in g)}
             if missing:
-                skipped[f"missing field {missing[0]}"] += 1
+                skipped[next(iter(missing))] += 1
                 if not seen_required:
                     first_missing += 1
                     if first_missing >= 16:
                         have = sorted(k for k in sample if not k.startswith("__"))
                         raise DataError(f"samples in {sample.get('__url__')} have fields {have} but the "
-                                        f"recipe needs {missing}; check the shards or the recipe's data keys")
+                                        f"recipe needs {list(missing.values())}; check the shards or the "
+                                        "recipe's data keys")
                 continue
             seen_required = True
             try:

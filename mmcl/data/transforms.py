@@ -58,11 +58,35 @@ class RandomGaussianBlur(torch.nn.Module):
         return TF.gaussian_blur(img, [k, k], [s, s])
 
 
+class CapAspect(torch.nn.Module):
+    """Crop the middle of an image longer than ``max_ratio`` times its short side down to that length.
+
+    Resizing the short side of a 1 x 100,000 px banner to 224 px would make a 224 x 22,400,000 px
+    intermediate (gigabytes in a loader worker) of which the centre crop keeps one square; this
+    crop keeps that square and a wide margin. Images within the ratio (every real photograph,
+    panoramas included) are untouched; the others give the same centre crop to within resampling
+    differences, and at most a ``size`` x ``max_ratio * size`` intermediate."""
+
+    def __init__(self, max_ratio: float = 32.0):
+        super().__init__()
+        self.max_ratio = max_ratio
+
+    def forward(self, img: Any) -> Any:
+        w, h = TF.get_size(img)[::-1]
+        limit = math.ceil(min(w, h) * self.max_ratio)
+        if max(w, h) <= limit:
+            return img
+        if w > h:
+            return TF.crop(img, 0, (w - limit) // 2, h, limit)
+        return TF.crop(img, (h - limit) // 2, 0, limit, w)
+
+
 @register_transform("eval")
 def eval_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Transform:
-    """Resize the short side (bicubic) and centre-crop: open_clip's test-time preprocessing."""
-    return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True), T.CenterCrop(size),
-                      *_finish(size, mean, std)])
+    """Resize the short side (bicubic) and centre-crop: open_clip's test-time preprocessing (very
+    elongated images, beyond 32:1, are first cut to 32:1 around their centre, see :class:`CapAspect`)."""
+    return T.Compose([CapAspect(), T.Resize(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+                      T.CenterCrop(size), *_finish(size, mean, std)])
 
 
 @register_transform("clip")

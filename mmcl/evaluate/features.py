@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from mmcl.data import DataConfig, make_loader
 from mmcl.data.transforms import OPENAI_MEAN, OPENAI_STD
-from mmcl.objectives.gather import gather_variable
+from mmcl.objectives.gather import gather_variable, world
 
 
 def data_config_for(model: Any, shards: str, batch_size: int, num_workers: int, kind: str = "image_text") -> DataConfig:
@@ -27,10 +29,23 @@ def image_input(views: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
     return views[0] if len(views) == 1 else views
 
 
+def sum_over_processes(counts: dict[str, int]) -> dict[str, int]:
+    """Skip counts added up over all processes (each reads its own shards); a collective."""
+    if world()[1] == 1:
+        return dict(counts)
+    parts: list[Any] = [None] * world()[1]
+    dist.all_gather_object(parts, dict(counts))
+    total: Counter[str] = Counter()
+    for part in parts:
+        total.update(part)
+    return dict(sorted(total.items()))
+
+
 @torch.no_grad()
 def extract(model: Any, shards: str, *, batch_size: int = 256, num_workers: int = 2, texts: bool = True,
             device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Image (and text) features, labels and ids of all samples, gathered over processes in id order."""
+    """Image (and text) features, labels and ids of all samples, gathered over processes in id order,
+    and ``skipped``: the samples the loader could not use, counted by reason over all processes."""
     # image-only reads need no caption field: the one-view (eval transform) multi-view sample
     cfg = data_config_for(model, shards, batch_size, num_workers, "image_text" if texts else "multi_view")
     loader = make_loader(cfg, train=False, tokenizer=model.tokenizer() if texts else None)
@@ -60,5 +75,5 @@ def extract(model: Any, shards: str, *, batch_size: int = 256, num_workers: int 
                            if k != "text" or texts}
     order = torch.argsort(out["id"])  # deterministic order whatever the process count
     out = {k: v[order].cpu() for k, v in out.items()}
-    out["skipped"] = dict(loader.skipped)
+    out["skipped"] = sum_over_processes(loader.skipped)
     return out

@@ -1,7 +1,13 @@
-"""Run the evaluations a recipe's ``eval`` section asks for, on every process; results on all."""
+"""Run the evaluations a recipe's ``eval`` section asks for, on every process; results on all.
+
+Every evaluation reports ``skipped``: the samples it left out, counted by reason. Besides the
+loader's reasons (see :mod:`mmcl.data.samples`), ``missing_label`` (an unlabelled sample in a
+labelled evaluation) and ``unknown_class`` (a label with no class name, zero-shot only).
+"""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import torch
@@ -27,12 +33,25 @@ def resolve_classes(shards: str, given: list[str] | None) -> list[str]:
     return names
 
 
+def keep(feats: dict[str, Any], mask: torch.Tensor, reason: str) -> dict[str, Any]:
+    """``feats`` (see :func:`extract`) without the samples where ``mask`` is false, counted under ``reason``."""
+    dropped = int((~mask).sum())
+    if not dropped:
+        return feats
+    out = {k: (v[mask] if isinstance(v, torch.Tensor) else v) for k, v in feats.items()}
+    out["skipped"] = dict(Counter(feats["skipped"]) + Counter({reason: dropped}))
+    return out
+
+
 def labelled_features(model: Any, shards: str, purpose: str, **kwargs: Any) -> dict[str, Any]:
-    """Image features of ``shards`` (see :func:`extract`), which must all carry a label."""
+    """Image features of ``shards`` (see :func:`extract`); unlabelled samples are counted skips
+    (``missing_label``), shards with no labelled sample an error."""
     feats = extract(model, shards, texts=False, **kwargs)
-    if (feats["label"] < 0).any():
-        raise MmclError(f"{shards}: some samples have no label; {purpose} labelled shards")
-    return feats
+    labelled = feats["label"] >= 0
+    if not labelled.any():
+        raise MmclError(f"{shards}: no sample has a label; {purpose} labelled shards"
+                        + (f" (skipped: {feats['skipped']})" if feats["skipped"] else ""))
+    return keep(feats, labelled, "missing_label")
 
 
 def zeroshot(model: Any, shards: str, *, templates: Any = "openai", classes: list[str] | None = None,
@@ -41,11 +60,25 @@ def zeroshot(model: Any, shards: str, *, templates: Any = "openai", classes: lis
     names = resolve_classes(shards, classes)
     feats = labelled_features(model, shards, "zero-shot needs", batch_size=batch_size, num_workers=num_workers,
                               device=device)
+    feats = keep(feats, feats["label"] < len(names), "unknown_class")
+    if not len(feats["label"]):
+        raise MmclError(f"{shards}: no label is below {len(names)}, the number of class names; check --classes")
     classifier = zeroshot_classifier(model, names, template_set(templates), device=device).cpu()
     result = classify(feats["image"], feats["label"], classifier)
     result["skipped"] = feats["skipped"]
     result["class_names"] = names
     return result
+
+
+def retrieval_eval(model: Any, shards: str, *, batch_size: int = 256, num_workers: int = 2,
+                   device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Image-text retrieval recall (see :func:`mmcl.evaluate.retrieval.retrieval`), the number of
+    pairs ``n`` and the skip counts, as :func:`zeroshot` reports them."""
+    feats = extract(model, shards, batch_size=batch_size, num_workers=num_workers, device=device)
+    if not len(feats["id"]):
+        raise MmclError(f"{shards}: no usable image-text pair" +
+                        (f" (skipped: {feats['skipped']})" if feats["skipped"] else ""))
+    return {**retrieval(feats["image"], feats["text"]), "n": len(feats["id"]), "skipped": feats["skipped"]}
 
 
 def result(task: str, shards: str, metrics: dict[str, float], **extra: Any) -> dict[str, Any]:
@@ -65,7 +98,8 @@ def frozen_feature_evals(model: Any, train_shards: str, test_shards: list[str], 
                          linear: bool = False, k: int = 20, temperature: float = 0.07, batch_size: int = 256,
                          num_workers: int = 2, device: torch.device | str = "cpu") -> list[dict[str, Any]]:
     """kNN and/or linear-probe results on each of ``test_shards``, with ``train_shards`` as the
-    labelled reference set (features extracted once, on every process)."""
+    labelled reference set (features extracted once, on every process). Each result's ``skipped``
+    counts the samples left out of the reference and test sets together."""
     def labelled(shards: str) -> dict[str, Any]:
         return labelled_features(model, shards, "kNN and linear probes need", batch_size=batch_size,
                                  num_workers=num_workers, device=device)
@@ -74,12 +108,13 @@ def frozen_feature_evals(model: Any, train_shards: str, test_shards: list[str], 
     out: list[dict[str, Any]] = []
     for shards in test_shards:
         test = labelled(shards)
+        skipped = dict(Counter(train["skipped"]) + Counter(test["skipped"]))
         if knn:
             res = knn_classify(train["image"], train["label"], test["image"], test["label"], k, temperature)
-            out.append(result("knn", shards, res, k=k, temperature=temperature))
+            out.append(result("knn", shards, res, k=k, temperature=temperature, skipped=skipped))
         if linear:
             res = linear_probe(train["image"], train["label"], test["image"], test["label"])
-            out.append(result("linear", shards, {"top1": res["top1"]}, l2=res["l2"]))
+            out.append(result("linear", shards, {"top1": res["top1"]}, l2=res["l2"], skipped=skipped))
     return out
 
 
@@ -93,9 +128,11 @@ def run_evals(model: Any, cfg: Any, device: torch.device | str = "cpu") -> list[
     if cfg.zeroshot_shards:
         res = zeroshot(model, cfg.zeroshot_shards, templates=cfg.templates, classes=cfg.class_names,
                        batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device)
-        out.append(result("zeroshot", cfg.zeroshot_shards, {"top1": res["top1"], "top5": res["top5"]}))
+        out.append(result("zeroshot", cfg.zeroshot_shards, {"top1": res["top1"], "top5": res["top5"]},
+                          skipped=res["skipped"]))
     if cfg.retrieval_shards:
-        feats = extract(model, cfg.retrieval_shards, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                        device=device)
-        out.append(result("retrieval", cfg.retrieval_shards, retrieval(feats["image"], feats["text"])))
+        res = retrieval_eval(model, cfg.retrieval_shards, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                             device=device)
+        metrics = {k: v for k, v in res.items() if k not in ("n", "skipped")}
+        out.append(result("retrieval", cfg.retrieval_shards, metrics, skipped=res["skipped"]))
     return out

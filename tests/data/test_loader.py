@@ -101,7 +101,7 @@ def test_view_fields_give_one_view_per_image_field_and_skip_samples_missing_one(
     loader = make_loader(cfg, train=False)
     keys, batches = collect(loader)
     assert len(keys) == 256 - 2 and not set(dropped) & set(keys)
-    assert loader.skipped == {"missing field edges.png": 2}
+    assert loader.skipped == {"missing_image:edges.png": 2}
     b = batches[0]
     assert len(b["views"]) == 2
     for v, field in enumerate(("png", "edges.png")):  # view v is field v, in the configured colour space
@@ -138,10 +138,10 @@ def test_corrupt_images_and_truncated_tar_are_skipped_and_counted(digits_dir: Pa
     loader = make_loader(cfg_for(str(tmp_path / "s-{0..2}.tar")), train=False)
     keys, _ = collect(loader)
     assert len(keys) == 256 + 253 + readable
-    assert loader.skipped["corrupt or truncated image"] == 3
-    assert loader.skipped["unreadable or truncated shard"] == 1
-    assert sum(loader.skipped.values()) == 3 + 1 + loader.skipped.get("missing field txt", 0) + \
-        loader.skipped.get("missing field png/jpg/jpeg/webp", 0)
+    assert loader.skipped["truncated_image"] == 3  # a PNG signature, then too few bytes
+    assert loader.skipped["bad_shard"] == 1
+    assert sum(loader.skipped.values()) == 3 + 1 + loader.skipped.get("missing_caption", 0) + \
+        loader.skipped.get("missing_image", 0)
 
 
 def test_clear_errors_for_missing_shards_and_missing_fields(digits_dir: Path, tmp_path: Path) -> None:
