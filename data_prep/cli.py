@@ -18,21 +18,36 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from data_prep.images import FORMATS, ImageOptions
+from data_prep.images import FORMATS, MAX_PIXELS, ImageOptions
 from data_prep.writer import Record, build_split, summary, write_manifest
-from mmcl.errors import MmclError, run_cli
+from mmcl.argtypes import fraction, integer, positive_int
+from mmcl.errors import run_cli
+
+SEED_MAX = 2**32 - 1  # scikit-learn's (and numpy's) seed range
+quality = integer(1, 100)
+seed = integer(0, SEED_MAX)
+
+
+def split_name(text: str) -> str:
+    """An argparse type: a split name usable in shard file names (``{split}-000000.tar``)."""
+    if not text or text.startswith(".") or any(c in text for c in "/\\{},") or text != text.strip():
+        raise argparse.ArgumentTypeError(
+            f"must be a split name such as train or val, without / \\ {{ }} , or a leading dot (got {text!r})")
+    return text
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder for shards and manifest.json")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    p.add_argument("--max-side", type=int, default=None, help="resize so the longer side is at most this")
+    p.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--max-side", type=positive_int, default=None,
+                   help="resize so the longer side is at most this many pixels")
     p.add_argument("--format", choices=sorted(FORMATS), default="png", help="image format in the shards")
-    p.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes")
-    p.add_argument("--max-pixels", type=int, default=89_478_485,
+    p.add_argument("--quality", type=quality, default=95, help="JPEG/WebP quality, 1 to 100 (default 95)")
+    p.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1),
+                   help="worker processes (1: convert in this process)")
+    p.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS,
                    help="skip images with more pixels than this (decompression bombs)")
-    p.add_argument("--seed", type=int, default=0, help="seed for splits and caption templates")
+    p.add_argument("--seed", type=seed, default=0, help=f"seed for splits and caption templates (0 to {SEED_MAX})")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -44,9 +59,10 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("digits", help="scikit-learn digits: train/val/test/test-shifted")
     _common(p)
-    p.add_argument("--size", type=int, default=32, help="upscaled image side in pixels (default 32)")
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--size", type=positive_int, default=32, help="upscaled image side in pixels (default 32)")
+    p.add_argument("--val-fraction", type=fraction, default=0.1, help="between 0 and 1 (default 0.1)")
+    p.add_argument("--test-fraction", type=fraction, default=0.2,
+                   help="between 0 and 1; with --val-fraction below 1 (default 0.2)")
     p.add_argument("--edges", action="store_true",
                    help="also store each image's Sobel edge map as an 'edges' field (multi-view methods: CMC)")
     p.set_defaults(shard_size=256)
@@ -59,20 +75,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--caption-column", default="caption")
     p.add_argument("--label-column", default=None)
     p.add_argument("--no-captions", action="store_true", help="images only (for self-supervised data)")
-    p.add_argument("--split", default="train")
+    p.add_argument("--split", type=split_name, default="train")
 
     p = sub.add_parser("folder", help="one subfolder per class")
     p.add_argument("dir", type=Path)
     _common(p)
-    p.add_argument("--split", default="train")
+    p.add_argument("--split", type=split_name, default="train")
 
     p = sub.add_parser("hf", help="a Hugging Face datasets dataset (saved to disk or by name)")
     p.add_argument("name_or_path")
     _common(p)
-    p.add_argument("--split", default=None, help="one split (default: all)")
+    p.add_argument("--split", type=split_name, default=None, help="one split (default: all)")
     p.add_argument("--image-column", default="image")
     p.add_argument("--caption-column", default=None)
     p.add_argument("--label-column", default=None)
+    ap.sources = sub.choices  # type: ignore[attr-defined]  # name -> subcommand parser, for parse_args
     return ap
 
 
@@ -108,10 +125,6 @@ def _sources(args: argparse.Namespace) -> tuple[dict[str, Iterable[Record]], lis
 
 def run(args: argparse.Namespace) -> int:
     """Build every split of the chosen source; return the process exit status."""
-    if args.shard_size < 1:
-        raise MmclError("--shard-size must be at least 1")
-    if not 1 <= args.quality <= 100:
-        raise MmclError("--quality must be between 1 and 100")
     opts = ImageOptions(fmt=args.format, quality=args.quality, max_side=args.max_side, max_pixels=args.max_pixels)
     start = time.perf_counter()
     records, class_names, sizes, need_caption, source = _sources(args)
@@ -131,6 +144,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line; a bad value exits 2 with argparse's one-line error."""
+    top = parser()
+    args = top.parse_args(argv)
+    ap = top.sources[args.source]  # errors show the subcommand's usage line
+    if args.out.exists() and not args.out.is_dir():
+        ap.error(f"argument --out: {str(args.out)!r} is a file; give a folder")
+    if args.source == "digits" and args.val_fraction + args.test_fraction >= 1:
+        ap.error(f"arguments --val-fraction and --test-fraction: must add up to less than 1 "
+                 f"(got {args.val_fraction} + {args.test_fraction})")
+    columns = getattr(args, "image_column", None)
+    if isinstance(columns, list) and len(set(columns)) != len(columns):
+        ap.error(f"argument --image-column: each column may be given once (got {', '.join(columns)})")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mmcl-prep``."""
-    return run_cli(run, parser().parse_args(argv))
+    return run_cli(run, parse_args(argv))

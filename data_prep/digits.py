@@ -15,6 +15,7 @@ from PIL import Image
 
 from data_prep.captions import DIGIT_NAMES, DIGIT_TEMPLATES, caption_for
 from data_prep.writer import Record
+from mmcl.errors import DataError
 
 SPLITS = ("train", "val", "test", "test-shifted")
 
@@ -58,10 +59,17 @@ def split_indices(labels: np.ndarray, val_fraction: float, test_fraction: float,
     """Stratified, seeded train/val/test index split."""
     from sklearn.model_selection import train_test_split
 
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise DataError(f"--val-fraction {val_fraction} and --test-fraction {test_fraction}: each must be "
+                        "between 0 and 1, and together below 1")
     idx = np.arange(len(labels))
-    rest, test = train_test_split(idx, test_size=test_fraction, stratify=labels, random_state=seed)
-    val_of_rest = val_fraction / (1.0 - test_fraction)
-    train, val = train_test_split(rest, test_size=val_of_rest, stratify=labels[rest], random_state=seed)
+    try:
+        rest, test = train_test_split(idx, test_size=test_fraction, stratify=labels, random_state=seed)
+        val_of_rest = val_fraction / (1.0 - test_fraction)
+        train, val = train_test_split(rest, test_size=val_of_rest, stratify=labels[rest], random_state=seed)
+    except ValueError as e:  # a split too small (or too large) to hold every class
+        raise DataError(f"--val-fraction {val_fraction} and --test-fraction {test_fraction} leave a split "
+                        f"with fewer samples than the {len(set(labels.tolist()))} classes ({e})") from None
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 

@@ -7,6 +7,7 @@ reason; the manifest keeps the counts and the first few keys of each reason.
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
@@ -79,6 +80,8 @@ class ShardWriter:
     """Write samples into ``{prefix}-000000.tar``, ... with at most ``shard_size`` samples each."""
 
     def __init__(self, out_dir: Path, prefix: str, shard_size: int):
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be a positive integer, got {shard_size}")
         self.out_dir, self.prefix, self.shard_size = Path(out_dir), prefix, shard_size
         self.shards: list[dict[str, Any]] = []
         self._tar: tarfile.TarFile | None = None
@@ -183,7 +186,7 @@ def _pattern(split: str, n: int) -> str | None:
 
 def _remove_stale(out_dir: Path, split: str, keep: set[str]) -> None:
     """Remove shards of this split left by an earlier, larger build into the same folder."""
-    for path in out_dir.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
+    for path in out_dir.glob(f"{glob.escape(split)}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
         if path.name not in keep:
             path.unlink()
 

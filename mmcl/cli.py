@@ -16,6 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
+from mmcl.argtypes import non_negative_int, positive_float, positive_int
 from mmcl.errors import MmclError, run_cli
 
 
@@ -44,10 +45,10 @@ def parser() -> argparse.ArgumentParser:
         if task in ("knn", "linear"):
             p.add_argument("--train-shards", required=True, help="labelled reference shards (e.g. the train split)")
         if task == "knn":
-            p.add_argument("--k", type=int, default=20)
-            p.add_argument("--temperature", type=float, default=0.07)
-        p.add_argument("--batch-size", type=int, default=256)
-        p.add_argument("--workers", type=int, default=2)
+            p.add_argument("--k", type=positive_int, default=20)
+            p.add_argument("--temperature", type=positive_float, default=0.07)
+        p.add_argument("--batch-size", type=positive_int, default=256)
+        p.add_argument("--workers", type=non_negative_int, default=2)
         p.add_argument("--out", type=Path, default=None, help="report folder (default: next to the model)")
         if task == "zeroshot":
             p.add_argument("--templates", default="openai",
@@ -87,9 +88,7 @@ def _load_for_eval(spec: str):  # noqa: ANN202
 def _eval(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
-    from mmcl.evaluate.features import extract
-    from mmcl.evaluate.retrieval import retrieval
-    from mmcl.evaluate.run import result, zeroshot
+    from mmcl.evaluate.run import result, retrieval_eval, zeroshot
     from mmcl.evaluate.zeroshot import save_report
     from mmcl.hub import record_eval
 
@@ -103,16 +102,19 @@ def _eval(args: argparse.Namespace) -> int:
         raise MmclError(f"eval {args.task}: give --shards once")
     args.shards = args.shards[0]
     if args.task == "retrieval":
-        feats = extract(model, args.shards, batch_size=args.batch_size, num_workers=args.workers, device=acc.device)
-        res = retrieval(feats["image"], feats["text"])
+        res = retrieval_eval(model, args.shards, batch_size=args.batch_size, num_workers=args.workers,
+                             device=acc.device)
+        recalls = {k: v for k, v in res.items() if k not in ("n", "skipped")}
         if acc.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "retrieval.json").write_text(json.dumps({**res, "n": len(feats["id"])}, indent=2) + "\n")
+            (out / "retrieval.json").write_text(json.dumps(res, indent=2) + "\n")
             if local and args.record:
-                record_eval(args.model, [result("retrieval", args.shards, res)])
-            for k, v in res.items():
+                record_eval(args.model, [result("retrieval", args.shards, recalls, skipped=res["skipped"])])
+            for k, v in recalls.items():
                 print(f"{k}: {v:.3f}")
-            print(f"retrieval over {len(feats['id'])} image-text pairs")
+            if res["skipped"]:
+                print(f"skipped samples: {res['skipped']}")
+            print(f"retrieval over {res['n']} image-text pairs")
         return 0
     templates: object = args.templates
     if Path(args.templates).is_file():
@@ -156,6 +158,8 @@ def _frozen(args: argparse.Namespace, model, acc, out: Path, local: bool) -> int
         for r in results:
             d = r["dataset"]
             print(f"{args.task} top-1: {r['metrics']['top1']:.3f} on {d['name']} ({d['samples'] or '?'} images)")
+            if r.get("skipped"):
+                print(f"  skipped samples: {r['skipped']}")
     return 0
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import operator
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -31,11 +33,20 @@ def spec(
     gt: float | None = None,
     le: float | None = None,
     lt: float | None = None,
+    length: int | None = None,
+    ordered: bool = False,
+    nonempty: bool = False,
     help: str = "",
     default_factory: Callable[[], Any] | None = None,
 ) -> Any:
-    """A dataclass field with a documented numeric range, checked by :func:`from_dict`."""
-    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "help": help}
+    """A dataclass field with documented allowed values, checked by :func:`from_dict`.
+
+    ``ge``/``gt``/``le``/``lt`` bound a number, or each number of a list; ``length`` fixes a
+    list's length, ``ordered`` asks for a non-decreasing list (a ``[low, high]`` range) and
+    ``nonempty`` rejects an empty string or list.
+    """
+    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "length": length, "ordered": ordered,
+            "nonempty": nonempty, "help": help}
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -143,6 +154,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 return _coerce(arg, value, where)
             except ConfigError as e:
                 errors.append(e)
+        if len(errors) == 1:  # X | None: X's own message (e.g. "expected a finite number")
+            raise errors[0]
         raise ConfigError(f"{where}: got {value!r}, expected {_type_name(tp)}")
     if origin in (list, tuple):
         (item,) = typing.get_args(tp)[:1] or (Any,)
@@ -168,11 +181,13 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -181,16 +196,50 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {tp!r}")  # pragma: no cover - schema bug
 
 
-def _check_range(f: dataclasses.Field, value: Any, where: str) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+_BOUNDS = (("ge", ">=", operator.ge), ("gt", ">", operator.gt), ("le", "<=", operator.le), ("lt", "<", operator.lt))
+CONSTRAINTS = ("ge", "gt", "le", "lt", "length", "ordered", "nonempty")
+
+
+def allowed(many: bool = False, **rules: Any) -> str:
+    """Human-readable allowed values for :func:`check`'s rules, e.g. '>= 0 and < 1'
+    (``many``: the rules of a list, e.g. '2 numbers, each >= 0 and < 1')."""
+    bounds = " and ".join(f"{sym} {rules[k]}" for k, sym, _ in _BOUNDS if rules.get(k) is not None)
+    if not many:
+        return bounds or "not empty"
+    text = f"{rules['length']} values" if rules.get("length") is not None else "a list"
+    text += f", each {bounds}" if bounds else ""
+    if rules.get("ordered"):
+        text += ", the first <= the second" if rules.get("length") == 2 else ", in increasing order"
+    return text
+
+
+def check(value: Any, where: str, **rules: Any) -> None:
+    """Raise :class:`ConfigError` naming ``where`` unless ``value`` keeps ``rules`` (the
+    constraints of :func:`spec`). ``None`` (an unset optional key) always passes."""
+    if value is None:
         return
-    m = f.metadata
-    bounds = [("ge", ">=", lambda a, b: a >= b), ("gt", ">", lambda a, b: a > b),
-              ("le", "<=", lambda a, b: a <= b), ("lt", "<", lambda a, b: a < b)]
-    allowed = [f"{sym} {m[k]}" for k, sym, _ in bounds if m.get(k) is not None]
-    for k, _, ok in bounds:
-        if m.get(k) is not None and not ok(value, m[k]):
-            raise ConfigError(f"{where}: got {value!r}, allowed: {' and '.join(allowed)}")
+    many = isinstance(value, (list, tuple))
+    if rules.get("nonempty") and isinstance(value, (str, list, tuple, dict)) and len(value) == 0:
+        raise ConfigError(f"{where}: must not be empty")
+    numbers = [v for v in (value if many else [value]) if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    ok = all(rules.get(k) is None or op(v, rules[k]) for v in numbers for k, _, op in _BOUNDS)
+    if many:
+        ok = ok and (rules.get("length") is None or len(value) == rules["length"])
+        ok = ok and not (rules.get("ordered") and any(a > b for a, b in zip(numbers, numbers[1:])))
+    if not ok:
+        raise ConfigError(f"{where}: got {value!r}, allowed: {allowed(many, **rules)}")
+
+
+def checked(tp: Any, value: Any, where: str, **rules: Any) -> Any:
+    """``value`` converted to type ``tp`` and checked against ``rules``: validation for values
+    that do not come through a dataclass field (e.g. free-form ``transform_args``)."""
+    value = _coerce(tp, value, where)
+    check(value, where, **rules)
+    return value
+
+
+def _rules(f: dataclasses.Field) -> dict[str, Any]:
+    return {k: f.metadata[k] for k in CONSTRAINTS if f.metadata.get(k) is not None and f.metadata[k] is not False}
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
@@ -212,12 +261,12 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
             kwargs[name] = _plugin(f.metadata["plugin"], data[name], path)
             continue
         value = _coerce(hints[name], data[name], path)
-        _check_range(f, value, path)
+        check(value, path, **_rules(f))
         kwargs[name] = value
     obj = cls(**kwargs)
-    check = getattr(obj, "validate", None)
-    if callable(check):
-        check()
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate()
     return obj
 
 

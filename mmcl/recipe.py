@@ -20,8 +20,8 @@ from mmcl.data import DataConfig
 class RunConfig:
     """Where outputs go and how randomness starts."""
 
-    output_dir: str = "runs/run"
-    seed: int = spec(0, ge=0)
+    output_dir: str = spec("runs/run", nonempty=True)
+    seed: int = spec(0, ge=0, le=2**32 - 1, help="numpy's seed range")
     name: str | None = None
 
 
@@ -33,9 +33,9 @@ class OptimConfig:
     lr: float = spec(5e-4, gt=0)
     momentum: float = spec(0.9, ge=0, lt=1, help="sgd and lars")
     weight_decay: float = spec(0.1, ge=0)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    betas: list[float] = spec(default_factory=lambda: [0.9, 0.98], ge=0, lt=1, length=2, help="adamw")
     eps: float = spec(1e-6, gt=0)
-    warmup_steps: int = spec(0, ge=0)
+    warmup_steps: int = spec(0, ge=0, help="may exceed train.steps (the whole run warms up), as smoke tests do")
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = spec(0.0, ge=0, le=1)
     grad_clip: float | None = spec(1.0, gt=0)
@@ -62,24 +62,33 @@ class EvalConfig:
 
     zeroshot_shards: str | None = None
     retrieval_shards: str | None = None
-    templates: Any = "openai"
-    class_names: list[str] | None = None
+    templates: str | list[str] = spec("openai", nonempty=True,
+                                      help="a set name (openai, simple, mnist, digits) or a list of '{}' strings")
+    class_names: list[str] | None = spec(None, nonempty=True)
     knn_train_shards: str | None = spec(None, help="labelled reference set for kNN / linear probes")
     knn_shards: list[str] = spec(default_factory=list, help="test sets for kNN / linear probes")
     knn_k: int = spec(20, ge=1)
     knn_temperature: float = spec(0.07, gt=0)
     linear: bool = spec(False, help="also fit a linear probe on knn_train_shards")
+    batch_size: int = spec(256, ge=1)
+    num_workers: int = spec(2, ge=0)
 
     def requested(self) -> bool:
         """True if any evaluation is configured."""
         return bool(self.zeroshot_shards or self.retrieval_shards or (self.knn_train_shards and self.knn_shards))
 
     def validate(self) -> None:
-        """kNN / linear probes need both a reference set and test sets."""
+        """kNN / linear probes need both a reference set and test sets; zero-shot templates must
+        resolve now, not after the training run they evaluate."""
         if bool(self.knn_train_shards) != bool(self.knn_shards):
             raise C.ConfigError("eval: kNN / linear probes need both knn_train_shards and knn_shards")
-    batch_size: int = spec(256, ge=1)
-    num_workers: int = spec(2, ge=0)
+        if self.zeroshot_shards:
+            from mmcl.evaluate.templates import template_set
+
+            try:
+                template_set(self.templates)
+            except C.ConfigError as e:
+                raise C.ConfigError(f"eval.{e}") from None
 
 
 @dataclass
@@ -97,6 +106,38 @@ class HubConfig:
             raise C.ConfigError("hub.push is true but hub.repo_id is not of the form org/name")
 
 
+_PROBABILITY = (float, {"ge": 0, "le": 1})
+_CROP_SCALE = (list[float], {"gt": 0, "le": 1, "length": 2, "ordered": True})
+
+# Allowed values of ``data`` keys whose fields (in mmcl.data) carry no spec() range. Checked by
+# Recipe.validate; a rule moves onto its field's spec(...) once that module states it itself.
+DATA_RULES: dict[str, tuple[Any, dict[str, Any]]] = {
+    "train_shards": (str, {"nonempty": True}),
+    "mean": (list[float], {"nonempty": True}),
+    "std": (list[float], {"gt": 0, "nonempty": True}),
+    "image_keys": (list[str], {"nonempty": True}),
+    "text_key": (str, {"nonempty": True}),
+    "multi_crop.global_scale": _CROP_SCALE,
+    "multi_crop.local_scale": _CROP_SCALE,
+}
+
+# Allowed values of the augmentation arguments in the free-form ``data.transform_args``, by name
+# (the keyword arguments of the transforms in mmcl/data/transforms.py). Unknown names are left
+# to the transform, which rejects them when the loader is built.
+TRANSFORM_ARG_RULES: dict[str, tuple[Any, dict[str, Any]]] = {
+    "crop_scale": _CROP_SCALE,
+    "scale": (list[float], {"gt": 0, "length": 2, "ordered": True}),
+    "flip": _PROBABILITY,
+    "jitter": _PROBABILITY,
+    "grayscale": _PROBABILITY,
+    "blur": _PROBABILITY,
+    "solarize": _PROBABILITY,
+    "strength": (float, {"ge": 0}),
+    "degrees": (float, {"ge": 0, "le": 180}),
+    "translate": (float, {"ge": 0, "le": 1}),
+}
+
+
 @dataclass
 class Recipe:
     """A whole training recipe."""
@@ -111,9 +152,22 @@ class Recipe:
     hub: HubConfig = field(default_factory=HubConfig)
 
     def validate(self) -> None:
-        """Cross-section checks."""
+        """Cross-section checks, and the ranges in :data:`DATA_RULES` and :data:`TRANSFORM_ARG_RULES`."""
         if self.model is None or self.objective is None:
             raise C.ConfigError("a recipe needs a 'model' and an 'objective' section, each with a 'name'")
+        for path, (tp, rules) in DATA_RULES.items():
+            node: Any = self.data
+            for part in path.split("."):
+                node = getattr(node, part) if node is not None else None
+            if node is not None:  # None: an unset optional section such as data.multi_crop
+                C.checked(tp, node, f"data.{path}", **rules)
+        if len(self.data.mean) != len(self.data.std):
+            raise C.ConfigError(f"data.mean and data.std need one value per channel each, "
+                                f"got {len(self.data.mean)} and {len(self.data.std)}")
+        for key, value in self.data.transform_args.items():
+            if key in TRANSFORM_ARG_RULES:
+                tp, rules = TRANSFORM_ARG_RULES[key]
+                C.checked(tp, value, f"data.transform_args.{key}", **rules)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -375,15 +375,21 @@ class Trainer:
         final = self.out / "final"
         self._check_finite_weights(str(final))
         skipped = self._skip_counts()  # a collective: every process takes part
+        error = None
         if acc.is_main_process:
             from mmcl.hub import save_pretrained
 
             info = self._model_info(wall, evals, skipped)
-            save_pretrained(self.unwrapped, final, name=plugin_name("model", r.model), preprocess=r.data.preprocess(),
-                            info=info)
-            (self.out / "summary.json").write_text(json.dumps({k: v for k, v in info.items() if k != "recipe"},
-                                                              indent=2) + "\n")
-        acc.wait_for_everyone()
+            try:
+                save_pretrained(self.unwrapped, final, name=plugin_name("model", r.model),
+                                preprocess=r.data.preprocess(), info=info)
+                (self.out / "summary.json").write_text(json.dumps({k: v for k, v in info.items() if k != "recipe"},
+                                                                  indent=2) + "\n")
+            except Exception as e:  # noqa: BLE001 (a full disk: every process must stop, none wait)
+                error = (f"could not write the final model to {final}: {e}. The last checkpoint is whole: free "
+                         "some space and rerun with --resume latest")
+        if self._any(error is not None):  # also the barrier before the model is read or pushed
+            raise TrainingError(error or "the main process could not write the final model")
         acc.end_training()
         if r.hub.push and acc.is_main_process:
             self._push(final)

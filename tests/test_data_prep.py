@@ -194,3 +194,75 @@ def test_interrupted_build_leaves_only_whole_shards(tmp_path: Path) -> None:
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["train-000000.tar", "train-000001.tar"]  # shard 2 was in progress: gone, no .tmp
     assert all(len(read_tar(tmp_path / n)) == 3 for n in names)
+
+
+# A value per mmcl-prep option (and subcommand) that cannot be right, and what the error says is allowed.
+BAD_OPTIONS = [
+    (["digits", "--max-side", "0"], "--max-side", "a positive integer (got 0)"),
+    (["digits", "--max-side", "-1"], "--max-side", "a positive integer (got -1)"),
+    (["digits", "--max-side", "big"], "--max-side", "a positive integer (got 'big')"),
+    (["digits", "--shard-size", "0"], "--shard-size", "a positive integer"),
+    (["digits", "--workers", "0"], "--workers", "a positive integer"),
+    (["digits", "--max-pixels", "-5"], "--max-pixels", "a positive integer"),
+    (["digits", "--quality", "0"], "--quality", "an integer from 1 to 100"),
+    (["digits", "--quality", "101"], "--quality", "an integer from 1 to 100"),
+    (["digits", "--seed", "-1"], "--seed", "an integer from 0 to 4294967295"),
+    (["digits", "--seed", str(2**32)], "--seed", "an integer from 0 to 4294967295"),
+    (["digits", "--size", "0"], "--size", "a positive integer"),
+    (["digits", "--val-fraction", "0"], "--val-fraction", "a number between 0 and 1, exclusive"),
+    (["digits", "--test-fraction", "1"], "--test-fraction", "a number between 0 and 1, exclusive"),
+    (["digits", "--test-fraction", "nan"], "--test-fraction", "a number between 0 and 1, exclusive"),
+    (["digits", "--val-fraction", "0.5", "--test-fraction", "0.5"], "--val-fraction and --test-fraction",
+     "add up to less than 1"),
+    (["table", "t.csv", "--split", ""], "--split", "a split name"),
+    (["table", "t.csv", "--image-column", "a", "--image-column", "a"], "--image-column", "once"),
+    (["folder", "in", "--split", "../train"], "--split", "a split name"),
+    (["folder", "in", "--max-side", "0"], "--max-side", "a positive integer"),
+    (["hf", "ds", "--split", "a/b"], "--split", "a split name"),
+    (["hf", "ds", "--workers", "-2"], "--workers", "a positive integer"),
+]
+
+
+@pytest.mark.parametrize(("args", "option", "allowed"), BAD_OPTIONS, ids=[" ".join(c[0]) for c in BAD_OPTIONS])
+def test_out_of_range_options_are_one_line_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                        args: list[str], option: str, allowed: str) -> None:
+    """A value that cannot be right (``--max-side 0`` wrote every image as 1x1) stops mmcl-prep
+    before any work: exit 2 and argparse's one-line error naming the option and what is allowed."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        prep_main([*args, "--out", str(out), "--no-progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument{'s' if ' and ' in option else ''} {option}: " in err and allowed in err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_out_must_be_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        prep_main(["digits", "--out", str(tmp_path / "file")])
+    assert e.value.code == 2 and "argument --out: " in capsys.readouterr().err
+
+
+def test_digits_fractions_too_small_for_every_class_are_an_error(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    assert prep_main(["digits", "--out", str(tmp_path / "o"), "--test-fraction", "0.001", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--test-fraction 0.001" in err and "fewer samples than the 10 classes" in err and "Traceback" not in err
+
+
+def test_shard_writer_rejects_a_non_positive_shard_size(tmp_path: Path) -> None:
+    from data_prep.writer import ShardWriter
+
+    with pytest.raises(ValueError, match="shard_size must be a positive integer"):
+        ShardWriter(tmp_path, "train", 0)
+
+
+def test_rebuild_removes_stale_shards_of_a_split_with_glob_characters(tmp_path: Path) -> None:
+    """A split such as ``train[:10%]`` (a Hugging Face slice) is a literal name, not a glob."""
+    def records(n: int) -> list[Record]:
+        return [Record(sample_id=i, images={"image": np.zeros((4, 4, 3), np.uint8)}, caption="x") for i in range(n)]
+
+    for n in (3, 1):
+        build_split(tmp_path, "train[:1]", records(n), opts=ImageOptions(), shard_size=1, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train[:1]-000000.tar"]

@@ -178,3 +178,15 @@ def test_cli_reports_config_and_data_mistakes(digits_dir: Path, tmp_path: Path, 
     weights.unlink()
     with pytest.raises(MmclError, match="missing weights file"):
         from_pretrained(folder)
+
+
+@pytest.mark.parametrize("task, option, value, allowed", [
+    ("knn", "--k", "0", "a positive integer"), ("knn", "--temperature", "-0.1", "a number above 0"),
+    ("zeroshot", "--batch-size", "0", "a positive integer"), ("retrieval", "--workers", "-1", "an integer >= 0"),
+])
+def test_eval_options_out_of_range_are_usage_errors(task, option, value, allowed, capsys) -> None:
+    extra = ["--train-shards", "x.tar"] if task == "knn" else []
+    with pytest.raises(SystemExit) as e:
+        mmcl_main(["eval", task, "--model", "m", "--shards", "x.tar", *extra, option, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {option}: must be {allowed} (got {value})" in err, err

@@ -28,7 +28,7 @@ from mmcl.objectives.infonce import embedding_std, info_nce, top1
 class InstDiscConfig:
     """``objective: {name: instdisc, bank_size: N, negatives: 4096, temperature: 0.07, loss: nce}``."""
 
-    bank_size: int = spec(help="rows of the memory bank: more than the largest training sample id")
+    bank_size: int = spec(ge=1, help="rows of the memory bank: more than the largest training sample id")
     negatives: int = spec(4096, ge=1)
     temperature: float = spec(0.07, gt=0)
     momentum: float = spec(0.5, ge=0, lt=1, help="proximal update of the bank rows")
