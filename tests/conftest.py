@@ -41,3 +41,21 @@ def png_bytes(arr: np.ndarray, mode: str | None = None) -> bytes:
 def manifest(folder: Path) -> dict:
     """The manifest.json written beside shards."""
     return json.loads((folder / "manifest.json").read_text())
+
+
+def cfg_for(shards: str, **kw):
+    """A loader config for ``shards`` at 32 px, unnormalised, in the main process."""
+    from mmcl.data import DataConfig
+
+    base = dict(train_shards=shards, image_size=32, batch_size=16, num_workers=0, shuffle_buffer=50,
+                mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
+    return DataConfig(**{**base, **kw})
+
+
+def collect(loader) -> tuple[list[str], list[dict]]:
+    """Every key a loader yields, and its batches."""
+    keys, batches = [], []
+    for b in loader:
+        keys += b["key"]
+        batches.append(b)
+    return keys, batches

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import png_bytes
+from conftest import cfg_for, collect, png_bytes
 from PIL import Image, ImageFile
 
 from data_prep.images import ImageOptions, load_image
-from mmcl.data import DataConfig, make_loader
+from mmcl.data import make_loader
 from mmcl.evaluate.run import frozen_feature_evals, retrieval_eval, zeroshot
 
 Sample = dict[str, bytes]
@@ -53,20 +53,6 @@ def write_tar(path: Path, samples: dict[str, Sample] | list[tuple[str, bytes]]) 
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return path
-
-
-def cfg_for(shards: str, **kw) -> DataConfig:
-    base = dict(train_shards=shards, image_size=32, batch_size=4, num_workers=0, shuffle_buffer=10,
-                mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
-    return DataConfig(**{**base, **kw})
-
-
-def collect(loader) -> tuple[list[str], list[dict]]:
-    keys, batches = [], []
-    for b in loader:
-        keys += b["key"]
-        batches.append(b)
-    return keys, batches
 
 
 def with_faults(digits_dir: Path, faults: list[tuple[str, str, bytes]], n: int = 40) -> tuple[dict, dict]:

@@ -11,25 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import cfg_for, collect
 from PIL import Image
 
 from mmcl.data import DataConfig, count_samples, expand_shards, make_loader
 from mmcl.data.transforms import build_transform
 from mmcl.errors import DataError
-
-
-def cfg_for(shards: str, **kw) -> DataConfig:
-    base = dict(train_shards=shards, image_size=32, batch_size=16, num_workers=0, shuffle_buffer=50,
-                mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
-    return DataConfig(**{**base, **kw})
-
-
-def collect(loader) -> tuple[list[str], list[dict]]:
-    keys, batches = [], []
-    for b in loader:
-        keys += b["key"]
-        batches.append(b)
-    return keys, batches
 
 
 def test_round_trip_streams_back_what_was_written(digits_dir: Path) -> None:
