@@ -77,13 +77,19 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 def _timed(batches: Iterator[Any], waited: dict[str, float]) -> Iterator[Any]:
     """``batches``, adding the seconds spent waiting for each to ``waited["s"]`` (the loader's share
-    of the step time, logged as ``data_wait``: near 1 means the GPU waits for data)."""
+    of the step time, logged as ``data_wait``: near 1 means the GPU waits for data). A worker
+    killed under the loader (the kernel's OOM killer) is a :class:`TrainingError` saying so."""
     while True:
         t = time.perf_counter()
         try:
             item = next(batches)
         except StopIteration:
             return
+        except RuntimeError as e:
+            if "DataLoader worker" not in str(e):
+                raise
+            raise TrainingError(f"a data loader worker died ({str(e).splitlines()[0]}): usually out of memory; lower "
+                                "data.num_workers or data.shuffle_buffer, then rerun with --resume latest") from None
         waited["s"] += time.perf_counter() - t
         yield item
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import torch
 
 from mmcl.cli import main as mmcl_main
 from mmcl.config import register
+from mmcl.data.transforms import build_transform, register_transform
 from mmcl.errors import MmclError
 from mmcl.hub import from_pretrained
 from mmcl.objectives.clip import ClipLoss
@@ -155,6 +158,27 @@ def test_nan_weights_are_never_saved(digits_dir: Path, tmp_path: Path) -> None:
         Trainer(r).fit()
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000001"]
     assert not (tmp_path / "run" / "final").exists()
+
+
+@register_transform("test_kill_worker")
+def kill_worker(size, mean, std):
+    """A transform whose loader worker is killed (as the kernel's OOM killer would) on its 40th image."""
+    seen = [0]
+
+    def apply(img):
+        seen[0] += 1
+        if seen[0] == 40 and torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return build_transform("eval", size, mean, std)(img)
+
+    return apply
+
+
+def test_a_killed_loader_worker_is_a_clear_error(digits_dir: Path, tmp_path: Path) -> None:
+    r = recipe(digits_dir, tmp_path / "run", "data.transform=test_kill_worker", "data.num_workers=1",
+               "eval.zeroshot_shards=null")
+    with pytest.raises(TrainingError, match="a data loader worker died .*lower data.num_workers"):
+        Trainer(r).fit()
 
 
 def test_cli_reports_config_and_data_mistakes(digits_dir: Path, tmp_path: Path, capsys) -> None:
