@@ -5,7 +5,9 @@ A checkpoint is a folder ``RUN/checkpoints/step_XXXXXXXX`` holding only safetens
 - ``model.safetensors``, ``objective.safetensors``: module state (weights, buffers, queues, banks);
 - ``optimizer.safetensors``, ``scheduler.safetensors``, ``scaler.safetensors`` (fp16 only): the
   tensors of each state dict, with the rest of its structure as JSON in the file's metadata;
-- ``rng_<rank>.safetensors``: Python, NumPy, torch and CUDA generator states of each process;
+- ``process_<rank>.safetensors``: each process's Python, NumPy, torch and CUDA generator states
+  and the buffers that differ between processes by design (an objective's ``per_process_buffers``,
+  e.g. SwAV's queue);
 - ``state.json``: step, data position of every process, bad steps;
 - ``manifest.json``, written last: format, step, process count, batch layout, and the size and
   SHA-256 of every file above.

@@ -110,8 +110,12 @@ class Trainer:
         self.acc = Accelerator(gradient_accumulation_steps=r.optim.grad_accum, log_with=trackers or None,
                                project_dir=str(self.out))
         set_seed(r.run.seed)
+        self._check_topology()
         self.model = build("model", r.model)
         if r.train.sync_bn and self.acc.num_processes > 1:
+            if self.acc.device.type == "cpu":
+                raise MmclError("train.sync_bn needs GPU processes (torch's SyncBatchNorm has no CPU version); "
+                                "set train.sync_bn=false for a multi-process CPU run")
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         # evaluation during training preprocesses images as the saved model will
         self.model.mmcl_config = {"preprocess": r.data.preprocess()}
@@ -128,6 +132,9 @@ class Trainer:
         # The scheduler is stepped by hand once per optimizer step (Accelerate's wrapper would step it
         # once per process).
         if trains_objective:  # an objective with its own trained heads is wrapped (DDP) like the model
+            # buffers that hold each process's own data (SwAV's queue) must not be overwritten by rank 0's
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                self.objective, self._per_process_buffers())
             self.model, self.objective, self.optimizer = self.acc.prepare(self.model, self.objective, self.optimizer)
         else:
             self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
@@ -135,6 +142,23 @@ class Trainer:
         self.state = TrainState()
 
     # ------------------------------------------------------------------------------ helpers
+    def _check_topology(self) -> None:
+        """Accelerate and torch.distributed must agree on the number of processes (under a plain
+        ``torchrun`` on a CPU machine, Accelerate sees one unless ``ACCELERATE_USE_CPU=1``, and the
+        processes would train without synchronising their gradients)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() != self.acc.num_processes:
+            raise MmclError(f"torch.distributed runs {dist.get_world_size()} processes but Accelerate sees "
+                            f"{self.acc.num_processes}: on CPU machines set ACCELERATE_USE_CPU=1, or launch with "
+                            "`accelerate launch --multi_gpu --num_processes N`")
+
+    def _per_process_buffers(self) -> list[str]:
+        """Names (in the objective's state dict) of buffers that differ between processes by design."""
+        objective = self.acc.unwrap_model(self.objective)
+        names = set(getattr(objective, "per_process_buffers", ()))
+        return [n for n, _ in objective.named_buffers() if n in names]
+
     @property
     def unwrapped(self) -> torch.nn.Module:
         """The model without DDP/compile wrappers."""
@@ -187,6 +211,12 @@ class Trainer:
             states["scaler.safetensors"] = self.acc.scaler.state_dict()
         return states
 
+    def _process_state(self) -> dict[str, Any]:
+        """What each process saves for itself: its random generators and its per-process buffers."""
+        buffers = dict(self.acc.unwrap_model(self.objective).named_buffers())
+        return {"rng": ckpt.rng_state(self.acc.device),
+                "buffers": {n: buffers[n] for n in self._per_process_buffers()}}
+
     def _layout(self) -> dict[str, int]:
         """What a checkpoint's data positions depend on: resuming needs the same values."""
         r = self.recipe
@@ -225,8 +255,8 @@ class Trainer:
             except OSError as e:
                 error = f"could not create checkpoint folder {partial}: {e}"
         self._fail_together(error, partial)
-        try:  # every process: its own generators
-            ckpt.write_state(ckpt.rng_state(acc.device), partial / f"rng_{acc.process_index}.safetensors")
+        try:  # every process: its own generators and per-process buffers
+            ckpt.write_state(self._process_state(), partial / f"process_{acc.process_index}.safetensors")
         except Exception as e:  # noqa: BLE001 (a full disk, a lost mount: all processes must stop together)
             error = f"could not write checkpoint {final} (process {acc.process_index}): {e}"
         self._fail_together(error, partial)
@@ -259,7 +289,11 @@ class Trainer:
         if acc.scaler is not None and "scaler.safetensors" in listed:
             acc.scaler.load_state_dict(ckpt.read_state(folder / "scaler.safetensors"))
         self.state.load_state_dict(json.loads((folder / ckpt.STATE).read_text()))
-        ckpt.set_rng_state(ckpt.read_state(folder / f"rng_{acc.process_index}.safetensors"), acc.device)
+        own = ckpt.read_state(folder / f"process_{acc.process_index}.safetensors")
+        buffers = dict(self.acc.unwrap_model(self.objective).named_buffers())
+        for name, value in own["buffers"].items():
+            buffers[name].copy_(value)
+        ckpt.set_rng_state(own["rng"], acc.device)
         epoch, batches = self.state.positions[acc.process_index]
         return epoch, batches
 

@@ -88,9 +88,13 @@ class Loader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self._loader is None:  # workers persist across epochs; the epoch reaches them through shared memory
+            # The DataLoader draws its workers' base seed from this generator, not from the global torch
+            # RNG: otherwise starting the loader at a resume point would shift every later random draw of
+            # training (shuffle-BN permutations, dropout) and the resumed run would no longer be exact.
             self._loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
                                       pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
-                                      prefetch_factor=4 if self.num_workers else None)
+                                      prefetch_factor=4 if self.num_workers else None,
+                                      generator=torch.Generator().manual_seed(self.stream.seed))
         for batch in self._loader:
             self.skipped.update(batch.pop("skipped", {}))
             if not batch.pop("empty", False):

@@ -56,7 +56,13 @@ def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Ten
 
 
 class SwAVLoss(nn.Module):
-    """Holds the prototypes (trained with the model) and the optional queue."""
+    """Holds the prototypes (trained with the model) and the optional queue.
+
+    The queue holds this process's own past projections, as in SwAV: it is listed in
+    ``per_process_buffers`` so that DDP does not overwrite it with rank 0's at each forward and
+    every process's queue is checkpointed."""
+
+    per_process_buffers = ("queue",)
 
     def __init__(self, cfg: SwAVConfig):
         super().__init__()

@@ -50,6 +50,8 @@ def main(out_path: str) -> None:
     if acc.is_main_process:
         with open(out_path, "w") as f:
             json.dump(results, f)
+    acc.wait_for_everyone()  # shut the gloo group down together
+    acc.end_training()
 
 
 if __name__ == "__main__":

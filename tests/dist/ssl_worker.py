@@ -90,6 +90,8 @@ def main(out_path: str) -> None:
     results["sinkhorn"] = gather_no_grad(sinkhorn(scores[r * n:(r + 1) * n], 0.05, 3))
     if acc.is_main_process:
         torch.save(results, out_path)
+    acc.wait_for_everyone()  # shut the gloo group down together
+    acc.end_training()
 
 
 if __name__ == "__main__":

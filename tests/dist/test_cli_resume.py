@@ -1,0 +1,117 @@
+"""A 2-process run through the real command line (``accelerate launch ... -m mmcl train``) that is
+killed after a checkpoint and resumed with ``--resume latest`` ends with the same weights as the
+same run left alone (MoCo v2 on digits: BatchNorm encoder, key queue, momentum encoder, data
+position of both processes, optimizer, RNG, shuffle-BN permutations)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+STEPS, SAVE_EVERY = 24, 4
+
+
+def command(digits_dir: Path, run: Path, *extra: str) -> list[str]:
+    """``accelerate launch`` of ``mmcl train`` in 2 CPU processes on a tiny MoCo v2 digits recipe."""
+    sets = [f"data.train_shards={digits_dir}/train-{{000000..000004}}.tar", f"run.output_dir={run}",
+            "data.batch_size=16", "data.num_workers=1", "data.shuffle_buffer=64", f"train.steps={STEPS}",
+            f"train.save_every={SAVE_EVERY}", "train.log_every=1", "train.progress=false", "optim.warmup_steps=1",
+            "eval.knn_train_shards=null", "eval.knn_shards=[]", "model.backbone.width=8", "model.backbone.depth=3",
+            "objective.queue_size=64"]
+    return [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0", "-m", "mmcl",
+            "train", "--config", str(ROOT / "configs" / "moco_v2_digits.yaml"),
+            *[a for s in sets for a in ("--set", s)], *extra]
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: int = 240) -> str:
+    proc.wait(timeout=timeout)
+    out = log.read_text()
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def records(run: Path) -> list[dict]:
+    """The training records of metrics.jsonl, in order (a torn last line is ignored)."""
+    path = run / "metrics.jsonl"
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "loss" in record:
+            out.append(record)
+    return out
+
+
+def logged(run: Path) -> dict[int, float]:
+    """Loss by step (the last record of a step wins)."""
+    return {r["step"]: r["loss"] for r in records(run)}
+
+
+def checkpoints(run: Path) -> list[int]:
+    """Steps of the ``RUN/checkpoints/step_*`` folders."""
+    return sorted(int(p.name[5:]) for p in (run / "checkpoints").glob("step_*") if p.is_dir())
+
+
+def kill_after_checkpoint(proc: subprocess.Popen, run: Path, timeout: float = 240) -> list[int]:
+    """SIGKILL the launcher and every process under it once a checkpoint exists and a later step
+    was logged; returns the checkpoint steps at the moment of the kill."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        assert time.monotonic() < deadline, "no checkpoint followed by a logged step"
+        saved = checkpoints(run)
+        if saved and max(logged(run), default=0) > saved[0]:
+            break
+        time.sleep(0.01)
+    launcher = psutil.Process(proc.pid)
+    workers = launcher.children(recursive=True)  # torchrun starts them in sessions of their own
+    for p in workers:
+        p.kill()
+    launcher.kill()
+    proc.wait(timeout=60)
+    psutil.wait_procs(workers, timeout=60)
+    return saved
+
+
+def test_killed_two_process_cli_run_resumes_to_the_uninterrupted_weights(digits_dir: Path, tmp_path: Path) -> None:
+    full, part = tmp_path / "full", tmp_path / "part"
+    finish(start(command(digits_dir, full), tmp_path / "full.log"), tmp_path / "full.log")
+    reference = logged(full)
+    assert sorted(reference) == list(range(1, STEPS + 1))
+
+    proc = start(command(digits_dir, part), tmp_path / "killed.log")
+    saved = kill_after_checkpoint(proc, part)
+    assert not (part / "final").exists()
+    latest = checkpoints(part)[-1]
+    assert latest < STEPS and latest in saved + [s for s in range(SAVE_EVERY, STEPS, SAVE_EVERY)]
+
+    before = len(records(part))
+    finish(start(command(digits_dir, part, "--resume", "latest"), tmp_path / "resumed.log"), tmp_path / "resumed.log")
+    resumed = records(part)[before:]  # what the resumed run logged: it went on from the checkpoint
+    assert [r["step"] for r in resumed] == list(range(latest + 1, STEPS + 1)), (latest, resumed)
+    for r in resumed:
+        assert r["loss"] == pytest.approx(reference[r["step"]], abs=1e-6), (r, latest, reference)
+    a, b = (load_file(run / "final" / "model.safetensors") for run in (full, part))
+    assert set(a) == set(b) and len(a) > 5
+    diff = max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].numel())
+    assert diff <= 1e-6, diff
+    assert all(torch.equal(a[k], b[k]) for k in a), f"equal to {diff:.1e} but not bitwise"
