@@ -56,7 +56,7 @@ def test_checkpoint_holds_only_safetensors_and_json(full_run: Path) -> None:
     folder = full_run / "checkpoints" / "step_00000004"
     names = sorted(p.name for p in folder.iterdir())
     assert names == ["manifest.json", "model.safetensors", "objective.safetensors", "optimizer.safetensors",
-                     "rng_0.safetensors", "scheduler.safetensors", "state.json"]
+                     "process_0.safetensors", "scheduler.safetensors", "state.json"]
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["step"] == 4 and manifest["processes"] == 1 and set(manifest["files"]) == set(names) - {
         "manifest.json"}
@@ -114,7 +114,7 @@ def test_latest_passes_over_a_save_cut_short(full_run: Path, digits_dir: Path, t
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("missing_rng", "incomplete: rng_0.safetensors is missing"),
+    ("missing_rng", "incomplete: process_0.safetensors is missing"),
     ("flipped_byte", "damaged or was altered: model.safetensors"),
     ("no_manifest", "not a complete mmcl checkpoint"),
     ("other_batch", "written with batch_size=32 and this run has batch_size=16"),
@@ -125,7 +125,7 @@ def test_damaged_or_mismatched_checkpoint_is_a_clear_error(damage: str, message:
     folder = run / "checkpoints" / "step_00000004"
     extra = []
     if damage == "missing_rng":
-        (folder / "rng_0.safetensors").unlink()
+        (folder / "process_0.safetensors").unlink()
     elif damage == "flipped_byte":
         data = bytearray((folder / "model.safetensors").read_bytes())
         data[-1] ^= 1

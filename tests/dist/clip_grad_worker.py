@@ -45,7 +45,8 @@ def main(out_path: str) -> None:
             ref = grads(single)
             diffs = [(dist_grads[k] - ref[k]).abs().max().item() for k in ref]
             results[str(local_loss)] = {"loss": mean_loss, "ref_loss": ref_loss.item(), "max_grad_diff": max(diffs),
-                                        "n_params": len(diffs), "max_grad": max(v.abs().max().item() for v in ref.values())}
+                                        "n_params": len(diffs),
+                                        "max_grad": max(v.abs().max().item() for v in ref.values())}
         acc.wait_for_everyone()
     if acc.is_main_process:
         with open(out_path, "w") as f:

@@ -34,7 +34,8 @@ OBJECTIVES = {
     "cmc_full_lab": ({"name": "cmc", "mode": "full", "temperature": 0.1},
                      {**MULTIVIEW, "channels": [[0], [1], [2]]}),
     "cpc": ({"name": "cpc", "steps": 2}, {"name": "cpc", "backbone": CNN, "context_dim": 16}),
-    "cpc_gru": ({"name": "cpc", "steps": 1, "normalize": True}, {"name": "cpc", "backbone": CNN, "context_dim": 16, "context": "gru"}),
+    "cpc_gru": ({"name": "cpc", "steps": 1, "normalize": True},
+                {"name": "cpc", "backbone": CNN, "context_dim": 16, "context": "gru"}),
     # negatives are drawn per process, so only the banks are compared
     "instdisc": ({"name": "instdisc", "bank_size": 20, "negatives": 5}, ENCODER),
     "cmc_bank": ({"name": "cmc", "negatives": "bank", "bank_size": 20, "bank_negatives": 5}, MULTIVIEW),

@@ -115,3 +115,23 @@ def test_killed_two_process_cli_run_resumes_to_the_uninterrupted_weights(digits_
     diff = max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].numel())
     assert diff <= 1e-6, diff
     assert all(torch.equal(a[k], b[k]) for k in a), f"equal to {diff:.1e} but not bitwise"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with GPUs Accelerate sees every torchrun process")
+def test_torchrun_without_accelerate_cpu_flag_is_a_clear_error(digits_dir: Path, tmp_path: Path) -> None:
+    """Plain torchrun on a CPU machine: Accelerate sees 1 process, torch.distributed 2, and the
+    processes would train unsynchronised; both stop with the fix named instead."""
+    from .launch import free_port
+
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "mmcl", "train",
+           "--config", str(ROOT / "configs" / "clip_digits.yaml"),
+           "--set", f"data.train_shards={digits_dir}/train-{{000000..000004}}.tar",
+           "--set", f"run.output_dir={tmp_path}", "--set", "eval.zeroshot_shards=null"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**env, "OMP_NUM_THREADS": "1"},
+                          cwd=ROOT)
+    assert proc.returncode != 0
+    message = ("error: torch.distributed runs 2 processes but Accelerate sees 1: on CPU machines set "
+               "ACCELERATE_USE_CPU=1")
+    assert (proc.stdout + proc.stderr).count(message) == 2, proc.stderr[-3000:]

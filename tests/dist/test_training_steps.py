@@ -139,8 +139,9 @@ def test_shuffle_bn_encodes_keys_on_a_cross_process_permutation(runs: dict[int, 
 @pytest.mark.parametrize("name", ["resume_plain", "resume_shuffle_bn", "resume_swav_queue"])
 def test_two_process_resume_is_exact(name: str, runs: dict[int, dict[str, Any]]) -> None:
     """MoCo v2 with a BatchNorm encoder, without and with shuffle-BN, and SwAV with queues, on the
-    real digits loader, resumed at step 3 of 6. Shuffle-BN draws its permutations from the global torch RNG (the loader must not shift it at
-    a resume); SwAV's queues are each process's own (each process must get its own back)."""
+    real digits loader, resumed at step 3 of 6. Shuffle-BN draws its permutations from the global
+    torch RNG (the loader must not shift it at a resume); SwAV's queues are each process's own
+    (each process must get its own back)."""
     r = runs[2][name]
     assert sorted(r["resumed"]) == [4, 5, 6]
     for step, loss in r["resumed"].items():

@@ -238,8 +238,8 @@ def other_world_case(runs: Path, shards: str) -> dict[str, Any]:
 
     config, extra = RESUME["resume_plain"]
     src = runs.parent / "runs1" / "resume_plain" / "full" / "checkpoints" / "step_00000003"
-    recipe = load_recipe(ROOT / "configs" / f"{config}.yaml", [f"data.train_shards={shards}",
-                                                               f"run.output_dir={runs / 'other_world'}", *SMALL, *extra])
+    recipe = load_recipe(ROOT / "configs" / f"{config}.yaml",
+                         [f"data.train_shards={shards}", f"run.output_dir={runs / 'other_world'}", *SMALL, *extra])
     try:
         Trainer(recipe).fit(resume=str(src))
     except CheckpointError as e:
