@@ -168,6 +168,10 @@ class Recipe:
             if key in TRANSFORM_ARG_RULES:
                 tp, rules = TRANSFORM_ARG_RULES[key]
                 C.checked(tp, value, f"data.transform_args.{key}", **rules)
+        for section in (self.model, self.objective):  # checks a plugin makes against the rest of the recipe
+            check = getattr(section, "check_recipe", None)
+            if check is not None:
+                check(self)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

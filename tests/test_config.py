@@ -14,6 +14,9 @@ import pytest
 
 from mmcl.config import apply_overrides, from_dict, load, spec, to_dict
 from mmcl.errors import ConfigError
+from mmcl.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -256,3 +259,18 @@ def test_values_at_the_edge_of_their_range_are_accepted() -> None:
              "data.multi_crop={global_scale: [0.14, 1.0], local_scale: [0.05, 0.14]}", "data.num_workers=0"]
     r = from_dict(RealRecipe, apply_overrides(copy.deepcopy(MINIMAL), edges))
     assert r.optim.betas == [0.0, 0.999] and r.optim.warmup_steps > r.train.steps  # an all-warmup smoke run
+
+
+@pytest.mark.parametrize("config, overrides, message", [
+    ("dino_digits", ["objective.global_crops=3"], "objective.global_crops is 3 but the data makes 2 global views"),
+    ("swav_digits", ["objective.assignment_crops=4"], "objective.assignment_crops is 4 but the data makes 2 global"),
+    ("clip_digits", ["model.init_logit_scale=200"], r"model.init_logit_scale \(200.0\) is above model.max_logit_scale"),
+    ("cpc_digits", ["model.patch_size=40"], "model.patch_size 40 with patch_stride .* gives fewer than 2 x 2 patches"),
+    ("cpc_digits", ["objective.steps=6"], "objective.steps 6 must be below the grid height 6"),
+    ("cmc_digits", ["model.views=3"], "model.views is 3 but data.view_fields names 2 fields"),
+])
+def test_plugin_keys_that_disagree_with_the_rest_of_the_recipe_are_errors(config, overrides, message) -> None:
+    """Checked when the recipe loads (a plugin config's ``check_recipe``), not at the first step or never
+    (DINO took a local crop as a teacher crop without a word)."""
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(ROOT / "configs" / f"{config}.yaml", overrides)

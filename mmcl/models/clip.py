@@ -54,6 +54,9 @@ class ClipModelConfig:
         if (self.open_clip_model is None) == (self.open_clip_config is None):
             raise ConfigError("model: give exactly one of open_clip_model (a name such as ViT-B-32) "
                               "or open_clip_config (a JSON file, or a shipped name such as mmcl-tiny-vit)")
+        if self.init_logit_scale > self.max_logit_scale:
+            raise ConfigError(f"model.init_logit_scale ({self.init_logit_scale}) is above model.max_logit_scale "
+                              f"({self.max_logit_scale})")
 
 
 def resolve_path(path: str) -> str:

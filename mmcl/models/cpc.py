@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcl.config import register, spec
+from mmcl.errors import ConfigError
 from mmcl.models.encoders import BackboneConfig, build_backbone
 from mmcl.models.saved import SavedModel
 
@@ -38,6 +39,16 @@ class CPCModelConfig:
                                            "grid position, independently per patch (CPC v2's patch augmentation)")
     patch_rotate: float = spec(0.0, ge=0, le=180, help="training only: each patch rotated by its own random "
                                                          "angle in [-patch_rotate, patch_rotate] degrees")
+
+    def grid(self, image_size: int) -> int:
+        """Patches per side of the grid cut from ``image_size`` px images."""
+        return (image_size - self.patch_size) // self.patch_stride + 1
+
+    def check_recipe(self, recipe: Any) -> None:
+        """The images must hold a grid of at least 2 x 2 patches."""
+        if self.grid(recipe.data.image_size) < 2:
+            raise ConfigError(f"model.patch_size {self.patch_size} with patch_stride {self.patch_stride} gives fewer "
+                              f"than 2 x 2 patches on data.image_size {recipe.data.image_size}")
 
 
 def patch_grid(images: torch.Tensor, size: int, stride: int) -> torch.Tensor:

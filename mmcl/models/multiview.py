@@ -45,6 +45,13 @@ class MultiViewModelConfig:
         if len(set(flat)) != len(flat) or any(c < 0 for c in flat):
             raise ConfigError(f"model.channels: channel indices must be distinct and >= 0, got {self.channels}")
 
+    def check_recipe(self, recipe: Any) -> None:
+        """One encoder per image field when the views are fields (``data.view_fields``)."""
+        fields = recipe.data.view_fields
+        if fields and not self.channels and self.views != len(fields):
+            raise ConfigError(f"model.views is {self.views} but data.view_fields names {len(fields)} fields "
+                              f"({', '.join(fields)}); give one encoder per field")
+
 
 @register("model", "multiview", MultiViewModelConfig)
 class MultiViewModel(SavedModel):

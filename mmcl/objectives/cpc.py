@@ -32,6 +32,14 @@ class CPCConfig:
     """``objective: {name: cpc, steps: 3}``: predict 1..``steps`` rows ahead."""
 
     steps: int = spec(3, ge=1, help="K: rows predicted ahead")
+
+    def check_recipe(self, recipe: Any) -> None:
+        """Rows predicted ahead must fit in the model's patch grid."""
+        grid = recipe.model.grid(recipe.data.image_size) if hasattr(recipe.model, "grid") else None
+        if grid is not None and self.steps >= grid:
+            raise ConfigError(f"objective.steps {self.steps} must be below the grid height {grid} (data.image_size "
+                              f"{recipe.data.image_size}, model.patch_size {recipe.model.patch_size}, "
+                              f"patch_stride {recipe.model.patch_stride})")
     normalize: bool = spec(False, help="cosine scores / temperature instead of dot products")
     temperature: float = spec(0.1, gt=0, help="with normalize")
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcl.config import register, spec
+from mmcl.errors import ConfigError
 from mmcl.objectives.gather import all_reduce_sum, world
 from mmcl.objectives.infonce import embedding_std
 from mmcl.objectives.momentum import MomentumObjective, MomentumTarget
@@ -44,6 +45,12 @@ class DINOConfig:
     center_momentum: float = spec(0.9, ge=0, lt=1)
     global_crops: int = spec(2, ge=1, help="the first crops, seen by the teacher")
     freeze_last_layer_steps: int = spec(0, ge=0, help="the last layer gets no gradient for this many steps")
+
+    def check_recipe(self, recipe: Any) -> None:
+        """The teacher's crops must be global views of the data (``data.views``), not local crops."""
+        if self.global_crops > recipe.data.views:
+            raise ConfigError(f"objective.global_crops is {self.global_crops} but the data makes {recipe.data.views} "
+                              "global views (data.views); the crops after them are local crops")
 
 
 class WeightNormLinear(nn.Module):

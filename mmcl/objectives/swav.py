@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcl.config import register, spec
+from mmcl.errors import ConfigError
 from mmcl.objectives.gather import all_reduce_sum, gather_no_grad
 from mmcl.objectives.infonce import embedding_std
 
@@ -37,6 +38,12 @@ class SwAVConfig:
     freeze_prototypes_steps: int = spec(313, ge=0)
     queue_length: int = spec(0, ge=0, help="past projections per process used in the assignments (0: none)")
     queue_start_step: int = spec(0, ge=0)
+
+    def check_recipe(self, recipe: Any) -> None:
+        """Assignments are computed for global views of the data (``data.views``), not local crops."""
+        if self.assignment_crops > recipe.data.views:
+            raise ConfigError(f"objective.assignment_crops is {self.assignment_crops} but the data makes "
+                              f"{recipe.data.views} global views (data.views); the crops after them are local crops")
 
 
 @torch.no_grad()
