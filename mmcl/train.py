@@ -165,9 +165,15 @@ class Trainer:
         return self.acc.unwrap_model(self.model)
 
     def _log(self, record: dict[str, Any]) -> None:
+        """Append ``record`` to ``metrics.jsonl`` (main process) and send its scalars to the trackers."""
         if self.acc.is_main_process:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            path = self.out / "metrics.jsonl"
+            try:
+                with open(path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # a full disk: stop with the cause (the launcher stops the other processes)
+                raise TrainingError(f"could not append to {path}: {e.strerror or e}; free some space and rerun "
+                                    "with --resume latest") from None
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         self.acc.log(scalars, step=record["step"])
 

@@ -181,6 +181,13 @@ def test_a_killed_loader_worker_is_a_clear_error(digits_dir: Path, tmp_path: Pat
         Trainer(r).fit()
 
 
+def test_an_unwritable_metrics_log_is_a_clear_error(digits_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "metrics.jsonl").mkdir(parents=True)  # any OSError on append (a full disk, a lost mount)
+    with pytest.raises(TrainingError, match=r"could not append to .*metrics.jsonl: .*--resume latest"):
+        Trainer(recipe(digits_dir, run, "train.steps=1", "eval.zeroshot_shards=null", "data.num_workers=0")).fit()
+
+
 def test_cli_reports_config_and_data_mistakes(digits_dir: Path, tmp_path: Path, capsys) -> None:
     cfg = str(ROOT / "configs" / "clip_digits.yaml")
     assert mmcl_main(["train", "--config", cfg, "--set", "optim.lrr=1"]) == 2
