@@ -7,9 +7,10 @@ every other instance to reject it:
 
     L = -1/(2N) Σ_rows [ log P(pos | row) + Σ_{c ≠ pos, row} log(1 - P(c | row)) ]
 
-(the paper's Eq. 6 with both views as queries, as in its ``BatchCriterion``). Negatives are the
-other views of the global batch, gathered across processes with gradient; the mean over
-processes equals one process holding the whole batch.
+(the paper's Eq. 6 with both views as queries; the value of its ``BatchCriterion``, whose code
+also blocks the gradient through the compared-against features, where this takes the full
+gradient of the equation). Negatives are the other views of the global batch, gathered across
+processes with gradient; the mean over processes equals one process holding the whole batch.
 """
 
 from __future__ import annotations
