@@ -10,6 +10,9 @@ kNN on the test split as the recipe's end-of-training evaluation would. Throughp
 recipe's views), so it includes the loader; ``data_wait`` is the share of that time the trainer
 waited for a batch, and "without the wait" divides it out: the step throughput the GPU would give
 with a loader that keeps up. Needs a GPU; on a machine without one it says so and stops.
+
+With ``--results FILE`` every row is appended to the JSON list in FILE as soon as it is measured,
+with what identifies its run: date, command, device, torch version, loader workers and steps.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ import argparse
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -79,10 +84,16 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     ap.add_argument("--data", type=Path, default=None, help="224 px digits shards (built if not given)")
     ap.add_argument("--out", type=Path, default=None, help="run folders (default: a temporary folder)")
-    ap.add_argument("--results", type=Path, default=None, help="also write the rows as JSON here")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="append the rows, each with its run's date and command, to the JSON list in this file")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_recipes.py: no CUDA device here; this benchmark measures GPU training")
+    earlier = json.loads(args.results.read_text()) if args.results and args.results.is_file() else []
+    if not isinstance(earlier, list):
+        sys.exit(f"gpu_recipes.py: {args.results} does not hold a JSON list of rows; give another --results file")
+    this_run = {"command": shlex.join(["python", *sys.argv]), "device": torch.cuda.get_device_name(),
+                "torch": torch.__version__, "workers": args.workers, "steps": args.steps}
     data = args.data
     if data is None:
         data = Path(tempfile.mkdtemp()) / "digits224"
@@ -95,10 +106,10 @@ def main() -> None:
     for recipe in args.recipes.split(","):
         for precision in args.precisions.split(","):
             row = run(recipe, precision, data, out, args.steps, args.workers)
-            rows.append(row)
+            rows.append({**row, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **this_run})
             if args.results:  # after every run, so a run cut short keeps what it measured
                 args.results.parent.mkdir(parents=True, exist_ok=True)
-                args.results.write_text(json.dumps(rows, indent=2) + "\n")
+                args.results.write_text(json.dumps(earlier + rows, indent=2) + "\n")
             if "error" in row:
                 print(f"{recipe:9s} {precision:4s} FAILED\n{row['error']}", flush=True)
                 continue

@@ -6,19 +6,23 @@ For each method, trains ``configs/<method>_digits.yaml`` with ``mmcl train`` (a 
 user would) for the recipe's ``train.steps`` (or ``--steps``), then evaluates the saved encoder
 and the same encoder at its initialisation (same seed, no training) with kNN (k 20, T 0.07) on
 the test and test-shifted splits and a linear probe on the test split. Writes
-``benchmarks/results/ssl_digits.json`` (one entry per method; a subset of methods is merged into
-it) and prints a Markdown table. CMC reads digits shards with an edge-map field (built beside
-``--data`` with ``mmcl-prep digits --edges``); CPC's per-k prediction accuracies are recorded.
+``benchmarks/results/ssl_digits.json`` (one entry per method, stamped with the date and command of
+the run that measured it; a run of a subset of methods replaces those entries and keeps the rest)
+and prints a Markdown table of the methods measured by this run, then, apart, the entries kept from
+earlier runs with their dates and commands. CMC reads digits shards with an edge-map field (built
+beside ``--data`` with ``mmcl-prep digits --edges``); CPC's per-k prediction accuracies are recorded.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -91,6 +95,61 @@ def run(method: str, steps: int | None, data: Path, out: Path) -> dict[str, obje
                if method == "cpc" else {})}
 
 
+def merge(earlier: list[dict], measured: list[dict]) -> list[dict]:
+    """The results file after a run: one entry per method, this run's replacing earlier ones in place.
+
+    >>> merge([{"method": "a", "x": 1}, {"method": "b", "x": 1}], [{"method": "b", "x": 2}, {"method": "c", "x": 2}])
+    [{'method': 'a', 'x': 1}, {'method': 'b', 'x': 2}, {'method': 'c', 'x': 2}]
+    """
+    entries = {e["method"]: e for e in earlier}
+    entries.update({e["method"]: e for e in measured})
+    return list(entries.values())
+
+
+def table(entries: list[dict], provenance: bool = False) -> list[str]:
+    """Markdown rows of ``entries``; with ``provenance``, each entry's date and command (or "not
+    recorded" for entries written before they were stored)."""
+    head = ("| method | steps | kNN test | kNN test-shifted | random-init kNN shifted | gain | linear test | wall s | "
+            "embedding std (1/√d) |")
+    lines = [head + (" measured | command |" if provenance else ""), "|---" * (9 + 2 * provenance) + "|"]
+    for e in entries:
+        gain = 100 * (e["knn_shifted"] - e["random_knn_shifted"])
+        line = (f"| {e['method']} | {e['steps']} | {e['knn_test']:.3f} | {e['knn_shifted']:.3f} | "
+                f"{e['random_knn_shifted']:.3f} | {gain:+.1f} | {e['linear_test']:.3f} | {e['wall_s']:.0f} | "
+                f"{e['embedding_std']:.3f} ({e['embedding_dim'] ** -0.5:.3f}) |")
+        if provenance:
+            command = f"`{e['command']}`" if e.get("command") else "not recorded"
+            line += f" {e.get('date', 'not recorded')} | {command} |"
+        lines.append(line)
+    return lines
+
+
+def report(measured: list[dict], earlier: list[dict], results: Path) -> str:
+    """This run's table, then (apart, dated) the entries of ``results`` this run did not measure.
+
+    >>> row = dict(steps=2, knn_test=0.5, knn_shifted=0.4, random_knn_shifted=0.3, linear_test=0.6, wall_s=9,
+    ...            embedding_std=0.1, embedding_dim=64)
+    >>> old = [{**row, "method": "byol"}, {**row, "method": "simclr", "date": "2026-01-01T00:00:00+00:00",
+    ...                                    "command": "python benchmarks/ssl_digits.py"}]
+    >>> text = report([{**row, "method": "simclr", "date": "2026-12-01T00:00:00+00:00", "command": "x"}], old,
+    ...               Path("r.json"))
+    >>> print("\\n".join(line for line in text.splitlines() if "---" not in line and "| method |" not in line))
+    ... # doctest: +ELLIPSIS
+    Measured by this run:
+    | simclr | 2 | 0.500 | 0.400 | 0.300 | +10.0 | 0.600 | 9 | 0.100 (0.125) |
+    <BLANKLINE>
+    Not measured by this run: earlier entries kept in r.json, each with the run that measured it:
+    | byol | 2 | 0.500 | ... | 0.100 (0.125) | not recorded | not recorded |
+    """
+    lines = ["Measured by this run:", *table(measured)]
+    done = {e["method"] for e in measured}
+    kept = [e for e in earlier if e["method"] not in done]
+    if kept:
+        lines += ["", f"Not measured by this run: earlier entries kept in {results}, each with the run that "
+                      "measured it:", *table(kept, provenance=True)]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -104,21 +163,16 @@ def main() -> None:
         prep(["digits", "--out", str(args.data)])
     if "cmc" in args.methods.split(",") and not (edges / "manifest.json").is_file():
         prep(["digits", "--out", str(edges), "--edges"])
-    entries = {}
-    if args.results.is_file():
-        entries = {e["method"]: e for e in json.loads(args.results.read_text())}
+    earlier = json.loads(args.results.read_text()) if args.results.is_file() else []
+    command = shlex.join(["python", *sys.argv])
+    measured: list[dict] = []
     for method in args.methods.split(","):
-        entries[method] = run(method, args.steps, edges if method == "cmc" else args.data, args.out)
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(json.dumps(list(entries.values()), indent=2) + "\n")
-    print("| method | steps | kNN test | kNN test-shifted | random-init kNN shifted | gain | linear test | wall s | "
-          "embedding std (1/√d) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for e in entries.values():
-        gain = 100 * (e["knn_shifted"] - e["random_knn_shifted"])
-        print(f"| {e['method']} | {e['steps']} | {e['knn_test']:.3f} | {e['knn_shifted']:.3f} | "
-              f"{e['random_knn_shifted']:.3f} | {gain:+.1f} | {e['linear_test']:.3f} | {e['wall_s']:.0f} | "
-              f"{e['embedding_std']:.3f} ({e['embedding_dim'] ** -0.5:.3f}) |")
+        entry = run(method, args.steps, edges if method == "cmc" else args.data, args.out)
+        measured.append({**entry, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                         "command": command})
+        args.results.parent.mkdir(parents=True, exist_ok=True)  # after every method: a cut run keeps its rows
+        args.results.write_text(json.dumps(merge(earlier, measured), indent=2) + "\n")
+    print(report(measured, earlier, args.results))
 
 
 if __name__ == "__main__":

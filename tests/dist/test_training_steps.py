@@ -1,7 +1,9 @@
 """The real trainer for several optimizer steps in 2 gloo processes against 1 process on the same
-global batches (``trainer_worker.py``): momentum teachers, MoCo's queue wrapping around, DINO's
-centre, SwAV's frozen prototypes, memory banks by loss over steps, gradient accumulation under
-DDP, SyncBN, MoCo's shuffle-BN, and exact resume of 2 processes with and without it."""
+global batches (``trainer_worker.py``): every objective whose negatives are the global batch (CLIP
+with its learned temperature, SimCLR, InvaSpread, MoCo v3, SimSiam, CPC, CMC core and full),
+momentum teachers, MoCo's queue wrapping around, DINO's centre, SwAV's frozen prototypes, memory
+banks by loss over steps, gradient accumulation under DDP, SyncBN, MoCo's shuffle-BN, and exact
+resume of 2 processes with and without it."""
 
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ import torch
 from .launch import torchrun
 
 HERE = Path(__file__).parent
+IN_BATCH = ["clip", "simclr", "invaspread", "mocov3", "simsiam", "cpc", "cmc", "cmc_full"]
 CPU_CASES = ["byol", "moco", "dino", "swav", "swav_queue", "instdisc", "cmc_bank", "simclr_accum", "byol_accum",
-             "moco_sync_bn"]
+             "moco_sync_bn", *IN_BATCH]
 TOL = 1e-5
 
 
@@ -48,6 +51,7 @@ def assert_same_run(runs: dict[int, dict[str, Any]], name: str) -> tuple[dict[st
     one, two = runs[1][name], runs[2][name]
     assert "error" not in one and "error" not in two, (name, one.get("error"), two.get("error"))
     assert sorted(one["losses"]) == sorted(two["losses"]) == list(range(1, len(one["losses"]) + 1)), name
+    assert len(one["losses"]) >= 3, name
     for step, loss in one["losses"].items():
         assert two["losses"][step] == pytest.approx(loss, abs=TOL), (name, step, one["losses"], two["losses"])
     for part in ("model", "objective"):
@@ -58,8 +62,19 @@ def assert_same_run(runs: dict[int, dict[str, Any]], name: str) -> tuple[dict[st
     return one, two
 
 
+@pytest.mark.parametrize("name", IN_BATCH)
+def test_in_batch_objectives_over_steps(name: str, runs: dict[int, dict[str, Any]]) -> None:
+    """Negatives (CPC: other patches; SimSiam: none) from every process's rows, gathered with
+    gradient: 2 processes on half batches train as 1 process on the whole batch, step after step."""
+    one, two = assert_same_run(runs, name)
+    if name == "clip":  # the temperature is learned, and learned the same
+        start, end = one["start"]["clip.logit_scale"], one["model"]["clip.logit_scale"]
+        assert (end - start).abs().item() > 100 * TOL, (start, end)
+        assert (end - two["model"]["clip.logit_scale"]).abs().item() < TOL
+
+
 def test_momentum_teachers_queue_and_centre_over_steps(runs: dict[int, dict[str, Any]]) -> None:
-    for name in ("byol", "moco", "dino"):
+    for name in ("byol", "moco", "mocov3", "dino"):
         one, _ = assert_same_run(runs, name)
         state = one["objective"]
         # the teacher is an EMA, neither the online network nor its starting copy

@@ -22,6 +22,7 @@ import itertools
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from mmcl.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 GN = ["model.backbone.norm=gn", "model.backbone.width=8", "model.backbone.depth=2"]
+DIGITS = "zero one two three four five six seven eight nine".split()
 
 
 @dataclass
@@ -88,6 +90,26 @@ CASES = {
                                      "model.projector={dims: [32, 16], norm: bn}", "objective.queue_size=12",
                                      "objective.momentum=0.8", "objective.shuffle_bn=true", "train.sync_bn=true"]),
 }
+# objectives whose negatives (or targets) are the other rows of the global batch, gathered with
+# gradient across processes (no state but the model's, and the momentum teacher of MoCo v3)
+CASES.update({
+    # the open_clip tiny ViT and text transformer (LayerNorm), learned logit_scale, grad_clip 1.0
+    "clip": Case("clip", ["eval.zeroshot_shards=null"]),
+    "simclr": Case("simclr", [*GN, "model.projector={dims: [32, 16], norm: none}"]),
+    "invaspread": Case("invaspread", [*GN, "model.projector={dims: [16], norm: none}"]),
+    "mocov3": Case("moco_v3", [*GN, "model.projector={dims: [32, 16], norm: none}",
+                               "objective.predictor={dims: [32, 16], norm: none}", "objective.momentum=0.8"]),
+    "simsiam": Case("simsiam", [*GN, "model.projector={dims: [32, 16], norm: none}",
+                                "objective.predictor={dims: [8, 16], norm: none}"]),
+    # 6 x 6 grid of 12 px patches, 2 rows ahead (negatives: every target patch of the global batch)
+    "cpc": Case("cpc", ["model.backbone.width=8", "model.context_dim=16", "model.context_layers=2",
+                        "objective.steps=2"]),
+    # two image fields, one encoder each (the recipe's core mode) ...
+    "cmc": Case("cmc", [*GN, "model.projector={dims: [32, 16], norm: none}"]),
+    # ... and three channel groups of one image, every pair of views (full graph)
+    "cmc_full": Case("cmc", [*GN, "model.projector={dims: [32, 16], norm: none}", "model.channels=[[0], [1], [2]]",
+                             "data.view_fields=[]", "data.views=1", "objective.mode=full"]),
+})
 
 
 class FixedStream:
@@ -102,9 +124,11 @@ class FixedStream:
             yield start_epoch, batch
 
 
-def global_batches(recipe: Recipe, case: Case, n: int, seed: int) -> list[dict[str, Any]]:
+def global_batches(recipe: Recipe, case: Case, n: int, seed: int,
+                   tokenizer: Callable[[list[str]], Any] | None = None) -> list[dict[str, Any]]:
     """``n`` global micro-batches shaped as the recipe's loader would shape them: its global views
-    at ``image_size`` (one per view field), then its local crops; unique ids below 40 per batch."""
+    at ``image_size`` (one per view field), then its local crops; for image-text recipes one image
+    and the tokenized caption of a random digit per row; unique ids below 40 per batch."""
     d, g = recipe.data, torch.Generator().manual_seed(seed)
     sizes = [d.image_size] * (len(d.view_fields) or d.views)
     if d.multi_crop:
@@ -112,22 +136,33 @@ def global_batches(recipe: Recipe, case: Case, n: int, seed: int) -> list[dict[s
     out = []
     for _ in range(n):
         ids = torch.randperm(40, generator=g)[: case.global_batch]
-        out.append({"views": [torch.randn(case.global_batch, 3, s, s, generator=g) for s in sizes], "id": ids,
-                    "key": [f"{int(i):06d}" for i in ids]})
+        batch: dict[str, Any] = {"id": ids, "key": [f"{int(i):06d}" for i in ids]}
+        if d.kind == "image_text":
+            digits = torch.randint(10, (case.global_batch,), generator=g).tolist()
+            batch["image"] = torch.randn(case.global_batch, 3, d.image_size, d.image_size, generator=g)
+            batch["text"] = tokenizer([f"a handwritten digit {DIGITS[i]}" for i in digits])
+        else:
+            batch["views"] = [torch.randn(case.global_batch, 3, s, s, generator=g) for s in sizes]
+        out.append(batch)
     return out
 
 
 def share(batch: dict[str, Any], rank: int, n: int) -> dict[str, Any]:
     """Rows ``[rank * b, (rank + 1) * b)`` of a global batch split in ``n``."""
-    b = batch["id"].shape[0] // n
+    b = len(batch["key"]) // n
     rows = slice(rank * b, (rank + 1) * b)
-    return {"views": [v[rows] for v in batch["views"]], "id": batch["id"][rows], "key": batch["key"][rows]}
+    return {k: [x[rows] for x in v] if k == "views" else v[rows] for k, v in batch.items()}
 
 
 def concat(batches: list[dict[str, Any]]) -> dict[str, Any]:
     """One batch of the rows of ``batches``."""
-    return {"views": [torch.cat(vs) for vs in zip(*(b["views"] for b in batches))],
-            "id": torch.cat([b["id"] for b in batches]), "key": [k for b in batches for k in b["key"]]}
+    def rows(k: str) -> Any:
+        parts = [b[k] for b in batches]
+        if k == "views":
+            return [torch.cat(vs) for vs in zip(*parts)]
+        return torch.cat(parts) if isinstance(parts[0], torch.Tensor) else [x for p in parts for x in p]
+
+    return {k: rows(k) for k in batches[0]}
 
 
 def globally_drawn_negatives(self: bank_module.MemoryBank, n: int, k: int) -> torch.Tensor:
@@ -171,14 +206,15 @@ def run_case(name: str, case: Case, runs: Path, shards: str) -> dict[str, Any]:
         "data.num_workers=0", f"optim.grad_accum={accum}", f"train.steps={case.steps}", "train.log_every=1",
         "train.save_every=0", "train.progress=false", "optim.warmup_steps=1", "eval.knn_train_shards=null",
         "eval.knn_shards=[]", *(o.replace("{batch}", str(batch_size)) for o in case.overrides)])
-    micro = global_batches(recipe, case, case.steps * case.accum, seed=len(name))
-    if one_step:
-        mine = [concat(micro[i:i + case.accum]) for i in range(0, len(micro), case.accum)]
-    else:
-        mine = [share(b, rank, n_proc) for b in micro]
     snaps: list[dict[str, torch.Tensor]] = []
     try:
         trainer = Trainer(recipe)
+        tokenizer = trainer.unwrapped.tokenizer() if recipe.data.kind == "image_text" else None
+        micro = global_batches(recipe, case, case.steps * case.accum, seed=len(name), tokenizer=tokenizer)
+        if one_step:
+            mine = [concat(micro[i:i + case.accum]) for i in range(0, len(micro), case.accum)]
+        else:
+            mine = [share(b, rank, n_proc) for b in micro]
         trainer.loader = FixedStream(mine)
         objective = trainer.acc.unwrap_model(trainer.objective)
         objective.register_forward_pre_hook(lambda m, args: snaps.append(snapshot(m)))
