@@ -8,7 +8,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 DATA := data/digits
 DEMO_RUN := runs/clip_digits
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint mutation clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,8 +29,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest tests
 
+# Mutation score of mmcl/objectives against the tests that cover each function (see docs/testing.md).
+mutation: $(STAMP)
+	rm -rf mutants
+	$(VENV)/bin/mutmut run --max-children 2 || true
+	$(VENV)/bin/mutmut results --all true > mutation-results.txt || true
+	$(PY) -m benchmarks.mutation_score mutation-results.txt
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mmcl data_prep tests benchmarks
 
 clean:
-	rm -rf $(VENV) data runs
+	rm -rf $(VENV) data runs mutants mutation-results.txt
