@@ -15,6 +15,7 @@ import shutil
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -75,21 +76,29 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+@contextmanager
+def loader_worker_deaths() -> Iterator[None]:
+    """A loader worker killed under training (the kernel's OOM killer) becomes a :class:`TrainingError`
+    saying so. torch reports the death from its SIGCHLD handler, so at any point of a step, not only
+    when a batch is read."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        raise TrainingError(f"a data loader worker died ({str(e).splitlines()[0]}): usually out of memory; lower "
+                            "data.num_workers or data.shuffle_buffer, then rerun with --resume latest") from None
+
+
 def _timed(batches: Iterator[Any], waited: dict[str, float]) -> Iterator[Any]:
     """``batches``, adding the seconds spent waiting for each to ``waited["s"]`` (the loader's share
-    of the step time, logged as ``data_wait``: near 1 means the GPU waits for data). A worker
-    killed under the loader (the kernel's OOM killer) is a :class:`TrainingError` saying so."""
+    of the step time, logged as ``data_wait``: near 1 means the GPU waits for data)."""
     while True:
         t = time.perf_counter()
         try:
             item = next(batches)
         except StopIteration:
             return
-        except RuntimeError as e:
-            if "DataLoader worker" not in str(e):
-                raise
-            raise TrainingError(f"a data loader worker died ({str(e).splitlines()[0]}): usually out of memory; lower "
-                                "data.num_workers or data.shuffle_buffer, then rerun with --resume latest") from None
         waited["s"] += time.perf_counter() - t
         yield item
 
@@ -337,78 +346,79 @@ class Trainer:
         samples, waited = 0, {"s": 0.0}
         evals: list[dict[str, Any]] = []
         self.model.train()
-        for epoch, batch in _timed(self.loader.forever(start_epoch), waited):
-            if epoch != current:
-                current, batches = epoch, 0
-            batches += 1
-            if epoch == start_epoch and batches <= skip:
-                continue  # fast-forward to where the checkpoint stopped reading
-            batch = to_device(batch, acc.device)
-            with acc.accumulate(self.model, self.objective):
-                with acc.autocast():
-                    out = self.model(batch)
-                    loss, metrics = self.objective(out, batch)
-                bad = self._any(~torch.isfinite(loss.detach()))
-                if bad:
-                    window_bad = 1
-                else:
-                    acc.backward(loss)
-                    if acc.sync_gradients:  # the update is skipped (by vote) if any gradient is NaN or inf
-                        metrics["grad_norm"] = norm = self._clip_gradients()
-                        bad = self._any(~torch.isfinite(norm))
-                        window_bad = window_bad or bad
-                        if bad and acc.scaler is not None:
-                            self.optimizer.step()  # fp16: the grad scaler skips this update and lowers its scale
-                if not (acc.sync_gradients and window_bad):
-                    self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            samples += len(batch["key"]) * acc.num_processes
-            if not bad:
-                window["loss"].append(loss.detach().float().item())
-                for k, v in metrics.items():
-                    window[k].append(float(v))
-            if not acc.sync_gradients:
-                continue
-            if window_bad:
-                self.state.bad_steps += 1
-                consecutive_bad += 1
-                window_bad = 0
-                if consecutive_bad >= r.train.max_bad_steps:
-                    raise TrainingError(f"the loss or the gradients were NaN or inf for {consecutive_bad} steps in "
-                                        f"a row (step {self.state.step}); lower optim.lr, set optim.grad_clip, "
-                                        "check the data, or use bf16/fp32")
-                continue
-            consecutive_bad = 0
-            self.scheduler.step()
-            self.state.step += 1
-            for m in (self.unwrapped, acc.unwrap_model(self.objective)):
-                hook = getattr(m, "after_optimizer_step", None)
-                if hook is not None:
-                    hook(self.state.step)
-            step = self.state.step
-            bar.update(1)
-            if step % r.train.log_every == 0 or step == r.train.steps:
-                names = sorted(window)
-                means = acc.reduce(torch.tensor([sum(window[k]) / len(window[k]) for k in names],
-                                                device=acc.device), "mean").tolist() if names else []
-                now = time.perf_counter()
-                record = {"step": step, "epoch": epoch, **dict(zip(names, means)),
-                          "lr": self.scheduler.get_last_lr()[0], "samples_per_s": samples / max(1e-9, now - t_log),
-                          "data_wait": waited["s"] / max(1e-9, now - t_log),
-                          "bad_steps": self.state.bad_steps, "skipped": self._skip_counts()}
-                if acc.device.type == "cuda":  # peak memory of this process since the start, GiB
-                    record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
-                self._log(record)
-                bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}")
-                window.clear()
-                samples, t_log, waited["s"] = 0, now, 0.0
-            if r.train.eval_every and step % r.train.eval_every == 0 and step != r.train.steps:
-                evals = self.evaluate()
-                self._log({"step": step, **flat_metrics(evals)})
-            if (r.train.save_every and step % r.train.save_every == 0) or step == r.train.steps:
-                self.save_checkpoint(epoch, batches)
-            if step >= r.train.steps:
-                break
+        with loader_worker_deaths():
+            for epoch, batch in _timed(self.loader.forever(start_epoch), waited):
+                if epoch != current:
+                    current, batches = epoch, 0
+                batches += 1
+                if epoch == start_epoch and batches <= skip:
+                    continue  # fast-forward to where the checkpoint stopped reading
+                batch = to_device(batch, acc.device)
+                with acc.accumulate(self.model, self.objective):
+                    with acc.autocast():
+                        out = self.model(batch)
+                        loss, metrics = self.objective(out, batch)
+                    bad = self._any(~torch.isfinite(loss.detach()))
+                    if bad:
+                        window_bad = 1
+                    else:
+                        acc.backward(loss)
+                        if acc.sync_gradients:  # the update is skipped (by vote) if any gradient is NaN or inf
+                            metrics["grad_norm"] = norm = self._clip_gradients()
+                            bad = self._any(~torch.isfinite(norm))
+                            window_bad = window_bad or bad
+                            if bad and acc.scaler is not None:
+                                self.optimizer.step()  # fp16: the grad scaler skips this update and lowers its scale
+                    if not (acc.sync_gradients and window_bad):
+                        self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                samples += len(batch["key"]) * acc.num_processes
+                if not bad:
+                    window["loss"].append(loss.detach().float().item())
+                    for k, v in metrics.items():
+                        window[k].append(float(v))
+                if not acc.sync_gradients:
+                    continue
+                if window_bad:
+                    self.state.bad_steps += 1
+                    consecutive_bad += 1
+                    window_bad = 0
+                    if consecutive_bad >= r.train.max_bad_steps:
+                        raise TrainingError(f"the loss or the gradients were NaN or inf for {consecutive_bad} steps in "
+                                            f"a row (step {self.state.step}); lower optim.lr, set optim.grad_clip, "
+                                            "check the data, or use bf16/fp32")
+                    continue
+                consecutive_bad = 0
+                self.scheduler.step()
+                self.state.step += 1
+                for m in (self.unwrapped, acc.unwrap_model(self.objective)):
+                    hook = getattr(m, "after_optimizer_step", None)
+                    if hook is not None:
+                        hook(self.state.step)
+                step = self.state.step
+                bar.update(1)
+                if step % r.train.log_every == 0 or step == r.train.steps:
+                    names = sorted(window)
+                    means = acc.reduce(torch.tensor([sum(window[k]) / len(window[k]) for k in names],
+                                                    device=acc.device), "mean").tolist() if names else []
+                    now = time.perf_counter()
+                    record = {"step": step, "epoch": epoch, **dict(zip(names, means)),
+                              "lr": self.scheduler.get_last_lr()[0], "samples_per_s": samples / max(1e-9, now - t_log),
+                              "data_wait": waited["s"] / max(1e-9, now - t_log),
+                              "bad_steps": self.state.bad_steps, "skipped": self._skip_counts()}
+                    if acc.device.type == "cuda":  # peak memory of this process since the start, GiB
+                        record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
+                    self._log(record)
+                    bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}")
+                    window.clear()
+                    samples, t_log, waited["s"] = 0, now, 0.0
+                if r.train.eval_every and step % r.train.eval_every == 0 and step != r.train.steps:
+                    evals = self.evaluate()
+                    self._log({"step": step, **flat_metrics(evals)})
+                if (r.train.save_every and step % r.train.save_every == 0) or step == r.train.steps:
+                    self.save_checkpoint(epoch, batches)
+                if step >= r.train.steps:
+                    break
         bar.close()
         return self._finish(t0, evals)
 
