@@ -6,7 +6,12 @@ then for several steps: ``loss, metrics = objective(model_out, batch)``, backwar
 over the model's and the objective's parameters, and ``after_optimizer_step(step)``. After every
 step it compares the loss, the gradients of the objective's inputs and of its own parameters
 (predictors), and the state the step leaves (queue contents and pointer, momentum targets).
-The references never call mmcl's own helpers (InfoNCE, gathers, queues, momentum targets).
+It also checks the metrics each step logs (``acc``, ``embedding_std``, ``momentum``, ...). The
+references never call mmcl's own helpers (InfoNCE, gathers, queues, momentum targets).
+
+The last sections check what the step-by-step runs cannot show: batches with a third view, a
+negative that takes all the probability, inputs on another device, and the momentum target's
+defaults.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import copy
 import importlib
 import math
+import warnings
 from typing import Any
 
 import pytest
@@ -22,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcl.config import build, from_dict, registered
+from mmcl.objectives.momentum import MomentumTarget
 from mmcl.optim import build_optimizer
 from mmcl.recipe import OptimConfig
 
@@ -52,8 +59,10 @@ def start(model: nn.Module, objective: nn.Module, total_steps: int) -> torch.opt
     return build_optimizer(OptimConfig(name="adamw", lr=1e-2, weight_decay=0.0), [model, objective])
 
 
-def forward(model: nn.Module, objective: nn.Module, batch: dict[str, Any]) -> tuple[Any, torch.Tensor]:
-    """Model outputs (their gradients kept for inspection) and the objective's loss, back-propagated."""
+def forward(model: nn.Module, objective: nn.Module,
+            batch: dict[str, Any]) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
+    """Model outputs (their gradients kept for inspection), the objective's loss, back-propagated, and
+    the metrics the trainer logs."""
     out = model(batch)
     for t in [*out.get("z", []), *(out[k] for k in ("image_features", "text_features", "logit_scale") if k in out)]:
         if t.requires_grad:
@@ -61,7 +70,7 @@ def forward(model: nn.Module, objective: nn.Module, batch: dict[str, Any]) -> tu
     loss, metrics = objective(out, batch)
     assert loss.ndim == 0 and all(torch.isfinite(torch.as_tensor(v)).all() for v in metrics.values())
     loss.backward()
-    return out, loss
+    return out, loss, metrics
 
 
 def update(model: nn.Module, objective: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
@@ -93,6 +102,17 @@ def unit(x: torch.Tensor) -> torch.Tensor:
 def cross_entropy_rows(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """Per row: ``-log(exp(l_pos) / Σ_j exp(l_j))``."""
     return torch.logsumexp(logits, dim=1) - logits[torch.arange(logits.shape[0]), pos]
+
+
+def top1_rows(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Fraction of rows whose largest logit is the positive column (the logged ``acc``)."""
+    return (logits.argmax(dim=1) == pos).double().mean()
+
+
+def spread(z: torch.Tensor) -> torch.Tensor:
+    """The collapse monitor the trainer logs as ``embedding_std``: per-dimension std of the unit rows,
+    averaged over dimensions."""
+    return unit(z.detach().double()).std(dim=0).mean()
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -171,6 +191,14 @@ def assert_loss(loss: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) 
     assert loss.item() == pytest.approx(expected.item(), rel=rtol, abs=rtol), "loss differs from the reference"
 
 
+def assert_metrics(metrics: dict[str, torch.Tensor], expected: dict[str, Any]) -> None:
+    """The objective logs exactly the metrics named in ``expected``, with those values."""
+    assert set(metrics) == set(expected), f"logged metrics {sorted(metrics)}, expected {sorted(expected)}"
+    for k, v in expected.items():
+        v = v.detach() if isinstance(v, torch.Tensor) else v
+        assert float(metrics[k]) == pytest.approx(float(v), rel=1e-5, abs=1e-6), f"metric {k}"
+
+
 def assert_grads(out_grads: list[torch.Tensor | None], leaves: list[torch.Tensor], ref_loss: torch.Tensor,
                  what: str, rtol: float = 1e-5) -> None:
     """The library's gradients equal the reference's (``None`` where the reference has no path)."""
@@ -202,13 +230,16 @@ def test_clip_trains_features_and_temperature_like_the_paper() -> None:
     for step in range(1, STEPS + 1):
         batch = {"image": torch.randn(B, 3, 32, 32, generator=gen),
                  "text": torch.randint(1, 49407, (B, 16), generator=gen)}
-        out, loss = forward(model, objective, batch)
+        out, loss, metrics = forward(model, objective, batch)
         assert "logit_bias" not in out  # mmcl's CLIP has no SigLIP-style bias to train
         image, text, scale = leaf(out["image_features"]), leaf(out["text_features"]), leaf(out["logit_scale"])
         i2t, t2i = clip_rows(image, text, scale)
         ref = 0.5 * (i2t.mean() + t2i.mean())
         assert_loss(loss, ref)
         assert_grads([out["image_features"].grad, out["text_features"].grad], [image, text], ref, "features")
+        logits, own = scale * image @ text.T, torch.arange(B)
+        assert_metrics(metrics, {"acc_i2t": top1_rows(logits, own), "acc_t2i": top1_rows(logits.T, own),
+                                 "logit_scale": scale})
         (d_scale,) = torch.autograd.grad(ref, scale)
         # s = exp(p) below the clamp: dL/dp = dL/ds · s reaches the stored log-temperature
         assert_close(param.grad, d_scale * scale.detach(), "logit_scale parameter")
@@ -259,11 +290,12 @@ def test_in_batch_objective_over_steps_of_a_real_encoder(name: str) -> None:
     optimizer = start(model, objective, STEPS)
     assert not list(objective.parameters())
     for step in range(1, STEPS + 1):
-        out, loss = forward(model, objective, two_views(gen))
+        out, loss, metrics = forward(model, objective, two_views(gen))
         z1, z2 = leaf(out["z"][0]), leaf(out["z"][1])
         ref = rows(z1, z2, tau).mean()
         assert_loss(loss, ref)
         assert_grads([z.grad for z in out["z"]], [z1, z2], ref, "z")
+        assert_metrics(metrics, {"acc": top1_rows(*nt_xent_rows(z1, z2, tau)), "embedding_std": spread(z1)})
         update(model, objective, optimizer, step)
 
 
@@ -333,34 +365,39 @@ def test_processes_together_match_one_process_on_the_global_batch(name: str, mon
 
 
 # --------------------------------------------------------------------------------------------- MoCo v1/v2
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_moco_queue_of_momentum_keys_over_steps(symmetric: bool) -> None:
+@pytest.mark.parametrize(("symmetric", "shuffle_bn"), [(False, True), (True, False)])
+def test_moco_queue_of_momentum_keys_over_steps(symmetric: bool, shuffle_bn: bool) -> None:
     """He et al. (2020): ``-log exp(q·k₊/τ) / (exp(q·k₊/τ) + Σ_queue exp(q·k/τ))`` against the queue
-    as it was before the step; then this step's momentum keys are written at the pointer (wrapping),
-    the pointer advances, and the key encoder moves by ``m θ_k + (1 − m) θ_q``."""
+    as it was before the step (random unit keys at first); then this step's momentum keys are written
+    at the pointer (wrapping), the pointer advances, and the key encoder moves by ``m θ_k + (1 − m) θ_q``.
+    One process: shuffle-BN changes nothing (``test_gather_processes`` checks it across processes)."""
     tau, m, size = 0.2, 0.9, 16  # 16 rows: the queue wraps on the third step (and every step, symmetric)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     model = model_from("encoder", **ENCODER)
-    objective = objective_from("moco", queue_size=size, momentum=m, temperature=tau, symmetric=symmetric)
+    objective = objective_from("moco", queue_size=size, momentum=m, temperature=tau, symmetric=symmetric,
+                               shuffle_bn=shuffle_bn)
     optimizer = start(model, objective, STEPS)
     reference = ReferenceTarget(model)
     queue, ptr = objective.queue.keys.detach().double().clone(), 0
     assert queue.shape == (size, model.embed_dim) and int(objective.queue.ptr) == 0
+    torch.testing.assert_close(queue.norm(dim=1), torch.ones(size, dtype=torch.float64), msg="initial queue rows")
     pairs = [(0, 1), (1, 0)] if symmetric else [(0, 1)]
     for step in range(1, STEPS + 1):
         batch = two_views(gen)
-        out, loss = forward(model, objective, batch)
+        out, loss, metrics = forward(model, objective, batch)
         z = [leaf(t) for t in out["z"]]
         keys = [unit(k) for k in reference.projections(batch["views"])]
-        terms = []
+        terms, accs, positive = [], [], torch.zeros(B, dtype=torch.long)
         for qi, ki in pairs:
             q = unit(z[qi])
             logits = torch.cat([(q * keys[ki]).sum(dim=1, keepdim=True), q @ queue.T], dim=1) / tau
-            terms.append(cross_entropy_rows(logits, torch.zeros(B, dtype=torch.long)).mean())
+            terms.append(cross_entropy_rows(logits, positive).mean())
+            accs.append(top1_rows(logits, positive))
         ref = torch.stack(terms).mean()
         assert_loss(loss, ref, rtol=1e-5)
         assert_grads([t.grad for t in out["z"]], z, ref, "z")
+        assert_metrics(metrics, {"acc": torch.stack(accs).mean(), "embedding_std": spread(z[0]), "momentum": m})
         pushed = torch.cat([keys[ki] for _, ki in pairs])  # the KEYS of this step, never the queries
         rows = (ptr + torch.arange(pushed.shape[0])) % size
         queue[rows] = pushed
@@ -374,18 +411,23 @@ def test_moco_queue_of_momentum_keys_over_steps(symmetric: bool) -> None:
 
 
 # --------------------------------------------------------------------------------------------- MoCo v3, BYOL
-def mocov3_reference(p: list[torch.Tensor], keys: list[torch.Tensor], tau: float) -> torch.Tensor:
-    """Chen, Xie & He (2021): ``ctr(q₁, k₂) + ctr(q₂, k₁)``, ``ctr(q, k) = 2τ · CE(q·kᵀ/τ, own index)``."""
+def mocov3_reference(p: list[torch.Tensor], keys: list[torch.Tensor],
+                     tau: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Chen, Xie & He (2021): ``ctr(q₁, k₂) + ctr(q₂, k₁)``, ``ctr(q, k) = 2τ · CE(q·kᵀ/τ, own index)``;
+    ``acc``: the mean of both directions' top-1."""
     q1, q2 = unit(p[0]), unit(p[1])
     k1, k2 = unit(keys[0]), unit(keys[1])
     own = torch.arange(q1.shape[0])
-    return 2 * tau * (cross_entropy_rows(q1 @ k2.T / tau, own).mean() + cross_entropy_rows(q2 @ k1.T / tau, own).mean())
+    loss = 2 * tau * (cross_entropy_rows(q1 @ k2.T / tau, own).mean() + cross_entropy_rows(q2 @ k1.T / tau, own).mean())
+    return loss, {"acc": (top1_rows(q1 @ k2.T, own) + top1_rows(q2 @ k1.T, own)) / 2}
 
 
-def byol_reference(p: list[torch.Tensor], targets: list[torch.Tensor], tau: float) -> torch.Tensor:
-    """Grill et al. (2020): ``ℓ(p₁, t₂) + ℓ(p₂, t₁)``, ``ℓ(p, t) = mean ‖p/‖p‖ − t/‖t‖‖²``, target fixed."""
+def byol_reference(p: list[torch.Tensor], targets: list[torch.Tensor],
+                   tau: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Grill et al. (2020): ``ℓ(p₁, t₂) + ℓ(p₂, t₁)``, ``ℓ(p, t) = mean ‖p/‖p‖ − t/‖t‖‖²``, target fixed;
+    no accuracy (there are no negatives)."""
     return sum(((unit(pi) - unit(ti.detach())) ** 2).sum(dim=1).mean() for pi, ti in ((p[0], targets[1]),
-                                                                                      (p[1], targets[0])))
+                                                                                      (p[1], targets[0]))), {}
 
 
 PREDICTIVE = {"mocov3": (mocov3_reference, {"temperature": 0.2, "momentum": 0.6,
@@ -397,7 +439,8 @@ PREDICTIVE = {"mocov3": (mocov3_reference, {"temperature": 0.2, "momentum": 0.6,
 def test_predictor_and_cosine_momentum_target_over_steps(name: str) -> None:
     """Online predictions against the momentum target's projections of the other view: loss and
     gradients of the projections and of the predictor; the target follows the cosine schedule from
-    ``momentum`` to 1 over ``total_steps`` (here: every step of the run, so it reaches 1)."""
+    ``momentum`` to 1 over ``total_steps`` (here: every step of the run, so it reaches 1), and each
+    step logs the momentum of the update before it."""
     reference_loss, params = PREDICTIVE[name]
     tau = params.get("temperature", 0.0)
     torch.manual_seed(0)
@@ -411,12 +454,14 @@ def test_predictor_and_cosine_momentum_target_over_steps(name: str) -> None:
     for step in range(1, STEPS + 1):
         batch = two_views(gen)
         w = head_leaves(predictor)
-        out, loss = forward(model, objective, batch)
+        out, loss, metrics = forward(model, objective, batch)
         z = [leaf(t) for t in out["z"]]
         p = [head_forward(predictor, w, zi) for zi in z]  # the predictor on the online branch only
-        ref = reference_loss(p, reference.projections(batch["views"]), tau)
+        ref, logged = reference_loss(p, reference.projections(batch["views"]), tau)
         assert_loss(loss, ref, rtol=1e-5)
         assert_grads([t.grad for t in out["z"]], z, ref, "z")
+        assert_metrics(metrics, {**logged, "embedding_std": spread(z[0]),
+                                 "momentum": cosine_momentum(step - 1, STEPS, params["momentum"])})
         names = list(w)
         assert_grads([dict(predictor.named_parameters())[k].grad for k in names], [w[k] for k in names], ref,
                      "predictor")
@@ -437,13 +482,133 @@ def test_simsiam_stops_the_gradient_of_the_targets_over_steps() -> None:
     predictor = objective.predictor
     for step in range(1, STEPS + 1):
         w = head_leaves(predictor)
-        out, loss = forward(model, objective, two_views(gen))
+        out, loss, metrics = forward(model, objective, two_views(gen))
         z = [leaf(t) for t in out["z"]]
         p = [head_forward(predictor, w, zi) for zi in z]
         ref = -0.5 * (cosine(p[0], z[1].detach()).mean() + cosine(p[1], z[0].detach()).mean())
         assert loss.item() == pytest.approx(ref.item(), abs=1e-6)  # a sum of cosines near cancelling: absolute
         assert_grads([t.grad for t in out["z"]], z, ref, "z")
+        assert_metrics(metrics, {"embedding_std": spread(z[0])})
         names = list(w)
         assert_grads([dict(predictor.named_parameters())[k].grad for k in names], [w[k] for k in names], ref,
                      "predictor")
         update(model, objective, optimizer, step)
+
+
+# --------------------------------------------------------------------------------------------- more than two views
+TWO_VIEW = {"simclr": {"temperature": 0.2}, "invaspread": {"temperature": 0.1}, "mocov3": PREDICTIVE["mocov3"][1],
+            "byol": PREDICTIVE["byol"][1], "simsiam": {"predictor": HEAD}}
+
+
+@pytest.mark.parametrize("name", sorted(TWO_VIEW))
+def test_two_view_objectives_use_the_first_two_of_more_views(name: str) -> None:
+    """A batch with a third view (multi-crop augmentation): loss, gradients and metrics are those of
+    the first two views alone, and the third view gets no gradient."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    model = model_from("encoder", **ENCODER)
+    objective = objective_from(name, **TWO_VIEW[name])
+    start(model, objective, STEPS)
+    views = [torch.randn(B, 3, IMAGE, IMAGE, generator=gen) for _ in range(3)]
+    z = [t.detach().requires_grad_() for t in model({"views": views})["z"]]
+    loss3, metrics3 = objective({"z": z}, {"views": views})
+    grads3 = torch.autograd.grad(loss3, z, allow_unused=True)
+    loss2, metrics2 = objective({"z": z[:2]}, {"views": views[:2]})
+    grads2 = torch.autograd.grad(loss2, z[:2])
+    assert loss3.item() == loss2.item()
+    assert metrics3.keys() == metrics2.keys() and all(float(metrics3[k]) == float(metrics2[k]) for k in metrics2)
+    assert all(torch.equal(a, b) for a, b in zip(grads3, grads2)) and grads3[2] is None
+
+
+# --------------------------------------------------------------------------------------------- a certain negative
+def test_invaspread_stays_finite_when_a_negative_takes_all_the_probability() -> None:
+    """The same image twice in a batch at a low temperature: for each copy the other copy is a negative
+    with probability 1 in float32, and ``log(1 − P)`` must not reach −inf. No warning either (the
+    trainer's logs stay clean)."""
+    a, b, c = torch.eye(3)
+    z = [torch.stack([a, a]).requires_grad_(), torch.stack([b, c]).requires_grad_()]
+    objective = objective_from("invaspread", temperature=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss, metrics = objective({"z": z}, None)
+        loss.backward()
+    assert torch.isfinite(loss), "the loss of a batch with a repeated image is not finite"
+    assert all(torch.isfinite(t.grad).all() for t in z), "gradients of a batch with a repeated image"
+
+
+# --------------------------------------------------------------------------------------------- devices
+CONTRASTIVE = {"clip": {}, "clip_local": {"local_loss": True}, "simclr": {}, "invaspread": {},
+               "moco": {"queue_size": 16}, "moco_noshuffle": {"queue_size": 16, "shuffle_bn": False},
+               "mocov3": PREDICTIVE["mocov3"][1], "byol": PREDICTIVE["byol"][1], "simsiam": {"predictor": HEAD}}
+DEVICES = ["meta", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", sorted(CONTRASTIVE))
+def test_objectives_keep_their_tensors_on_the_inputs_device(name: str, device: str) -> None:
+    """Labels, masks and positives are made on the inputs' device. "meta" stands in for an accelerator
+    on a CPU-only machine: mixing it with CPU tensors fails as CUDA does."""
+    torch.manual_seed(0)
+    objective = objective_from(name.split("_")[0], **CONTRASTIVE[name])
+    if hasattr(objective, "setup"):
+        objective.setup(model_from("encoder", **ENCODER), STEPS)
+    objective.to(device)
+    if name.startswith("clip"):
+        z = [F.normalize(torch.randn(B, 8, device=device), dim=-1).requires_grad_() for _ in range(2)]
+        scale = torch.tensor(10.0, device=device, requires_grad=True)
+        out: dict[str, Any] = {"image_features": z[0], "text_features": z[1], "logit_scale": scale}
+    else:
+        z = [torch.randn(B, 8, device=device, requires_grad=True) for _ in range(2)]
+        out = {"z": z}
+    loss, metrics = objective(out, {"views": [torch.randn(B, 3, IMAGE, IMAGE, device=device) for _ in range(2)]})
+    loss.backward()
+    assert loss.device.type == device and z[0].grad is not None  # MoCo (not symmetric) uses view 1 as query only
+    assert all(t.grad is None or t.grad.device.type == device for t in z)
+    assert all(v.device.type == device for k, v in metrics.items() if k.startswith("acc"))
+
+
+# --------------------------------------------------------------------------------------------- momentum targets
+class Scaled(nn.Module):
+    """A network whose forward takes a keyword argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return self.lin(x) * scale
+
+
+def test_momentum_target_defaults_to_a_fixed_ema_and_is_called_like_its_network() -> None:
+    """``MomentumTarget(online, m)``: every update is ``m θ_t + (1 − m) θ_o``; calling it calls the copy
+    with the same positional and keyword arguments, without gradient."""
+    torch.manual_seed(0)
+    online = Scaled()
+    target = MomentumTarget(online, 0.5)
+    expected = target.net.lin.weight.detach().clone()
+    for step in (1, 2):
+        with torch.no_grad():
+            online.lin.weight.add_(1.0)
+        target.update(step)
+        expected = 0.5 * expected + 0.5 * online.lin.weight.detach()
+        assert target.momentum == 0.5, f"momentum of update {step}"
+        torch.testing.assert_close(target.net.lin.weight, expected, msg=f"target after update {step}")
+    x = torch.randn(4, 3, requires_grad=True)
+    y = target(x, scale=3.0)
+    assert not y.requires_grad
+    torch.testing.assert_close(y, 3.0 * target.net.lin(x).detach())
+
+
+@pytest.mark.parametrize("total_steps", [None, 0, 1])
+def test_cosine_momentum_of_a_run_of_at_most_one_step_ends_at_one(total_steps: int | None) -> None:
+    """A one-step run (a smoke test), a length of 0, or the default length: the cosine schedule is over
+    after the first update, whose momentum is 1 (the target keeps its weights)."""
+    torch.manual_seed(0)
+    online = Scaled()
+    target = MomentumTarget(online, 0.5, "cosine", **({} if total_steps is None else {"total_steps": total_steps}))
+    before = target.net.lin.weight.detach().clone()
+    with torch.no_grad():
+        online.lin.weight.add_(1.0)
+    target.update(1)
+    assert target.momentum == 1.0
+    torch.testing.assert_close(target.net.lin.weight, before)
