@@ -34,9 +34,11 @@ class CPCConfig:
     steps: int = spec(3, ge=1, help="K: rows predicted ahead")
 
     def check_recipe(self, recipe: Any) -> None:
-        """Rows predicted ahead must fit in the model's patch grid."""
-        grid = recipe.model.grid(recipe.data.image_size) if hasattr(recipe.model, "grid") else None
-        if grid is not None and self.steps >= grid:
+        """The model is a patch-grid model, and the rows predicted ahead fit in its grid."""
+        if not hasattr(recipe.model, "grid"):
+            raise ConfigError("objective cpc needs model: {name: cpc} (a patch grid with a context network)")
+        grid = recipe.model.grid(recipe.data.image_size)
+        if self.steps >= grid:
             raise ConfigError(f"objective.steps {self.steps} must be below the grid height {grid} (data.image_size "
                               f"{recipe.data.image_size}, model.patch_size {recipe.model.patch_size}, "
                               f"patch_stride {recipe.model.patch_stride})")

@@ -47,7 +47,13 @@ class DINOConfig:
     freeze_last_layer_steps: int = spec(0, ge=0, help="the last layer gets no gradient for this many steps")
 
     def check_recipe(self, recipe: Any) -> None:
-        """The teacher's crops must be global views of the data (``data.views``), not local crops."""
+        """The teacher's crops must be global views of the data (``data.views``), not local crops, and
+        the student needs a crop other than the teacher's."""
+        d = recipe.data
+        crops = d.views + (d.multi_crop.local_crops if d.multi_crop else 0)
+        if crops < 2:
+            raise ConfigError(f"objective dino compares the teacher on one crop with the student on another: the "
+                              f"data makes {crops} crop; set data.views >= 2 (or data.multi_crop.local_crops >= 1)")
         if self.global_crops > recipe.data.views:
             raise ConfigError(f"objective.global_crops is {self.global_crops} but the data makes {recipe.data.views} "
                               "global views (data.views); the crops after them are local crops")

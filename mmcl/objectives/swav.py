@@ -40,10 +40,19 @@ class SwAVConfig:
     queue_start_step: int = spec(0, ge=0)
 
     def check_recipe(self, recipe: Any) -> None:
-        """Assignments are computed for global views of the data (``data.views``), not local crops."""
-        if self.assignment_crops > recipe.data.views:
+        """Assignments are computed for global views of the data (``data.views``), not local crops;
+        each is predicted from another crop; the queue holds at least one batch of this process."""
+        d = recipe.data
+        crops = d.views + (d.multi_crop.local_crops if d.multi_crop else 0)
+        if crops < 2:
+            raise ConfigError(f"objective swav predicts each crop's code from another crop: the data makes {crops} "
+                              "crop; set data.views >= 2 (or data.multi_crop.local_crops >= 1)")
+        if self.assignment_crops > d.views:
             raise ConfigError(f"objective.assignment_crops is {self.assignment_crops} but the data makes "
-                              f"{recipe.data.views} global views (data.views); the crops after them are local crops")
+                              f"{d.views} global views (data.views); the crops after them are local crops")
+        if 0 < self.queue_length < d.batch_size:
+            raise ConfigError(f"objective.queue_length {self.queue_length} is below data.batch_size {d.batch_size} "
+                              "(the queue holds whole batches of this process); use 0 (no queue) or more")
 
 
 @torch.no_grad()

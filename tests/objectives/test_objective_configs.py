@@ -23,10 +23,26 @@ def test_cmc_bank_negatives_need_a_bank_size() -> None:
     assert load_recipe(CONFIGS / "cmc_digits.yaml").objective.bank_size is None
 
 
-def test_cpc_grid_check_applies_to_models_with_a_grid_only() -> None:
-    """The steps-below-grid check needs the model's patch grid; another model loads (the objective refuses it
-    when built, naming ``model: {name: cpc}``), and steps one below the grid height load."""
-    other = load_recipe(CONFIGS / "cpc_digits.yaml", ["model={name: encoder}"])
-    assert other.objective.steps == 3 and not hasattr(other.model, "grid")
+def test_cpc_needs_a_grid_model_and_steps_below_its_height() -> None:
+    """Another model is refused at load, naming ``model: {name: cpc}``; steps one below the grid height load."""
+    with pytest.raises(ConfigError, match=re.escape("objective cpc needs model: {name: cpc}")):
+        load_recipe(CONFIGS / "cpc_digits.yaml", ["model={name: encoder}"])
     edge = load_recipe(CONFIGS / "cpc_digits.yaml", ["objective.steps=5"])
     assert edge.model.grid(edge.data.image_size) == 6
+
+
+@pytest.mark.parametrize("config, overrides, message", [
+    ("swav_digits", ["data.views=1", "data.multi_crop=null", "objective.assignment_crops=1"],
+     "objective swav predicts each crop's code from another crop: the data makes 1 crop"),
+    ("dino_digits", ["data.views=1", "data.multi_crop=null", "objective.global_crops=1"],
+     "objective dino compares the teacher on one crop with the student on another: the data makes 1 crop"),
+    ("swav_digits", ["objective.queue_length=100"], "objective.queue_length 100 is below data.batch_size 256"),
+])
+def test_recipes_that_would_crash_at_the_first_step_are_refused_at_load(config, overrides, message) -> None:
+    """These loaded and then crashed at step 1 (no loss terms; a queue shorter than a batch)."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_recipe(CONFIGS / f"{config}.yaml", overrides)
+    # one crop plus a local crop, or a queue of exactly one batch, is fine
+    ok = {"swav_digits": ["data.views=1", "objective.assignment_crops=1", "objective.queue_length=256"],
+          "dino_digits": ["data.views=1", "objective.global_crops=1"]}[config]
+    load_recipe(CONFIGS / f"{config}.yaml", ok)
