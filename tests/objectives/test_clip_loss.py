@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -36,7 +37,8 @@ def test_matches_reference() -> None:
     img, txt = features()
     loss, metrics = ClipLoss()({"image_features": img, "text_features": txt, "logit_scale": torch.tensor(7.5)})
     assert abs(loss.item() - reference_clip_loss(img.tolist(), txt.tolist(), 7.5)) < 1e-6
-    assert 0.0 <= metrics["acc_i2t"] <= 1.0
+    hits = sum(max(range(6), key=lambda j, i=i: float(img[i] @ txt[j])) == i for i in range(6))
+    assert metrics["acc_i2t"].item() == pytest.approx(hits / 6)  # image i's best text is text i
 
 
 def test_local_loss_over_simulated_ranks_averages_to_the_global_loss() -> None:
