@@ -1,26 +1,20 @@
-"""Caption templates used to describe a labelled image in words."""
+"""Caption templates used to describe a labelled image in words (the digits' live in :mod:`mmcl.prompts`,
+shared with zero-shot evaluation)."""
 
 from __future__ import annotations
 
 import random
 
-# Templates for sources that only have a class name (image folders, digits).
+from mmcl.prompts import DIGIT_NAMES, DIGIT_TEMPLATES
+
+__all__ = ["CLASS_TEMPLATES", "DIGIT_NAMES", "DIGIT_TEMPLATES", "caption_for"]
+
+# Templates for sources that only have a class name (image folders).
 CLASS_TEMPLATES = (
     "a photo of a {}.",
     "a picture of a {}.",
     "an image showing a {}.",
     "a close-up photo of the {}.",
-)
-
-DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-
-DIGIT_TEMPLATES = (
-    "a handwritten digit {}",
-    "the number {}, written by hand",
-    "a scanned image of a handwritten {}",
-    "a blurry low-resolution {}",
-    "handwriting of the digit {}",
-    "a pixelated handwritten number {}",
 )
 
 

@@ -11,12 +11,13 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader
 
-from data_prep.images import MAX_PIXELS
 from mmcl.config import spec
 from mmcl.data.samples import IMAGE_KEYS, MISSING_CAPTION, MISSING_IMAGE, collate, image_text_sample, multi_view_sample
 from mmcl.data.shards import count_samples, expand_shards, samples_per_shard
-from mmcl.data.stream import ShardStream, dist_info
+from mmcl.data.stream import ShardStream
 from mmcl.data.transforms import OPENAI_MEAN, OPENAI_STD, build_transform
+from mmcl.decode import MAX_PIXELS
+from mmcl.dist import world
 from mmcl.errors import ConfigError, DataError
 
 
@@ -153,7 +154,7 @@ def make_loader(cfg: DataConfig, shards: str | None = None, *, train: bool = Tru
     per process; ``train=False`` reads every sample exactly once, in order, without augmentation.
     """
     urls = expand_shards(shards or cfg.train_shards)
-    r, w = dist_info()
+    r, w = world(launcher=True)
     rank, world_size = (r if rank is None else rank), (w if world_size is None else world_size)
     if train and not cfg.resample and len(urls) < world_size:
         raise DataError(f"{len(urls)} shard(s) cannot feed {world_size} processes: write more, smaller shards "

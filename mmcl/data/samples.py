@@ -2,7 +2,7 @@
 
 A sample that cannot be used raises :class:`~mmcl.data.stream.Skip` with a short stable reason,
 which the stream counts; nothing a single sample holds can stop a run. The reasons:
-``bad_image``, ``truncated_image``, ``too_large`` (see :func:`data_prep.images.decode_image`),
+``bad_image``, ``truncated_image``, ``too_large`` (see :func:`mmcl.decode.decode_image`),
 ``bad_json`` (a ``.json`` that does not parse to an object), ``bad_label``, ``bad_id``,
 ``bad_caption`` (not UTF-8) and ``missing_caption`` (empty).
 """
@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 from torch.utils.data import get_worker_info
 
-from data_prep.images import MAX_PIXELS, BadImage
-from data_prep.images import decode_image as _decode
 from mmcl.data.stream import SampleFn, Skip
+from mmcl.decode import MAX_PIXELS, BadImage
+from mmcl.decode import decode_image as _decode
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 BAD_JSON, BAD_LABEL, BAD_ID = "bad_json", "bad_label", "bad_id"

@@ -26,10 +26,10 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
+from mmcl.dist import world
 from mmcl.errors import DataError
 
 BAD_SHARD, BAD_SHARD_SAMPLES, DUPLICATE_FILE = "bad_shard", "bad_shard_samples", "duplicate_file"
@@ -40,15 +40,6 @@ CollateFn = Callable[[list[dict[str, Any]]], dict[str, Any]]
 
 class Skip(Exception):
     """Raised by a sample function to skip a sample, with the reason as message."""
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size) of this process: torch.distributed if initialised, else env vars."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    import os
-
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def sample_seed(*parts: Any) -> int:
@@ -75,7 +66,7 @@ class ShardStream(IterableDataset):
             counted skip, but a stream whose first samples all lack it is a user error.
         shard_samples: URL -> samples in that shard (from ``manifest.json``), to count the
             samples a truncated shard lost.
-        rank, world_size: this process's place; default from torch.distributed / env vars.
+        rank, world_size: this process's place; default from :func:`mmcl.dist.world` (``launcher=True``).
     """
 
     def __init__(self, urls: list[str], sample_fn: SampleFn, collate_fn: CollateFn, *, batch_size: int,
@@ -86,7 +77,7 @@ class ShardStream(IterableDataset):
         super().__init__()
         if resample and not epoch_samples:
             raise DataError("resampling needs the epoch length: set data.epoch_samples or add a manifest.json")
-        r, w = dist_info()
+        r, w = world(launcher=True)
         self.urls, self.sample_fn, self.collate_fn = list(urls), sample_fn, collate_fn
         self.batch_size, self.shuffle_buffer, self.shuffle_shards = batch_size, shuffle_buffer, shuffle_shards
         self.resample, self.epoch_samples, self.drop_last, self.seed = resample, epoch_samples, drop_last, seed

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from mmcl.data import DataConfig, make_loader
 from mmcl.data.transforms import OPENAI_MEAN, OPENAI_STD
-from mmcl.objectives.gather import gather_variable, world
+from mmcl.dist import gather_variable, world
 
 
 def data_config_for(model: Any, shards: str, batch_size: int, num_workers: int, kind: str = "image_text") -> DataConfig:

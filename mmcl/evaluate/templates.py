@@ -5,20 +5,20 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from mmcl.errors import ConfigError
+from mmcl.prompts import DIGIT_TEMPLATES
 
 Template = str | Callable[[str], str]
 
 
 def template_set(name_or_list: str | Sequence[str]) -> list[Template]:
-    """``openai`` (CLIP's 80 ImageNet prompts), ``simple``, ``mnist``, ``digits``, or a list of ``{}`` strings."""
+    """``openai`` (CLIP's 80 ImageNet prompts), ``simple``, ``mnist``, ``digits`` (the captions mmcl-prep
+    writes for its digits), or a list of ``{}`` strings."""
     if not isinstance(name_or_list, str):
         templates = list(name_or_list)
         if not templates or not all("{}" in t for t in templates):
             raise ConfigError("templates: each custom template needs a '{}' where the class name goes")
         return templates
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
-
-    from data_prep.captions import DIGIT_TEMPLATES
 
     sets: dict[str, list[Template]] = {
         "openai": list(OPENAI_IMAGENET_TEMPLATES),

@@ -4,9 +4,10 @@ Each objective is an ``nn.Module`` whose ``forward(model_outputs, batch)`` retur
 ``(loss, metrics)``. Optional hooks, called by the trainer: ``setup(model, total_steps)`` once
 the model exists (to size heads and copy momentum targets), and ``after_optimizer_step(step)``
 (momentum updates). Parameters an objective owns (predictor heads) are trained with the model.
-Shared pieces (InfoNCE, the cross-process gathers, momentum targets, the key queue) live in
-``infonce``, ``gather``, ``momentum`` and ``queue``; a new method is one new file here plus
-one recipe (modules here are imported, and so registered, automatically).
+Shared pieces (InfoNCE, momentum targets, the key queue) live in ``infonce``, ``momentum`` and
+``queue``; the cross-process gathers are :mod:`mmcl.dist`, shared with data and evaluation. A new
+method is one new file here plus one recipe (modules here are imported, and so registered,
+automatically).
 """
 
 import importlib

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmcl.dist import gather_no_grad, world
 from mmcl.errors import DataError
-from mmcl.objectives.gather import gather_no_grad, world
 
 
 class MemoryBank(nn.Module):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mmcl.config import register
-from mmcl.objectives.gather import gather_with_grad, world
+from mmcl.dist import gather_with_grad, world
 from mmcl.objectives.infonce import symmetric_info_nce, top1
 
 

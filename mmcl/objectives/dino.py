@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcl.config import register, spec
+from mmcl.dist import all_reduce_sum, world
 from mmcl.errors import ConfigError
-from mmcl.objectives.gather import all_reduce_sum, world
 from mmcl.objectives.infonce import embedding_std
 from mmcl.objectives.momentum import MomentumObjective, MomentumTarget
 

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcl.config import register, spec
+from mmcl.dist import all_reduce_sum, world
 from mmcl.objectives.bank import MemoryBank, bank_logits, nce_loss
-from mmcl.objectives.gather import all_reduce_sum, world
 from mmcl.objectives.infonce import embedding_std, info_nce, top1
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcl.config import register, spec
-from mmcl.objectives.gather import gather_with_grad, world
+from mmcl.dist import gather_with_grad, world
 from mmcl.objectives.infonce import embedding_std, top1
 from mmcl.objectives.simclr import pair_logits
 

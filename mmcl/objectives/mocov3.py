@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from mmcl.config import register, spec
+from mmcl.dist import gather_no_grad, world
 from mmcl.models.heads import HeadConfig
-from mmcl.objectives.gather import gather_no_grad, world
 from mmcl.objectives.infonce import embedding_std, info_nce, top1
 from mmcl.objectives.momentum import MomentumObjective
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcl.config import register, spec
-from mmcl.objectives.gather import gather_with_grad, world
+from mmcl.dist import gather_with_grad, world
 from mmcl.objectives.infonce import embedding_std, info_nce, top1
 
 

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcl.config import register, spec
+from mmcl.dist import all_reduce_sum, gather_no_grad
 from mmcl.errors import ConfigError
-from mmcl.objectives.gather import all_reduce_sum, gather_no_grad
 from mmcl.objectives.infonce import embedding_std
 
 

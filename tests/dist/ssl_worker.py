@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 
 from mmcl.config import build, from_dict
-from mmcl.objectives.gather import gather_no_grad
+from mmcl.dist import gather_no_grad
 from mmcl.objectives.swav import sinkhorn
 from mmcl.recipe import Recipe
 

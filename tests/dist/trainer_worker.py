@@ -33,8 +33,8 @@ from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 
 from mmcl.config import build, from_dict
+from mmcl.dist import world
 from mmcl.objectives import bank as bank_module
-from mmcl.objectives.gather import world
 from mmcl.recipe import Recipe, load_recipe
 from mmcl.train import Trainer
 

@@ -1,4 +1,4 @@
-"""The cross-process gathers of ``mmcl.objectives.gather`` and MoCo's shuffle-BN, run for real by two
+"""The cross-process gathers of ``mmcl.dist`` and MoCo's shuffle-BN, run for real by two
 gloo processes on 127.0.0.1, against values the test computes from each process's known inputs.
 
 This pytest process is rank 0 and one process started with ``torch.multiprocessing`` (spawn: it
@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from mmcl.config import build, from_dict, registered
-from mmcl.objectives.gather import all_reduce_sum, gather_no_grad, gather_variable, gather_with_grad
+from mmcl.dist import all_reduce_sum, gather_no_grad, gather_variable, gather_with_grad
 
 N = 2  # processes
 B, D = 3, 2  # rows per process, columns: unequal, so a slice or a concatenation along the wrong dimension shows
@@ -49,7 +49,7 @@ def upstream_of(rank: int) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------- what each rank runs
 def gathers(rank: int) -> dict[str, Any]:
-    """Every gather of ``mmcl.objectives.gather`` on this process's inputs (all collectives, no checks)."""
+    """Every gather of ``mmcl.dist`` on this process's inputs (all collectives, no checks)."""
     x = rows_of(rank).requires_grad_()
     gathered = gather_with_grad(x * 1.0)  # a non-leaf, as the projections an objective gathers
     (gathered * upstream_of(rank)).sum().backward()

@@ -1,16 +1,31 @@
-"""Cross-process gathers. ``gather_with_grad`` lets each process's loss see every negative while
-gradients still flow back to the process that produced each row."""
+"""Process topology in one place: this process's rank and the world size, and the cross-process
+gathers that data, objectives and evaluation share.
+
+Everything here is an identity on one process, so a loss or an evaluation runs unchanged in a
+plain Python session. ``gather_with_grad`` lets each process's loss see every negative while
+gradients still flow back to the process that produced each row.
+"""
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
 
 
-def world() -> tuple[int, int]:
-    """(rank, world size) of the default process group, (0, 1) without one."""
+def world(*, launcher: bool = False) -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one.
+
+    ``launcher=True``: without a process group yet, the launcher's ``RANK`` and ``WORLD_SIZE``
+    environment variables (``torchrun``, ``accelerate launch``), so a data loader built before the
+    group exists still reads only its own shards. Collectives never use that fallback: with no
+    group there is nobody to gather from, so they use the default ``world()``.
+    """
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
+    if launcher:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     return 0, 1
 
 
