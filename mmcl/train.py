@@ -77,15 +77,16 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 @contextmanager
-def loader_worker_deaths() -> Iterator[None]:
+def loader_worker_deaths(loader: Any) -> Iterator[None]:
     """A loader worker killed under training (the kernel's OOM killer) becomes a :class:`TrainingError`
-    saying so. torch reports the death from its SIGCHLD handler, so at any point of a step, not only
-    when a batch is read."""
+    saying so, after the other workers are stopped. torch reports the death from its SIGCHLD handler,
+    so at any point of a step, not only when a batch is read."""
     try:
         yield
     except RuntimeError as e:
         if "DataLoader worker" not in str(e):
             raise
+        loader.close()
         raise TrainingError(f"a data loader worker died ({str(e).splitlines()[0]}): usually out of memory; lower "
                             "data.num_workers or data.shuffle_buffer, then rerun with --resume latest") from None
 
@@ -346,7 +347,7 @@ class Trainer:
         samples, waited = 0, {"s": 0.0}
         evals: list[dict[str, Any]] = []
         self.model.train()
-        with loader_worker_deaths():
+        with loader_worker_deaths(self.loader):
             for epoch, batch in _timed(self.loader.forever(start_epoch), waited):
                 if epoch != current:
                     current, batches = epoch, 0

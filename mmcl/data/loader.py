@@ -101,6 +101,15 @@ class Loader:
             if not batch.pop("empty", False):
                 yield batch
 
+    def close(self) -> None:
+        """Stop the worker processes (they persist across epochs). After a worker died, this also
+        unregisters it from torch's SIGCHLD check, which would otherwise raise again later."""
+        if self._loader is not None:
+            iterator = getattr(self._loader, "_iterator", None)  # torch has no public way to stop workers
+            if iterator is not None:
+                iterator._shutdown_workers()
+            self._loader = None
+
     def forever(self, start_epoch: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
         """Yield ``(epoch, batch)`` over successive epochs; an epoch with no batch is an error."""
         epoch = start_epoch
