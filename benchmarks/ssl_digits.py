@@ -27,11 +27,13 @@ from pathlib import Path
 
 import torch
 
+import mmcl.models  # noqa: F401  (registers the built-in models and objectives)
+import mmcl.objectives  # noqa: F401
 from data_prep.cli import main as prep
-from mmcl.config import build, plugin_name
 from mmcl.evaluate.run import frozen_feature_evals
 from mmcl.hub import from_pretrained
 from mmcl.recipe import Recipe, load_recipe
+from mmcl.registry import build, plugin_name
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["simclr", "simclr_v2", "moco_v1", "moco_v2", "moco_v3", "byol", "simsiam", "invaspread", "instdisc", "cmc",

@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 from mmcl.errors import ConfigError
+from mmcl.registry import plugin_name, registered
 
 T = TypeVar("T")
 
@@ -50,59 +51,6 @@ def spec(
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
-
-
-# ---------------------------------------------------------------------------------------------
-# Plugin registries (models, objectives): name -> (config dataclass, builder)
-# ---------------------------------------------------------------------------------------------
-_REGISTRIES: dict[str, dict[str, tuple[type, Callable[..., Any]]]] = {"model": {}, "objective": {}}
-
-
-def register(kind: str, name: str, config_cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator registering a builder for ``kind`` ('model' or 'objective') under ``name``."""
-
-    def wrap(builder: Callable[..., Any]) -> Callable[..., Any]:
-        _REGISTRIES[kind][name] = (config_cls, builder)
-        return builder
-
-    return wrap
-
-
-def registered(kind: str) -> dict[str, tuple[type, Callable[..., Any]]]:
-    """The registered (config class, builder) pairs of one kind, importing the built-in ones."""
-    import mmcl.models  # noqa: F401  (registers models)
-    import mmcl.objectives  # noqa: F401  (registers objectives)
-
-    return _REGISTRIES[kind]
-
-
-def _plugin(kind: str, raw: Any, where: str) -> Any:
-    if not isinstance(raw, dict) or "name" not in raw:
-        choices = ", ".join(sorted(registered(kind)))
-        raise ConfigError(f"{where}: expected a mapping with a 'name' key (one of: {choices})")
-    table = registered(kind)
-    name = raw["name"]
-    if name not in table:
-        raise ConfigError(f"{where}.name: unknown {kind} {name!r}{_suggest(str(name), table)}")
-    config_cls, _ = table[name]
-    rest = {k: v for k, v in raw.items() if k != "name"}
-    return from_dict(config_cls, rest, where)
-
-
-def build(kind: str, cfg: Any, *args: Any, **kwargs: Any) -> Any:
-    """Build the registered ``kind`` whose config dataclass instance is ``cfg``."""
-    for config_cls, builder in registered(kind).values():
-        if type(cfg) is config_cls:
-            return builder(cfg, *args, **kwargs)
-    raise ConfigError(f"no {kind} is registered for config type {type(cfg).__name__}")
-
-
-def plugin_name(kind: str, cfg: Any) -> str:
-    """The registry name of a validated plugin config (e.g. 'clip')."""
-    for name, (config_cls, _) in registered(kind).items():
-        if type(cfg) is config_cls:
-            return name
-    raise ConfigError(f"no {kind} is registered for config type {type(cfg).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,6 +188,20 @@ def checked(tp: Any, value: Any, where: str, **rules: Any) -> Any:
 
 def _rules(f: dataclasses.Field) -> dict[str, Any]:
     return {k: f.metadata[k] for k in CONSTRAINTS if f.metadata.get(k) is not None and f.metadata[k] is not False}
+
+
+def _plugin(kind: str, raw: Any, where: str) -> Any:
+    """A ``{name: ..., **keys}`` recipe section validated against the named plugin's dataclass."""
+    if not isinstance(raw, dict) or "name" not in raw:
+        choices = ", ".join(sorted(registered(kind)))
+        raise ConfigError(f"{where}: expected a mapping with a 'name' key (one of: {choices})")
+    table = registered(kind)
+    name = raw["name"]
+    if name not in table:
+        raise ConfigError(f"{where}.name: unknown {kind} {name!r}{_suggest(str(name), table)}")
+    config_cls, _ = table[name]
+    rest = {k: v for k, v in raw.items() if k != "name"}
+    return from_dict(config_cls, rest, where)
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:

@@ -28,9 +28,9 @@ FORMAT = "mmcl-model/1"
 
 def _loaders() -> dict[str, Any]:
     """Model classes by saved ``model_name``: CLIP, and every registered :class:`SavedModel`."""
-    from mmcl.config import registered
     from mmcl.models import ClipModel
     from mmcl.models.saved import SavedModel
+    from mmcl.registry import registered
 
     saved = {name: builder for name, (_, builder) in registered("model").items()
              if isinstance(builder, type) and issubclass(builder, SavedModel)}

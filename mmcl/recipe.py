@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import mmcl.models  # noqa: F401  (the recipe layer imports the built-in plugins, which register themselves)
+import mmcl.objectives  # noqa: F401
 from mmcl import config as C
 from mmcl.config import spec
 from mmcl.data import DataConfig

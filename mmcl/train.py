@@ -26,12 +26,12 @@ from accelerate.utils import gather_object, set_seed
 from tqdm import tqdm
 
 from mmcl import checkpoint as ckpt
-from mmcl.config import build, plugin_name
 from mmcl.data import class_names, count_samples, expand_shards, make_loader
 from mmcl.errors import MmclError
 from mmcl.evaluate.run import flat_metrics
 from mmcl.optim import build_optimizer
 from mmcl.recipe import Recipe, recipe_dict
+from mmcl.registry import build, plugin_name
 
 
 class TrainingError(MmclError):

@@ -96,10 +96,10 @@ def test_missing_file_and_bad_yaml_are_config_errors(tmp_path) -> None:
 def test_every_shipped_recipe_validates_and_builds(path: Path) -> None:
     """Each recipe in configs/ loads, its transforms and objective build, and its model builds
     (except the multi-GB CLIP/ImageNet towers, whose configs are still validated)."""
-    from mmcl.config import build
     from mmcl.data.loader import view_transforms
     from mmcl.data.transforms import build_transform
     from mmcl.recipe import load_recipe
+    from mmcl.registry import build
 
     r = load_recipe(path)
     d = r.data
@@ -130,8 +130,8 @@ REQUIRED = {"DataConfig": {"train_shards": "x"}, "HFTextConfig": {"path": "x"}, 
 
 def _schema_fields() -> list[tuple[str, type, dataclasses.Field, Any]]:
     """(path, owning class, field, type without None) for every field of the recipe schema."""
-    from mmcl.config import registered
     from mmcl.recipe import Recipe as RealRecipe
+    from mmcl.registry import registered
 
     todo: list[tuple[str, type]] = [("", RealRecipe)] + [
         (f"{kind}({name})", cls) for kind in ("model", "objective") for name, (cls, _) in registered(kind).items()

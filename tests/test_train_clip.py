@@ -14,13 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
+import mmcl.models  # noqa: F401  (registers the built-in models and objectives)
+import mmcl.objectives  # noqa: F401
 from mmcl.cli import main as mmcl_main
-from mmcl.config import register
 from mmcl.data.transforms import build_transform, register_transform
 from mmcl.errors import MmclError
 from mmcl.hub import from_pretrained
 from mmcl.objectives.clip import ClipLoss
 from mmcl.recipe import load_recipe
+from mmcl.registry import register
 from mmcl.train import Trainer, TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import mmcl.models  # noqa: F401  (registers the built-in models and objectives)
+import mmcl.objectives  # noqa: F401
 from mmcl.cli import main as mmcl_main
-from mmcl.config import build
 from mmcl.evaluate.run import frozen_feature_evals
 from mmcl.hub import from_pretrained, read_config
 from mmcl.recipe import load_recipe
+from mmcl.registry import build
 from mmcl.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]

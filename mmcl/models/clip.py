@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmcl.config import register, spec
+from mmcl.config import spec
 from mmcl.errors import ConfigError
+from mmcl.registry import register
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 

@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmcl.config import register, spec
+from mmcl.config import spec
 from mmcl.errors import ConfigError
 from mmcl.models.encoders import BackboneConfig, build_backbone
 from mmcl.models.heads import HeadConfig, build_head
 from mmcl.models.saved import SavedModel
+from mmcl.registry import register
 
 
 @dataclass

@@ -13,10 +13,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mmcl.config import register, spec
+from mmcl.config import spec
 from mmcl.models.heads import HeadConfig
 from mmcl.objectives.infonce import embedding_std
 from mmcl.objectives.momentum import MomentumObjective
+from mmcl.registry import register
 
 
 @dataclass

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmcl.config import register
 from mmcl.dist import gather_with_grad, world
 from mmcl.objectives.infonce import symmetric_info_nce, top1
+from mmcl.registry import register
 
 
 @dataclass

@@ -22,12 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmcl.config import register, spec
+from mmcl.config import spec
 from mmcl.dist import gather_with_grad, world
 from mmcl.errors import ConfigError
 from mmcl.objectives.bank import MemoryBank, bank_logits
 from mmcl.objectives.clip import clip_loss
 from mmcl.objectives.infonce import embedding_std, info_nce, top1
+from mmcl.registry import register
 
 
 @dataclass

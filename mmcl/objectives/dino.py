@@ -24,11 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmcl.config import register, spec
+from mmcl.config import spec
 from mmcl.dist import all_reduce_sum, world
 from mmcl.errors import ConfigError
 from mmcl.objectives.infonce import embedding_std
 from mmcl.objectives.momentum import MomentumObjective, MomentumTarget
+from mmcl.registry import register
 
 
 @dataclass

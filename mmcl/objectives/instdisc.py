@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmcl.config import register, spec
+from mmcl.config import spec
 from mmcl.dist import all_reduce_sum, world
 from mmcl.objectives.bank import MemoryBank, bank_logits, nce_loss
 from mmcl.objectives.infonce import embedding_std, info_nce, top1
+from mmcl.registry import register
 
 
 @dataclass

@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmcl.config import register, spec
+from mmcl.config import spec
 from mmcl.dist import gather_with_grad, world
 from mmcl.objectives.infonce import embedding_std, top1
 from mmcl.objectives.simclr import pair_logits
+from mmcl.registry import register
 
 
 @dataclass

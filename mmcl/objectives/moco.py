@@ -20,11 +20,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from mmcl.config import register, spec
+from mmcl.config import spec
 from mmcl.dist import gather_no_grad, world
 from mmcl.objectives.infonce import embedding_std, info_nce, top1
 from mmcl.objectives.momentum import MomentumObjective
 from mmcl.objectives.queue import KeyQueue
+from mmcl.registry import register
 
 
 @dataclass

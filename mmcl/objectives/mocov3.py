@@ -14,11 +14,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mmcl.config import register, spec
+from mmcl.config import spec
 from mmcl.dist import gather_no_grad, world
 from mmcl.models.heads import HeadConfig
 from mmcl.objectives.infonce import embedding_std, info_nce, top1
 from mmcl.objectives.momentum import MomentumObjective
+from mmcl.registry import register
 
 
 @dataclass

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmcl.config import register, spec
+from mmcl.config import spec
 from mmcl.dist import gather_with_grad, world
 from mmcl.objectives.infonce import embedding_std, info_nce, top1
+from mmcl.registry import register
 
 
 @dataclass

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmcl.config import register
 from mmcl.models.heads import HeadConfig, build_head
 from mmcl.objectives.infonce import embedding_std
+from mmcl.registry import register
 
 
 @dataclass

@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmcl.config import register, spec
+from mmcl.config import spec
 from mmcl.dist import all_reduce_sum, gather_no_grad
 from mmcl.errors import ConfigError
 from mmcl.objectives.infonce import embedding_std
+from mmcl.registry import register
 
 
 @dataclass

@@ -14,10 +14,13 @@ import sys
 import torch
 from accelerate import Accelerator
 
-from mmcl.config import build, from_dict
+import mmcl.models  # noqa: F401  (registers the built-in models and objectives)
+import mmcl.objectives  # noqa: F401
+from mmcl.config import from_dict
 from mmcl.dist import gather_no_grad
 from mmcl.objectives.swav import sinkhorn
 from mmcl.recipe import Recipe
+from mmcl.registry import build
 
 HEAD = {"norm": "none"}
 CNN = {"name": "cnn", "width": 8, "depth": 2, "norm": "gn"}

@@ -32,10 +32,13 @@ import torch.nn.functional as F
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 
-from mmcl.config import build, from_dict
+import mmcl.models  # noqa: F401  (registers the built-in models and objectives)
+import mmcl.objectives  # noqa: F401
+from mmcl.config import from_dict
 from mmcl.dist import world
 from mmcl.objectives import bank as bank_module
 from mmcl.recipe import Recipe, load_recipe
+from mmcl.registry import build
 from mmcl.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]

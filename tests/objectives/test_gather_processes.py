@@ -21,8 +21,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from mmcl.config import build, from_dict, registered
+import mmcl.models  # noqa: F401  (registers the built-in models and objectives)
+import mmcl.objectives  # noqa: F401
+from mmcl.config import from_dict
 from mmcl.dist import all_reduce_sum, gather_no_grad, gather_variable, gather_with_grad
+from mmcl.registry import build, registered
 
 N = 2  # processes
 B, D = 3, 2  # rows per process, columns: unequal, so a slice or a concatenation along the wrong dimension shows

@@ -35,11 +35,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from mmcl.config import build, from_dict, registered
+import mmcl.models  # noqa: F401  (registers the built-in models and objectives)
+import mmcl.objectives  # noqa: F401
+from mmcl.config import from_dict
 from mmcl.errors import ConfigError, DataError
 from mmcl.objectives.bank import MemoryBank, bank_logits, nce_loss
 from mmcl.objectives.cpc import cpc_step_logits
 from mmcl.objectives.dino import WeightNormLinear
+from mmcl.registry import build, registered
 
 D = torch.float64
 LR = 0.5

@@ -27,10 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmcl.config import build, from_dict, registered
+import mmcl.models  # noqa: F401  (registers the built-in models and objectives)
+import mmcl.objectives  # noqa: F401
+from mmcl.config import from_dict
 from mmcl.objectives.momentum import MomentumTarget
 from mmcl.optim import build_optimizer
 from mmcl.recipe import OptimConfig
+from mmcl.registry import build, registered
 
 B = 6  # images per batch (per simulated process in the rank tests)
 STEPS = 4  # optimizer steps per test: queues wrap, momentum updates run, schedules move
