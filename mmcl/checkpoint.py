@@ -254,11 +254,6 @@ def verify(folder: Path, expect: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-def manifest_files(folder: Path) -> set[str]:
-    """The files a verified checkpoint lists (anything else in the folder is never read)."""
-    return set(json.loads((folder / MANIFEST).read_text())["files"])
-
-
 def prune(ckpt_dir: Path, keep: int) -> None:
     """Keep the ``keep`` newest complete checkpoints; drop older ones and stale partial folders."""
     complete = [f for f in sorted(ckpt_dir.glob("step_*")) if is_complete(f)]

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from mmcl import checkpoint as ckpt
 from mmcl.data import class_names, count_samples, expand_shards, make_loader
+from mmcl.dist import world
 from mmcl.errors import MmclError
 from mmcl.evaluate.run import flat_metrics
 from mmcl.optim import build_optimizer
@@ -144,7 +145,7 @@ class Trainer:
         if trains_objective:  # an objective with its own trained heads is wrapped (DDP) like the model
             # buffers that hold each process's own data (SwAV's queue) must not be overwritten by rank 0's
             torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                self.objective, self._per_process_buffers())
+                self.objective, list(self._per_process_buffers()))
             self.model, self.objective, self.optimizer = self.acc.prepare(self.model, self.objective, self.optimizer)
         else:
             self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
@@ -156,18 +157,17 @@ class Trainer:
         """Accelerate and torch.distributed must agree on the number of processes (under a plain
         ``torchrun`` on a CPU machine, Accelerate sees one unless ``ACCELERATE_USE_CPU=1``, and the
         processes would train without synchronising their gradients)."""
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() != self.acc.num_processes:
-            raise MmclError(f"torch.distributed runs {dist.get_world_size()} processes but Accelerate sees "
+        processes = world()[1]
+        if processes != self.acc.num_processes:
+            raise MmclError(f"torch.distributed runs {processes} processes but Accelerate sees "
                             f"{self.acc.num_processes}: on CPU machines set ACCELERATE_USE_CPU=1, or launch with "
                             "`accelerate launch --multi_gpu --num_processes N`")
 
-    def _per_process_buffers(self) -> list[str]:
-        """Names (in the objective's state dict) of buffers that differ between processes by design."""
+    def _per_process_buffers(self) -> dict[str, torch.Tensor]:
+        """The objective's buffers that differ between processes by design, by state-dict name."""
         objective = self.acc.unwrap_model(self.objective)
         names = set(getattr(objective, "per_process_buffers", ()))
-        return [n for n, _ in objective.named_buffers() if n in names]
+        return {n: b for n, b in objective.named_buffers() if n in names}
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -229,9 +229,7 @@ class Trainer:
 
     def _process_state(self) -> dict[str, Any]:
         """What each process saves for itself: its random generators and its per-process buffers."""
-        buffers = dict(self.acc.unwrap_model(self.objective).named_buffers())
-        return {"rng": ckpt.rng_state(self.acc.device),
-                "buffers": {n: buffers[n] for n in self._per_process_buffers()}}
+        return {"rng": ckpt.rng_state(self.acc.device), "buffers": self._per_process_buffers()}
 
     def _layout(self) -> dict[str, int]:
         """What a checkpoint's data positions depend on: resuming needs the same values."""
@@ -306,7 +304,7 @@ class Trainer:
             acc.scaler.load_state_dict(ckpt.read_state(folder / "scaler.safetensors"))
         self.state.load_state_dict(json.loads((folder / ckpt.STATE).read_text()))
         own = ckpt.read_state(folder / f"process_{acc.process_index}.safetensors")
-        buffers = dict(self.acc.unwrap_model(self.objective).named_buffers())
+        buffers = self._per_process_buffers()
         for name, value in own["buffers"].items():
             buffers[name].copy_(value)
         ckpt.set_rng_state(own["rng"], acc.device)
