@@ -118,8 +118,10 @@ class Trainer:
             trackers.append("tensorboard")
         except ImportError:
             pass
+        precision = None if r.train.mixed_precision == "auto" else r.train.mixed_precision
         self.acc = Accelerator(gradient_accumulation_steps=r.optim.grad_accum, log_with=trackers or None,
-                               project_dir=str(self.out))
+                               project_dir=str(self.out), mixed_precision=precision,
+                               dynamo_backend="inductor" if r.train.compile else None)
         set_seed(r.run.seed)
         self._check_topology()
         self.model = build("model", r.model)
@@ -151,6 +153,9 @@ class Trainer:
             self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
             self.objective.to(self.acc.device)
         self.state = TrainState()
+        self._pending: list[dict[str, Any]] = []  # this optimizer step's micro-batch metrics (on the device)
+        self._window: dict[str, list[torch.Tensor]] = defaultdict(list)  # the logging window's good steps
+        self._consecutive_bad = 0
 
     # ------------------------------------------------------------------------------ helpers
     def _check_topology(self) -> None:
@@ -193,10 +198,16 @@ class Trainer:
             total.update(counts)
         return dict(total)
 
+    def _votes(self, *flags: bool | torch.Tensor) -> list[bool]:
+        """For each flag, True on every process when it is true on any: a vote that keeps processes in
+        step. One collective and one host synchronisation for all the flags."""
+        stacked = torch.stack([torch.as_tensor(f, dtype=torch.float32, device=self.acc.device).reshape(())
+                               for f in flags])
+        return [v > 0 for v in self.acc.reduce(stacked, "sum").tolist()]
+
     def _any(self, flag: bool | torch.Tensor) -> bool:
-        """True on every process when ``flag`` is true on any: a vote that keeps processes in step."""
-        return self.acc.reduce(torch.as_tensor(flag, dtype=torch.float32, device=self.acc.device).reshape(1),
-                               "sum").item() > 0
+        """True on every process when ``flag`` is true on any (see :meth:`_votes`)."""
+        return self._votes(flag)[0]
 
     def _modules(self) -> dict[str, torch.nn.Module]:
         """What a checkpoint holds as module state (weights, buffers, queues, banks)."""
@@ -318,28 +329,96 @@ class Trainer:
         return run_evals(self.unwrapped, self.recipe.eval, device=self.acc.device)
 
     # ------------------------------------------------------------------------------ loop
-    def fit(self, resume: str | None = None) -> Path:
-        """Train to ``train.steps`` optimizer steps; returns ``RUN/final``."""
+    def train_step(self, batch: dict[str, Any]) -> bool | None:
+        """One micro-batch, already on the device: forward, loss, backward; on the last micro-batch of
+        an optimizer step also clip, vote, update and run the hooks. Returns None before that, then
+        whether the update was applied.
+
+        A step whose loss (any micro-batch) or gradient norm is not finite on any process is skipped on
+        every process and counted as bad; too many in a row stop the run. That vote is the step's one
+        host synchronisation: losses and metrics stay on the device until a logging window closes, so
+        the host can queue the next step's work while the device computes.
+        """
+        acc = self.acc
+        with acc.accumulate(self.model, self.objective):
+            with acc.autocast():
+                out = self.model(batch)
+                loss, metrics = self.objective(out, batch)
+            loss = loss.float()
+            self._pending.append({"loss": loss.detach(), **metrics})
+            acc.backward(loss)  # a non-finite loss gives non-finite gradients: the vote below skips the step
+            if not acc.sync_gradients:
+                return None
+            norm = self._clip_gradients()
+            losses_bad = ~torch.isfinite(torch.stack([m["loss"] for m in self._pending])).all()
+            loss_bad, norm_bad = self._votes(losses_bad, ~torch.isfinite(norm))
+            if not (loss_bad or norm_bad) or (norm_bad and acc.scaler is not None):
+                self.optimizer.step()  # fp16 with a non-finite norm: the grad scaler skips it and lowers its scale
+            self.optimizer.zero_grad(set_to_none=True)
+        pending, self._pending = self._pending, []
+        if loss_bad or norm_bad:
+            self.state.bad_steps += 1
+            self._consecutive_bad += 1
+            if self._consecutive_bad >= self.recipe.train.max_bad_steps:
+                raise TrainingError(f"the loss or the gradients were NaN or inf for {self._consecutive_bad} steps "
+                                    f"in a row (step {self.state.step}); lower optim.lr, set optim.grad_clip, "
+                                    "check the data, or use bf16/fp32")
+            return False
+        self._consecutive_bad = 0
+        pending[-1]["grad_norm"] = norm
+        for metrics in pending:
+            for k, v in metrics.items():
+                self._window[k].append(torch.as_tensor(v, device=acc.device).detach().float())
+        self.scheduler.step()
+        self.state.step += 1
+        for m in (self.unwrapped, acc.unwrap_model(self.objective)):
+            hook = getattr(m, "after_optimizer_step", None)
+            if hook is not None:
+                hook(self.state.step)
+        return True
+
+    def _log_window(self, epoch: int, samples: int, seconds: float, waited: float) -> None:
+        """Log the means over the window's good steps (averaged over processes), the learning rate,
+        throughput, the loader's share of the time and the counts of bad steps and skipped samples."""
+        acc, names = self.acc, sorted(self._window)
+        means = acc.reduce(torch.stack([torch.stack(self._window[k]).mean() for k in names]),
+                           "mean").tolist() if names else []
+        record = {"step": self.state.step, "epoch": epoch, **dict(zip(names, means)),
+                  "lr": self.scheduler.get_last_lr()[0], "samples_per_s": samples / max(1e-9, seconds),
+                  "data_wait": waited / max(1e-9, seconds), "bad_steps": self.state.bad_steps,
+                  "skipped": self._skip_counts()}
+        if acc.device.type == "cuda":  # peak memory of this process since the start, GiB
+            record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
+        self._log(record)
+        self._bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}")
+        self._window.clear()
+
+    def _start(self, resume: str | None) -> tuple[int, int]:
+        """Write the recipe, start the trackers and restore the checkpoint ``resume`` names, if any;
+        returns the (epoch, batches read) to continue from."""
         r, acc = self.recipe, self.acc
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "recipe.yaml").write_text(yaml.safe_dump(recipe_dict(r), sort_keys=False))
         acc.init_trackers(r.run.name or self.out.name, config=_flat(recipe_dict(r)))
-        start_epoch, skip = 0, 0
-        if resume:
-            found = ckpt.find_checkpoint(self.out, resume, warn=acc.print)
-            if found is None:
-                acc.print(f"no checkpoint in {self.out / 'checkpoints'}; starting from scratch")
-            else:
-                start_epoch, skip = self.load_checkpoint(found)
-                acc.print(f"resumed from {found} at step {self.state.step}")
+        if not resume:
+            return 0, 0
+        found = ckpt.find_checkpoint(self.out, resume, warn=acc.print)
+        if found is None:
+            acc.print(f"no checkpoint in {self.out / 'checkpoints'}; starting from scratch")
+            return 0, 0
+        position = self.load_checkpoint(found)
+        acc.print(f"resumed from {found} at step {self.state.step}")
+        return position
+
+    def fit(self, resume: str | None = None) -> Path:
+        """Train to ``train.steps`` optimizer steps; returns ``RUN/final``."""
+        r, acc = self.recipe, self.acc
+        start_epoch, skip = self._start(resume)
         if self.state.step >= r.train.steps:
             return self._finish(time.perf_counter(), {})
-
-        bar = tqdm(total=r.train.steps, initial=self.state.step, disable=not (acc.is_main_process and r.train.progress),
-                   desc="train", dynamic_ncols=True)
-        window: dict[str, list[float]] = defaultdict(list)
-        window_bad = consecutive_bad = 0
+        self._bar = tqdm(total=r.train.steps, initial=self.state.step, desc="train", dynamic_ncols=True,
+                         disable=not (acc.is_main_process and r.train.progress))
         epoch, batches, current = start_epoch, 0, start_epoch
         t0 = t_log = time.perf_counter()
         samples, waited = 0, {"s": 0.0}
@@ -352,64 +431,14 @@ class Trainer:
                 batches += 1
                 if epoch == start_epoch and batches <= skip:
                     continue  # fast-forward to where the checkpoint stopped reading
-                batch = to_device(batch, acc.device)
-                with acc.accumulate(self.model, self.objective):
-                    with acc.autocast():
-                        out = self.model(batch)
-                        loss, metrics = self.objective(out, batch)
-                    bad = self._any(~torch.isfinite(loss.detach()))
-                    if bad:
-                        window_bad = 1
-                    else:
-                        acc.backward(loss)
-                        if acc.sync_gradients:  # the update is skipped (by vote) if any gradient is NaN or inf
-                            metrics["grad_norm"] = norm = self._clip_gradients()
-                            bad = self._any(~torch.isfinite(norm))
-                            window_bad = window_bad or bad
-                            if bad and acc.scaler is not None:
-                                self.optimizer.step()  # fp16: the grad scaler skips this update and lowers its scale
-                    if not (acc.sync_gradients and window_bad):
-                        self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
                 samples += len(batch["key"]) * acc.num_processes
-                if not bad:
-                    window["loss"].append(loss.detach().float().item())
-                    for k, v in metrics.items():
-                        window[k].append(float(v))
-                if not acc.sync_gradients:
-                    continue
-                if window_bad:
-                    self.state.bad_steps += 1
-                    consecutive_bad += 1
-                    window_bad = 0
-                    if consecutive_bad >= r.train.max_bad_steps:
-                        raise TrainingError(f"the loss or the gradients were NaN or inf for {consecutive_bad} steps in "
-                                            f"a row (step {self.state.step}); lower optim.lr, set optim.grad_clip, "
-                                            "check the data, or use bf16/fp32")
-                    continue
-                consecutive_bad = 0
-                self.scheduler.step()
-                self.state.step += 1
-                for m in (self.unwrapped, acc.unwrap_model(self.objective)):
-                    hook = getattr(m, "after_optimizer_step", None)
-                    if hook is not None:
-                        hook(self.state.step)
+                if not self.train_step(to_device(batch, acc.device)):
+                    continue  # mid-accumulation, or a skipped step
                 step = self.state.step
-                bar.update(1)
+                self._bar.update(1)
                 if step % r.train.log_every == 0 or step == r.train.steps:
-                    names = sorted(window)
-                    means = acc.reduce(torch.tensor([sum(window[k]) / len(window[k]) for k in names],
-                                                    device=acc.device), "mean").tolist() if names else []
                     now = time.perf_counter()
-                    record = {"step": step, "epoch": epoch, **dict(zip(names, means)),
-                              "lr": self.scheduler.get_last_lr()[0], "samples_per_s": samples / max(1e-9, now - t_log),
-                              "data_wait": waited["s"] / max(1e-9, now - t_log),
-                              "bad_steps": self.state.bad_steps, "skipped": self._skip_counts()}
-                    if acc.device.type == "cuda":  # peak memory of this process since the start, GiB
-                        record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
-                    self._log(record)
-                    bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}")
-                    window.clear()
+                    self._log_window(epoch, samples, now - t_log, waited["s"])
                     samples, t_log, waited["s"] = 0, now, 0.0
                 if r.train.eval_every and step % r.train.eval_every == 0 and step != r.train.steps:
                     evals = self.evaluate()
@@ -418,7 +447,7 @@ class Trainer:
                     self.save_checkpoint(epoch, batches)
                 if step >= r.train.steps:
                     break
-        bar.close()
+        self._bar.close()
         return self._finish(t0, evals)
 
     def _finish(self, t0: float, evals: list[dict[str, Any]]) -> Path:
