@@ -64,5 +64,5 @@ def build_optimizer(cfg: Any, modules: list[nn.Module]) -> torch.optim.Optimizer
     for g in groups:
         g.pop("lars_exclude", None)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=cfg.fused or None)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=cfg.fused or None)

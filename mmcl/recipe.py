@@ -42,6 +42,13 @@ class OptimConfig:
     min_lr_ratio: float = spec(0.0, ge=0, le=1)
     grad_clip: float | None = spec(1.0, gt=0)
     grad_accum: int = spec(1, ge=1)
+    fused: bool = spec(False, help="adamw and sgd: torch's fused kernel, one launch for every parameter (CUDA, "
+                                   "and CPU in recent torch); equal to the default to float round-off")
+
+    def validate(self) -> None:
+        """LARS is mmcl's own optimizer: it has no fused kernel."""
+        if self.fused and self.name == "lars":
+            raise C.ConfigError("optim.fused: LARS has no fused kernel; set optim.fused=false or use adamw/sgd")
 
 
 @dataclass
@@ -56,6 +63,9 @@ class TrainConfig:
     max_bad_steps: int = spec(10, ge=1, help="consecutive NaN/inf losses before the run stops")
     progress: bool = True
     sync_bn: bool = spec(False, help="BatchNorm statistics over all processes (SyncBatchNorm)")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = spec(
+        "auto", help="auto: what `accelerate launch --mixed_precision` (or its config file) says")
+    compile: bool = spec(False, help="torch.compile the model (inductor); the first steps take longer")
 
 
 @dataclass

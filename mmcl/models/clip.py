@@ -49,6 +49,10 @@ class ClipModelConfig:
     init_logit_scale: float = spec(1 / 0.07, gt=0)
     max_logit_scale: float = spec(100.0, gt=0)
     lock_image: bool = False
+    grad_checkpointing: bool = spec(False, help="recompute each tower block's activations in the backward pass: "
+                                                "about a third more compute for far less activation memory")
+    patch_dropout: float = spec(0.0, ge=0, lt=1, help="FLIP: share of image patches dropped at random in training "
+                                                      "(ViT image towers of open_clip)")
 
     def validate(self) -> None:
         """Exactly one source of the open_clip architecture."""
@@ -103,6 +107,13 @@ class HFTextTower(nn.Module):
             nn.Linear((hidden + embed_dim) // 2, embed_dim, bias=False))
         if locked:
             self.transformer.requires_grad_(False)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the transformer's activations in the backward pass (a trained tower only)."""
+        if enable and not self.locked:
+            self.transformer.gradient_checkpointing_enable()
+        elif not enable and self.transformer.is_gradient_checkpointing:
+            self.transformer.gradient_checkpointing_disable()
 
     def train(self, mode: bool = True) -> HFTextTower:
         """A locked transformer stays in eval mode (no dropout), as in LiT."""
@@ -180,9 +191,16 @@ class ClipModel(nn.Module):
             hf_text = HFTextTower(transformer, model_cfg["embed_dim"], t.pooling, t.proj, t.locked)
             model_cfg = {**model_cfg, "hf_text": {"pooling": t.pooling, "proj": t.proj, "locked": t.locked,
                                                   "context_length": t.context_length}}
+        if cfg.patch_dropout:
+            if "timm_model_name" in model_cfg.get("vision_cfg", {}):
+                raise ConfigError("model.patch_dropout applies to open_clip's own ViT image towers, not to timm "
+                                  "towers; set it to 0")
+            model_cfg = {**model_cfg, "vision_cfg": {**model_cfg["vision_cfg"], "patch_dropout": cfg.patch_dropout}}
         model = cls(model_cfg, cfg, hf_text, tok_path)
         if cfg.pretrained:
             model.load_open_clip_pretrained(cfg)
+        if cfg.grad_checkpointing:
+            model.clip.set_grad_checkpointing(True)
         return model
 
     def load_open_clip_pretrained(self, cfg: ClipModelConfig) -> None:
