@@ -2,10 +2,12 @@
 
     python benchmarks/gpu_recipes.py [--recipes simclr,dino] [--precisions no,bf16] [--steps 30]
 
-Each recipe (``configs/<name>_imagenet.yaml``, its own per-process batch and model) is trained by
+Each recipe (``configs/<name>.yaml`` or ``configs/<name>_imagenet.yaml``, with its own per-process
+batch and model; ``clip_vit_b32`` for CLIP) is trained by
 ``accelerate launch --num_processes 1 --mixed_precision P -m mmcl train`` on 224 px digits shards
-(JPEG, 100 images a shard, resampled so no epoch boundary interrupts the workers), then evaluated by
-kNN on the test split as the recipe's end-of-training evaluation would. Throughput is the mean
+(JPEG, 100 images a shard, resampled so no epoch boundary interrupts the workers), then evaluated
+on the test split as the recipe's end-of-training evaluation would (kNN; zero-shot for CLIP
+recipes). Throughput is the mean
 ``samples_per_s`` of the logged windows after the first (images per second; each image gives the
 recipe's views), so it includes the loader; ``data_wait`` is the share of that time the trainer
 waited for a batch, and "without the wait" divides it out: the step throughput the GPU would give
@@ -35,17 +37,27 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = "simclr,moco_v2,moco_v3,byol,simsiam,instdisc,cmc,cpc,swav,dino"
 
 
+def recipe_file(recipe: str) -> Path:
+    """``configs/<recipe>.yaml`` (e.g. clip_vit_b32), else the full-size ``configs/<recipe>_imagenet.yaml``."""
+    own = ROOT / "configs" / f"{recipe}.yaml"
+    return own if own.is_file() else ROOT / "configs" / f"{recipe}_imagenet.yaml"
+
+
 def run(recipe: str, precision: str, data: Path, out: Path, steps: int, workers: int) -> dict:
     run_dir = out / f"{recipe}_{precision}"
     train = f"{data}/train-{{000000..000012}}.tar"
+    test = f"{data}/test-{{000000..000003}}.tar"
     sets = {"run.output_dir": run_dir, "data.train_shards": train, "data.num_workers": workers,
-            "data.resample": "true", "data.epoch_samples": 10**6,
+            "data.resample": "true", "data.epoch_samples": 10**6, "train.mixed_precision": precision,
             "train.steps": steps, "train.log_every": 10, "train.save_every": 0, "train.progress": "false",
-            "optim.warmup_steps": steps, "eval.knn_train_shards": train,
-            "eval.knn_shards": f"['{data}/test-{{000000..000003}}.tar']", "eval.num_workers": workers}
+            "optim.warmup_steps": steps, "eval.num_workers": workers}
+    config = recipe_file(recipe)
+    if "image_text" in config.read_text():  # CLIP recipes: zero-shot on the digits test split
+        sets.update({"eval.zeroshot_shards": test, "eval.templates": "digits"})
+    else:
+        sets.update({"eval.knn_train_shards": train, "eval.knn_shards": f"['{test}']"})
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", precision, "--dynamo_backend", "no", "-m", "mmcl", "train",
-           "--config", str(ROOT / "configs" / f"{recipe}_imagenet.yaml")]
+           "--mixed_precision", precision, "--dynamo_backend", "no", "-m", "mmcl", "train", "--config", str(config)]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     t = time.perf_counter()
@@ -56,7 +68,7 @@ def run(recipe: str, precision: str, data: Path, out: Path, steps: int, workers:
         return {"recipe": recipe, "precision": precision, "error": "\n".join(tail)}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     logs = [r for r in rows if "samples_per_s" in r]
-    evals = {k: v for r in rows for k, v in r.items() if k.startswith("knn")}
+    evals = {k: v for r in rows for k, v in r.items() if k.startswith(("knn", "zeroshot"))}
     return {"recipe": recipe, "precision": precision, "batch": _batch(run_dir),
             "samples_per_s": _mean(r["samples_per_s"] for r in logs[1:]),
             "data_wait": _mean(r["data_wait"] for r in logs[1:]),
@@ -113,7 +125,7 @@ def main() -> None:
             if "error" in row:
                 print(f"{recipe:9s} {precision:4s} FAILED\n{row['error']}", flush=True)
                 continue
-            knn = " ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in row.items() if k.startswith("knn"))
+            knn = " ".join(f"{k}={v:.3f}" for k, v in row.items() if k.startswith(("knn", "zeroshot")))
             print(f"{recipe:9s} {precision:4s} batch {row['batch']:4d}  {row['samples_per_s']:6.0f} samples/s "
                   f"(waiting for data {row['data_wait']:4.0%}; {row['step_samples_per_s']:6.0f} without the wait)  "
                   f"{row['gpu_mem_gb']:5.1f} GiB  loss {row['last_loss']:.3f} finite={row['finite']}  "

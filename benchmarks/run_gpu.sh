@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Every GPU benchmark of docs/performance.md in one go, results and logs under OUT (default benchmarks/out):
+#   bash benchmarks/run_gpu.sh [OUT]
+# Each step has its own time limit, so one that hangs does not take the others' time.
+set -u
+out=${1:-benchmarks/out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used,memory.total --format=csv
+$py -c "import torch, open_clip, accelerate, transformers; print('torch', torch.__version__, 'open_clip', open_clip.__version__, 'accelerate', accelerate.__version__, 'transformers', transformers.__version__)"
+# 1. the training step, mmcl against open_clip's loop (ViT-B-32, bf16), at open_clip's batch and a larger one
+timeout 150 $py benchmarks/clip_step.py --batch 256 --results "$out/clip_step.json" 2>&1 | tee "$out/clip_step.log" | grep -v Warning
+timeout 120 $py benchmarks/clip_step.py --batch 1024 --rounds 3 --variants "mmcl fused AdamW,mmcl fused + grad ckpt,mmcl fused + patch drop 0.5" \
+  --results "$out/clip_step.json" 2>&1 | tee -a "$out/clip_step.log" | grep -v Warning
+# 2. whole recipes through accelerate launch, loader included (224 px JPEG digits shards)
+timeout 240 $py benchmarks/gpu_recipes.py --recipes clip_vit_b32,simclr --precisions bf16 --steps 30 \
+  --results "$out/gpu_recipes.json" 2>&1 | tee "$out/gpu_recipes.log" | grep -v Warning
+# 3. compiled: both sides through torch.compile (open_clip's --torchcompile; mmcl's train.compile: true)
+timeout 300 $py benchmarks/clip_step.py --batch 256 --compile --rounds 3 --variants "mmcl fused AdamW" \
+  --results "$out/clip_step.json" 2>&1 | tee -a "$out/clip_step.log" | grep -v Warning
+# 4. the CLIP recipe with fewer loader workers: is the main process short of CPU time?
+for w in 4 8; do
+  timeout 120 $py benchmarks/gpu_recipes.py --recipes clip_vit_b32 --precisions bf16 --steps 30 --workers $w \
+    --results "$out/gpu_recipes.json" 2>&1 | tee -a "$out/gpu_recipes.log" | grep -v Warning
+done
