@@ -11,7 +11,8 @@ eps 1e-6) and gradient clipping at 1.0:
 - ``open_clip``: the step of open_clip's training loop (``open_clip_train/train.py``, one
   micro-batch): autocast forward, ``open_clip.loss.ClipLoss``, backward, ``clip_grad_norm_``,
   ``optimizer.step``, the ``logit_scale`` clamp, ``zero_grad``; weight decay off for gains,
-  biases and ``logit_scale`` as its ``main.py`` sets it;
+  biases and ``logit_scale`` as its ``main.py`` sets it; and the same step followed by one
+  ``loss.item()`` (what one host synchronisation per step costs);
 - ``mmcl ...``: ``Trainer(recipe).train_step(batch)`` with ``configs/clip_vit_b32.yaml``
   (forward, loss, backward, clipping, the vote on finite loss and gradient norm, the update, the
   scheduler and hooks), and variants of it by recipe key.
@@ -196,12 +197,15 @@ def main() -> None:
     loss_mmcl = float(first._window["loss"][-1]) if trainers_first else float("nan")
     print(f"first step on the same weights and batch: loss open_clip {loss_oc:.5f}, mmcl {loss_mmcl:.5f}")
 
-    steps: dict[str, Callable[[], Any]] = {"open_clip": lambda: oc_step(next_batch())}
+    steps: dict[str, Callable[[], Any]] = {"open_clip": lambda: oc_step(next_batch()),
+                                           # what one host synchronisation per step costs open_clip's loop
+                                           "open_clip + .item() per step": lambda: oc_step(next_batch()).item()}
     for v, t in trainers.items():
         steps[v] = lambda t=t: t.train_step(next_batch())
     base = model_flops(first.unwrapped, first.objective, batches[0], device)  # the same architecture on both sides
-    flops = {"open_clip": base, **{v: model_flops(t.unwrapped, t.objective, batches[0], device) if "patch" in v else base
-                                   for v, t in trainers.items()}}
+    flops = {"open_clip": base, "open_clip + .item() per step": base}
+    for v, t in trainers.items():
+        flops[v] = model_flops(t.unwrapped, t.objective, batches[0], device) if "patch" in v else base
     peak_tflops = matmul_tflops(device)
 
     times: dict[str, list[float]] = {v: [] for v in steps}
