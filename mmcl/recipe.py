@@ -66,6 +66,8 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = spec(
         "auto", help="auto: what `accelerate launch --mixed_precision` (or its config file) says")
     compile: bool = spec(False, help="torch.compile the model (inductor); the first steps take longer")
+    grad_cache: int = spec(0, ge=0, help="0: off. N: gradient caching (mmcl.gradcache): the model sees N samples "
+                                         "at a time, the loss the whole batch; one more forward pass per step")
 
 
 @dataclass
@@ -167,6 +169,9 @@ class Recipe:
         """Cross-section checks, and the ranges in :data:`DATA_RULES` and :data:`TRANSFORM_ARG_RULES`."""
         if self.model is None or self.objective is None:
             raise C.ConfigError("a recipe needs a 'model' and an 'objective' section, each with a 'name'")
+        if self.train.grad_cache >= self.data.batch_size:
+            raise C.ConfigError(f"train.grad_cache ({self.train.grad_cache}) must be below data.batch_size "
+                                f"({self.data.batch_size}): it is the size of the chunks a batch is embedded in")
         for path, (tp, rules) in DATA_RULES.items():
             node: Any = self.data
             for part in path.split("."):

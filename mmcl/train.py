@@ -15,7 +15,7 @@ import shutil
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from mmcl.data import class_names, count_samples, expand_shards, make_loader
 from mmcl.dist import world
 from mmcl.errors import MmclError
 from mmcl.evaluate.run import flat_metrics
+from mmcl.gradcache import grad_cache_step
 from mmcl.optim import build_optimizer
 from mmcl.recipe import Recipe, recipe_dict
 from mmcl.registry import build, plugin_name
@@ -341,12 +342,8 @@ class Trainer:
         """
         acc = self.acc
         with acc.accumulate(self.model, self.objective):
-            with acc.autocast():
-                out = self.model(batch)
-                loss, metrics = self.objective(out, batch)
-            loss = loss.float()
+            loss, metrics = self._forward_backward(batch)
             self._pending.append({"loss": loss.detach(), **metrics})
-            acc.backward(loss)  # a non-finite loss gives non-finite gradients: the vote below skips the step
             if not acc.sync_gradients:
                 return None
             norm = self._clip_gradients()
@@ -376,6 +373,23 @@ class Trainer:
             if hook is not None:
                 hook(self.state.step)
         return True
+
+    def _forward_backward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Loss and metrics of one micro-batch, its gradients added to the parameters: in one pass, or
+        with ``train.grad_cache`` in chunks whose gradients add up to the whole batch's
+        (:mod:`mmcl.gradcache`). A non-finite loss gives non-finite gradients, which the vote skips."""
+        acc = self.acc
+        backward = lambda loss: acc.backward(loss.float())  # noqa: E731
+        chunk = self.recipe.train.grad_cache
+        if chunk:  # DDP's own no_sync: Accelerate's is a no-op for a DDP model of one process
+            loss, metrics = grad_cache_step(self.model, self.objective, batch, chunk, device=acc.device,
+                                            autocast=acc.autocast, backward=backward,
+                                            no_sync=getattr(self.model, "no_sync", nullcontext))
+            return loss.float(), metrics
+        with acc.autocast():
+            loss, metrics = self.objective(self.model(batch), batch)
+        backward(loss)
+        return loss.float(), metrics
 
     def _log_window(self, epoch: int, samples: int, seconds: float, waited: float) -> None:
         """Log the means over the window's good steps (averaged over processes), the learning rate,

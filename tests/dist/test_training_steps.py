@@ -18,7 +18,7 @@ from .launch import torchrun
 HERE = Path(__file__).parent
 IN_BATCH = ["clip", "simclr", "invaspread", "mocov3", "simsiam", "cpc", "cmc", "cmc_full"]
 CPU_CASES = ["byol", "moco", "dino", "swav", "swav_queue", "instdisc", "cmc_bank", "simclr_accum", "byol_accum",
-             "moco_sync_bn", *IN_BATCH]
+             "moco_sync_bn", "clip_grad_cache", "simclr_accum_grad_cache", *IN_BATCH]
 TOL = 1e-5
 
 
@@ -119,6 +119,18 @@ def test_grad_accum_under_ddp(runs: dict[int, dict[str, Any]]) -> None:
     # gathered per micro-step) = ... and, without in-batch negatives, 1 process on all 16 rows (BYOL)
     for name in ("simclr_accum", "byol_accum"):
         assert_same_run(runs, name)
+
+
+def test_grad_cache_under_ddp_equals_the_whole_batch(runs: dict[int, dict[str, Any]]) -> None:
+    """``train.grad_cache: 3`` in 1 and 2 processes (with accumulation for SimCLR) trains as the same
+    recipe without it: same losses at every step, same weights."""
+    for cached, plain in (("clip_grad_cache", "clip"), ("simclr_accum_grad_cache", "simclr_accum")):
+        one, two = assert_same_run(runs, cached)
+        for run, reference in ((one, runs[1][plain]), (two, runs[2][plain])):
+            for step, loss in reference["losses"].items():
+                assert run["losses"][step] == pytest.approx(loss, abs=TOL), (cached, step)
+            diff, where = max_diff(run["model"], reference["model"])
+            assert diff < TOL, (cached, where, diff)
 
 
 def test_sync_bn_two_processes_equal_one_process(runs: dict[int, dict[str, Any]], digits_dir: Path,

@@ -57,6 +57,7 @@ class Case:
     global_batch: int = 8
     accum: int = 1
     merge: bool = False
+    data_of: str | None = None  # train on the batches of this other case (default: its own)
 
 
 CASES = {
@@ -88,6 +89,11 @@ CASES = {
     "byol_accum": Case("byol", [*GN, "model.projector={dims: [32, 16], norm: none}",
                                 "objective.predictor={dims: [32, 16], norm: none}", "objective.momentum=0.8"],
                        steps=3, accum=2, merge=True),
+    # gradient caching in chunks of 3 (2 processes: 3 + 1 rows each; 1 process: 3 + 3 + 2), with its
+    # gathers and DDP's single all-reduce after the last chunk; equal to "clip" and "simclr_accum"
+    "clip_grad_cache": Case("clip", ["eval.zeroshot_shards=null", "train.grad_cache=3"], data_of="clip"),
+    "simclr_accum_grad_cache": Case("simclr", [*GN, "model.projector={dims: [32, 16], norm: none}",
+                                               "train.grad_cache=3"], steps=3, accum=2, data_of="simclr_accum"),
     # BatchNorm encoder with SyncBN and shuffle-BN: 2 processes on half batches = 1 process on all
     "moco_sync_bn": Case("moco_v2", ["model.backbone.norm=bn", "model.backbone.width=8", "model.backbone.depth=2",
                                      "model.projector={dims: [32, 16], norm: bn}", "objective.queue_size=12",
@@ -213,7 +219,7 @@ def run_case(name: str, case: Case, runs: Path, shards: str) -> dict[str, Any]:
     try:
         trainer = Trainer(recipe)
         tokenizer = trainer.unwrapped.tokenizer() if recipe.data.kind == "image_text" else None
-        micro = global_batches(recipe, case, case.steps * case.accum, seed=len(name), tokenizer=tokenizer)
+        micro = global_batches(recipe, case, case.steps * case.accum, seed=len(case.data_of or name), tokenizer=tokenizer)
         if one_step:
             mine = [concat(micro[i:i + case.accum]) for i in range(0, len(micro), case.accum)]
         else:
