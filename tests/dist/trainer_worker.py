@@ -219,7 +219,8 @@ def run_case(name: str, case: Case, runs: Path, shards: str) -> dict[str, Any]:
     try:
         trainer = Trainer(recipe)
         tokenizer = trainer.unwrapped.tokenizer() if recipe.data.kind == "image_text" else None
-        micro = global_batches(recipe, case, case.steps * case.accum, seed=len(case.data_of or name), tokenizer=tokenizer)
+        micro = global_batches(recipe, case, case.steps * case.accum, seed=len(case.data_of or name),
+                               tokenizer=tokenizer)
         if one_step:
             mine = [concat(micro[i:i + case.accum]) for i in range(0, len(micro), case.accum)]
         else:
