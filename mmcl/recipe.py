@@ -3,7 +3,8 @@
 ``model`` and ``objective`` are chosen by ``name`` from the registries in ``mmcl.models`` and
 ``mmcl.objectives``; their remaining keys are checked by the chosen entry's own dataclass. When the
 recipe loads, :func:`check_contract` checks that the data kind, the model and the objective fit
-together (from what each declares, without building anything).
+together (from what each declares, without building anything) and :func:`check_transforms` that
+the transforms it names exist.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import mmcl.objectives  # noqa: F401
 from mmcl import config as C
 from mmcl.config import spec
 from mmcl.data import DataConfig
+from mmcl.data.transforms import transform_names
 from mmcl.objectives.base import Objective
 from mmcl.registry import model_declaration, plugin_name, registered
 
@@ -159,8 +161,8 @@ class Recipe:
 
     def validate(self) -> None:
         """Cross-section checks: the ranges in :data:`DATA_RULES` and :data:`TRANSFORM_ARG_RULES`, the
-        (data kind, model, objective) contract, then the model config's and the objective's own checks
-        against the rest of the recipe."""
+        transform names, the (data kind, model, objective) contract, then the model config's and the
+        objective's own checks against the rest of the recipe."""
         if self.model is None or self.objective is None:
             raise C.ConfigError("a recipe needs a 'model' and an 'objective' section, each with a 'name'")
         for path, (tp, rules) in DATA_RULES.items():
@@ -176,6 +178,7 @@ class Recipe:
             if key in TRANSFORM_ARG_RULES:
                 tp, rules = TRANSFORM_ARG_RULES[key]
                 C.checked(tp, value, f"data.transform_args.{key}", **rules)
+        check_transforms(self.data)
         check_contract(self)
         check_model = getattr(self.model, "check_recipe", None)  # a model config's checks against the recipe
         if check_model is not None:
@@ -224,6 +227,27 @@ def check_contract(recipe: Recipe) -> None:
                             f"but data.kind is {kind}")
     if kind not in model_kinds:
         raise C.ConfigError(f"model.name {m} reads data.kind {_kinds(model_kinds)}, but data.kind is {kind}")
+
+
+def check_transforms(data: DataConfig) -> None:
+    """Every transform the data section names is registered (did-you-mean otherwise), and
+    ``data.view_transforms``, when given for multi-view data, names one per view: errors the loader
+    would otherwise raise only when the run starts."""
+    names = transform_names()
+    named = [("data.transform", data.transform)]
+    named += [(f"data.view_transforms[{i}]", n) for i, n in enumerate(data.view_transforms)]
+    if data.multi_crop is not None and data.multi_crop.local_transform is not None:
+        named.append(("data.multi_crop.local_transform", data.multi_crop.local_transform))
+    for key, name in named:
+        if name not in names:
+            raise C.ConfigError(f"{key}: unknown transform {name!r}{C._suggest(name, names)}")
+    if data.kind == "multi_view" and data.view_transforms:
+        n_views = len(data.view_fields) or data.views
+        if len(data.view_transforms) != n_views:
+            source = (f"data.view_fields names {n_views} fields" if data.view_fields
+                      else f"data.views is {n_views}")
+            raise C.ConfigError(f"data.view_transforms names {len(data.view_transforms)} transforms for "
+                                f"{n_views} views ({source})")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
