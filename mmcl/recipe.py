@@ -1,7 +1,10 @@
 """The recipe: every section of a training YAML, as validated dataclasses.
 
 ``model`` and ``objective`` are chosen by ``name`` from the registries in ``mmcl.models`` and
-``mmcl.objectives``; their remaining keys are checked by the chosen entry's own dataclass.
+``mmcl.objectives``; their remaining keys are checked by the chosen entry's own dataclass. When the
+recipe loads, :func:`check_contract` checks that the data kind, the model and the objective fit
+together (from what each declares, without building anything) and :func:`check_transforms` that
+the transforms it names exist.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ import mmcl.objectives  # noqa: F401
 from mmcl import config as C
 from mmcl.config import spec
 from mmcl.data import DataConfig
+from mmcl.data.transforms import transform_names
+from mmcl.objectives.base import Objective
+from mmcl.registry import model_declaration, plugin_name, registered
 
 
 @dataclass
@@ -166,7 +172,9 @@ class Recipe:
     hub: HubConfig = field(default_factory=HubConfig)
 
     def validate(self) -> None:
-        """Cross-section checks, and the ranges in :data:`DATA_RULES` and :data:`TRANSFORM_ARG_RULES`."""
+        """Cross-section checks: the ranges in :data:`DATA_RULES` and :data:`TRANSFORM_ARG_RULES`, the
+        transform names, the (data kind, model, objective) contract, then the model config's and the
+        objective's own checks against the rest of the recipe."""
         if self.model is None or self.objective is None:
             raise C.ConfigError("a recipe needs a 'model' and an 'objective' section, each with a 'name'")
         if self.train.grad_cache >= self.data.batch_size:
@@ -185,10 +193,76 @@ class Recipe:
             if key in TRANSFORM_ARG_RULES:
                 tp, rules = TRANSFORM_ARG_RULES[key]
                 C.checked(tp, value, f"data.transform_args.{key}", **rules)
-        for section in (self.model, self.objective):  # checks a plugin makes against the rest of the recipe
-            check = getattr(section, "check_recipe", None)
-            if check is not None:
-                check(self)
+        check_transforms(self.data)
+        check_contract(self)
+        check_model = getattr(self.model, "check_recipe", None)  # a model config's checks against the recipe
+        if check_model is not None:
+            check_model(self)
+        objective_class(self.objective).check_recipe(self.objective, self)
+
+
+def objective_class(cfg: Any) -> type[Objective]:
+    """The registered :class:`Objective` subclass of a validated objective config; a plugin registered
+    otherwise (a builder function) is refused, since it declares nothing a recipe can be checked against."""
+    name = plugin_name("objective", cfg)
+    builder = registered("objective")[name][1]
+    if not (isinstance(builder, type) and issubclass(builder, Objective)):
+        raise C.ConfigError(f"objective.name {name} is registered as {getattr(builder, '__qualname__', builder)}, "
+                            "not a subclass of mmcl.objectives.base.Objective: register the Objective subclass, "
+                            "which declares the data kinds and model outputs it needs")
+    return builder
+
+
+def _kinds(kinds: frozenset[str]) -> str:
+    return " or ".join(sorted(kinds))
+
+
+def check_contract(recipe: Recipe) -> None:
+    """The recipe's data kind, model and objective fit together, by what they declare: the model
+    produces every output the objective reads (:attr:`Objective.needs_outputs` against
+    :func:`mmcl.registry.model_declaration`), and both read ``data.kind``. A mismatch is one
+    :class:`ConfigError` naming the keys, what is missing and the models that would fit, where it
+    used to load and then fail at the first step (``KeyError: 'image_features'``)."""
+    objective = objective_class(recipe.objective)
+    o, m, kind = plugin_name("objective", recipe.objective), plugin_name("model", recipe.model), recipe.data.kind
+    declared = model_declaration(m)
+    if declared is None:
+        raise C.ConfigError(f"model.name {m} does not declare the data kinds it reads and the outputs it produces "
+                            f"(class attributes data_kinds and outputs), so objective.name {o} cannot be checked "
+                            "against it")
+    model_kinds, outputs = declared
+    missing = [x for x in objective.needs_outputs if x not in outputs]
+    if missing:
+        about = f" ({objective.needs_model})" if objective.needs_model else ""
+        raise C.ConfigError(f"objective.name {o} reads model output{'s' if len(missing) > 1 else ''} "
+                            f"{', '.join(missing)}, which model.name {m} does not produce (it produces "
+                            f"{', '.join(outputs)}); objective {o} needs {objective.fitting_models_text()}{about}")
+    if kind not in objective.data_kinds:
+        raise C.ConfigError(f"objective.name {o} trains on data.kind {_kinds(objective.data_kinds)}, "
+                            f"but data.kind is {kind}")
+    if kind not in model_kinds:
+        raise C.ConfigError(f"model.name {m} reads data.kind {_kinds(model_kinds)}, but data.kind is {kind}")
+
+
+def check_transforms(data: DataConfig) -> None:
+    """Every transform the data section names is registered (did-you-mean otherwise), and
+    ``data.view_transforms``, when given for multi-view data, names one per view: errors the loader
+    would otherwise raise only when the run starts."""
+    names = transform_names()
+    named = [("data.transform", data.transform)]
+    named += [(f"data.view_transforms[{i}]", n) for i, n in enumerate(data.view_transforms)]
+    if data.multi_crop is not None and data.multi_crop.local_transform is not None:
+        named.append(("data.multi_crop.local_transform", data.multi_crop.local_transform))
+    for key, name in named:
+        if name not in names:
+            raise C.ConfigError(f"{key}: unknown transform {name!r}{C._suggest(name, names)}")
+    if data.kind == "multi_view" and data.view_transforms:
+        n_views = len(data.view_fields) or data.views
+        if len(data.view_transforms) != n_views:
+            source = (f"data.view_fields names {n_views} fields" if data.view_fields
+                      else f"data.views is {n_views}")
+            raise C.ConfigError(f"data.view_transforms names {len(data.view_transforms)} transforms for "
+                                f"{n_views} views ({source})")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

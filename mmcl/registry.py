@@ -1,5 +1,6 @@
 """The plugin registries: models and objectives by name, each with the config dataclass that
-validates its recipe section and the builder that makes it.
+validates its recipe section and the builder that makes it, and what each model declares it reads
+and produces (:func:`model_declaration`, checked against the objective when a recipe loads).
 
 This module imports no plugin: a plugin module registers itself when it is imported
 (``@register("objective", "simclr", SimCLRConfig)``), and the recipe layer (:mod:`mmcl.recipe`)
@@ -47,3 +48,28 @@ def plugin_name(kind: str, cfg: Any) -> str:
         if type(cfg) is config_cls:
             return name
     raise ConfigError(f"no {kind} is registered for config type {type(cfg).__name__}")
+
+
+# What each built-in model reads (values of ``data.kind``) and produces (names of
+# ``mmcl.objectives.base.OUTPUTS``), for the model/objective check when a recipe loads. A model
+# declares these itself with the class attributes ``data_kinds`` and ``outputs`` on its registered
+# builder; this table answers for the built-in models until their classes do (CLIP registers a
+# builder function today), and is removed then.
+_BUILT_IN_MODELS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "clip": (("image_text",), ("image_features", "text_features", "logit_scale")),
+    "encoder": (("multi_view",), ("h:views", "z:views")),
+    "multiview": (("multi_view",), ("h:views", "z:views")),
+    "cpc": (("multi_view",), ("z:grid", "c:grid")),
+}
+
+
+def model_declaration(name: str) -> tuple[frozenset[str], tuple[str, ...]] | None:
+    """``(data kinds, outputs)`` the registered model ``name`` declares, or ``None`` if it declares
+    neither (a plugin model without the class attributes ``data_kinds`` and ``outputs``)."""
+    _, builder = registered("model")[name]
+    kinds, outputs = getattr(builder, "data_kinds", None), getattr(builder, "outputs", None)
+    if kinds is None or outputs is None:
+        if name not in _BUILT_IN_MODELS:
+            return None
+        kinds, outputs = _BUILT_IN_MODELS[name]
+    return frozenset(kinds), tuple(outputs)

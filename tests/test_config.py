@@ -116,7 +116,9 @@ def test_every_shipped_recipe_validates_and_builds(path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # The real schema (mmcl.recipe and every registered model and objective): out-of-range values
 # ---------------------------------------------------------------------------------------------
-MINIMAL = {"data": {"train_shards": "x"}, "model": {"name": "encoder"}, "objective": {"name": "simclr"}}
+# multi-view data: what the encoder and SimCLR read (the recipe is checked for that pair when it loads)
+MINIMAL = {"data": {"train_shards": "x", "kind": "multi_view"}, "model": {"name": "encoder"},
+           "objective": {"name": "simclr"}}
 
 # Numeric keys without a range, and why that is right (or who closes the gap).
 UNBOUNDED = {

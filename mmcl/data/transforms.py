@@ -34,6 +34,12 @@ def register_transform(name: str) -> Callable[[Callable[..., Transform]], Callab
     return wrap
 
 
+def transform_names() -> list[str]:
+    """The registered transform names, sorted: what ``data.transform``, ``data.view_transforms`` and
+    ``data.multi_crop.local_transform`` may name (checked when a recipe loads)."""
+    return sorted(_BUILDERS)
+
+
 def _finish(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> list[Any]:
     return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
 

@@ -33,6 +33,7 @@ def byol_loss(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (2 - 2 * F.cosine_similarity(p.float(), t.float().detach(), dim=-1)).mean()
 
 
+@register("objective", "byol", BYOLConfig)
 class BYOLLoss(MomentumObjective):
     """Holds the predictor (trained) and the momentum target."""
 
@@ -41,9 +42,3 @@ class BYOLLoss(MomentumObjective):
         t1, t2 = self.target({"views": batch["views"][:2]})["z"]
         loss = byol_loss(p1, t2) + byol_loss(p2, t1)
         return loss, {"embedding_std": embedding_std(out["z"][0]), "momentum": torch.tensor(self.target.momentum)}
-
-
-@register("objective", "byol", BYOLConfig)
-def build_byol(cfg: BYOLConfig) -> BYOLLoss:
-    """Registry entry: ``objective: {name: byol}``."""
-    return BYOLLoss(cfg)

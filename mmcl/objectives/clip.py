@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from mmcl.dist import gather_with_grad, world
+from mmcl.objectives.base import Objective
 from mmcl.objectives.infonce import symmetric_info_nce, top1
 from mmcl.registry import register
 
@@ -41,7 +41,8 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, image_all: torch.Tensor, 
     return loss, {"acc_i2t": top1(logits_i, targets), "acc_t2i": top1(logits_t, targets)}
 
 
-class ClipLoss(nn.Module):
+@register("objective", "clip", ClipLossConfig)
+class ClipLoss(Objective):
     """Gathers features across processes and applies :func:`clip_loss`.
 
     >>> f = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
@@ -50,9 +51,12 @@ class ClipLoss(nn.Module):
     (True, 1.0)
     """
 
+    data_kinds = frozenset({"image_text"})
+    needs_outputs = ("image_features", "text_features", "logit_scale")
+    needs_model = "image and text towers"
+
     def __init__(self, cfg: ClipLossConfig | None = None):
-        super().__init__()
-        self.cfg = cfg or ClipLossConfig()
+        super().__init__(cfg or ClipLossConfig())
 
     def forward(self, out: dict[str, torch.Tensor], batch: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss and metrics from the model's ``image_features``, ``text_features`` and ``logit_scale``."""
@@ -62,9 +66,3 @@ class ClipLoss(nn.Module):
                                   self.cfg.local_loss)
         metrics["logit_scale"] = scale.detach()
         return loss, metrics
-
-
-@register("objective", "clip", ClipLossConfig)
-def build_clip_loss(cfg: ClipLossConfig) -> ClipLoss:
-    """Registry entry: ``objective: {name: clip}``."""
-    return ClipLoss(cfg)

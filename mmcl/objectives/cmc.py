@@ -26,6 +26,7 @@ from mmcl.config import spec
 from mmcl.dist import gather_with_grad, world
 from mmcl.errors import ConfigError
 from mmcl.objectives.bank import MemoryBank, bank_logits
+from mmcl.objectives.base import Objective
 from mmcl.objectives.clip import clip_loss
 from mmcl.objectives.infonce import embedding_std, info_nce, top1
 from mmcl.registry import register
@@ -53,16 +54,20 @@ def view_pairs(n_views: int, mode: str) -> list[tuple[int, int]]:
     return [(0, j) for j in range(1, n_views)] if mode == "core" else list(itertools.combinations(range(n_views), 2))
 
 
-class CMCLoss(nn.Module):
+@register("objective", "cmc", CMCConfig)
+class CMCLoss(Objective):
     """Cross-view InfoNCE over the model's per-view projections ``out["z"]``."""
 
-    def __init__(self, cfg: CMCConfig):
-        super().__init__()
-        self.cfg = cfg
+    data_kinds = frozenset({"multi_view"})
+    needs_outputs = ("z:views",)
+    needs_model = "an embedding per view"
+    needs_model_attributes = ("embed_dim",)
 
     def setup(self, model: nn.Module, total_steps: int) -> None:
-        """With bank negatives: one memory bank per view encoder."""
+        """With bank negatives: one memory bank per view encoder (``model.backbones`` of a multiview
+        model), or 2 for an encoder shared by the views."""
         if self.cfg.negatives == "bank":
+            self.check_model(model)
             n_views = len(getattr(model, "backbones", [])) or 2
             self.banks = nn.ModuleList(MemoryBank(self.cfg.bank_size, model.embed_dim, self.cfg.momentum)
                                        for _ in range(n_views))
@@ -93,9 +98,3 @@ class CMCLoss(nn.Module):
             for bank, x in zip(self.banks, z):
                 bank.update(ids, x)
         return torch.stack(losses).sum(), {"acc": torch.stack(accs).mean(), "embedding_std": embedding_std(out["z"][0])}
-
-
-@register("objective", "cmc", CMCConfig)
-def build_cmc(cfg: CMCConfig) -> CMCLoss:
-    """Registry entry: ``objective: {name: cmc}``."""
-    return CMCLoss(cfg)

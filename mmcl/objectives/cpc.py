@@ -24,6 +24,7 @@ from torch import nn
 from mmcl.config import spec
 from mmcl.dist import gather_with_grad, world
 from mmcl.errors import ConfigError
+from mmcl.objectives.base import Objective
 from mmcl.objectives.infonce import embedding_std, info_nce, top1
 from mmcl.registry import register
 
@@ -33,16 +34,6 @@ class CPCConfig:
     """``objective: {name: cpc, steps: 3}``: predict 1..``steps`` rows ahead."""
 
     steps: int = spec(3, ge=1, help="K: rows predicted ahead")
-
-    def check_recipe(self, recipe: Any) -> None:
-        """The model is a patch-grid model, and the rows predicted ahead fit in its grid."""
-        if not hasattr(recipe.model, "grid"):
-            raise ConfigError("objective cpc needs model: {name: cpc} (a patch grid with a context network)")
-        grid = recipe.model.grid(recipe.data.image_size)
-        if self.steps >= grid:
-            raise ConfigError(f"objective.steps {self.steps} must be below the grid height {grid} (data.image_size "
-                              f"{recipe.data.image_size}, model.patch_size {recipe.model.patch_size}, "
-                              f"patch_stride {recipe.model.patch_stride})")
     normalize: bool = spec(False, help="cosine scores / temperature instead of dot products")
     temperature: float = spec(0.1, gt=0, help="with normalize")
 
@@ -61,17 +52,28 @@ def cpc_step_logits(pred: torch.Tensor, target: torch.Tensor, target_all: torch.
     return logits.float(), pos
 
 
-class CPCLoss(nn.Module):
+@register("objective", "cpc", CPCConfig)
+class CPCLoss(Objective):
     """Holds the K prediction maps (trained with the model), sized in :meth:`setup`."""
 
-    def __init__(self, cfg: CPCConfig):
-        super().__init__()
-        self.cfg = cfg
+    data_kinds = frozenset({"multi_view"})
+    needs_outputs = ("z:grid", "c:grid")
+    needs_model = "a patch grid with a context network"
+    needs_model_attributes = ("embed_dim", "context_dim")
+
+    @classmethod
+    def check_recipe(cls, cfg: CPCConfig, recipe: Any) -> None:
+        """The rows predicted ahead fit in the grid the model (``model: cpc``, as the declared outputs
+        ensure) cuts from the recipe's images."""
+        grid = recipe.model.grid(recipe.data.image_size)
+        if cfg.steps >= grid:
+            raise ConfigError(f"objective.steps {cfg.steps} must be below the grid height {grid} (data.image_size "
+                              f"{recipe.data.image_size}, model.patch_size {recipe.model.patch_size}, "
+                              f"patch_stride {recipe.model.patch_stride})")
 
     def setup(self, model: nn.Module, total_steps: int) -> None:
         """``W_k``: context dim → patch embedding dim, no bias, one per step ahead."""
-        if not hasattr(model, "context_dim"):
-            raise ConfigError("objective cpc needs model: {name: cpc}")
+        self.check_model(model)
         self.predictors = nn.ModuleList(nn.Linear(model.context_dim, model.embed_dim, bias=False)
                                         for _ in range(self.cfg.steps))
 
@@ -91,9 +93,3 @@ class CPCLoss(nn.Module):
             metrics[f"acc_k{k}"] = top1(logits, pos)
         metrics["embedding_std"] = embedding_std(z.mean(dim=(1, 2)))
         return torch.stack(losses).mean(), metrics
-
-
-@register("objective", "cpc", CPCConfig)
-def build_cpc(cfg: CPCConfig) -> CPCLoss:
-    """Registry entry: ``objective: {name: cpc}``."""
-    return CPCLoss(cfg)

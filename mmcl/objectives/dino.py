@@ -47,18 +47,6 @@ class DINOConfig:
     global_crops: int = spec(2, ge=1, help="the first crops, seen by the teacher")
     freeze_last_layer_steps: int = spec(0, ge=0, help="the last layer gets no gradient for this many steps")
 
-    def check_recipe(self, recipe: Any) -> None:
-        """The teacher's crops must be global views of the data (``data.views``), not local crops, and
-        the student needs a crop other than the teacher's."""
-        d = recipe.data
-        crops = d.views + (d.multi_crop.local_crops if d.multi_crop else 0)
-        if crops < 2:
-            raise ConfigError(f"objective dino compares the teacher on one crop with the student on another: the "
-                              f"data makes {crops} crop; set data.views >= 2 (or data.multi_crop.local_crops >= 1)")
-        if self.global_crops > recipe.data.views:
-            raise ConfigError(f"objective.global_crops is {self.global_crops} but the data makes {recipe.data.views} "
-                              "global views (data.views); the crops after them are local crops")
-
 
 class WeightNormLinear(nn.Module):
     """``x`` (L2-normalised) times a weight whose rows are normalised to ``g`` (1 and frozen when
@@ -118,10 +106,24 @@ def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], center: 
     return cross_entropy_pairs(*log_probs(student, teacher, center, student_temperature, teacher_temperature))
 
 
+@register("objective", "dino", DINOConfig)
 class DINOLoss(MomentumObjective):
     """Holds the last layer (trained), the teacher and the centre."""
 
     schedule = "cosine"
+
+    @classmethod
+    def check_recipe(cls, cfg: DINOConfig, recipe: Any) -> None:
+        """The teacher's crops must be global views of the data (``data.views``), not local crops, and
+        the student needs a crop other than the teacher's."""
+        d = recipe.data
+        crops = d.views + (d.multi_crop.local_crops if d.multi_crop else 0)
+        if crops < 2:
+            raise ConfigError(f"objective dino compares the teacher on one crop with the student on another: the "
+                              f"data makes {crops} crop; set data.views >= 2 (or data.multi_crop.local_crops >= 1)")
+        if cfg.global_crops > recipe.data.views:
+            raise ConfigError(f"objective.global_crops is {cfg.global_crops} but the data makes {recipe.data.views} "
+                              "global views (data.views); the crops after them are local crops")
 
     def __init__(self, cfg: DINOConfig):
         super().__init__(cfg)
@@ -130,6 +132,7 @@ class DINOLoss(MomentumObjective):
 
     def setup(self, model: nn.Module, total_steps: int) -> None:
         """The last layer on the model's embeddings, and the teacher: an EMA of model + last layer."""
+        self.check_model(model)
         self.last = WeightNormLinear(model.embed_dim, self.cfg.out_dim, not self.cfg.norm_last_layer)
         self.target = MomentumTarget(_Student(model, self.last), self.cfg.momentum, "cosine", total_steps)
 
@@ -161,9 +164,3 @@ class DINOLoss(MomentumObjective):
         return loss, {"embedding_std": embedding_std(out["z"][0]), "teacher_entropy": entropy / math.log(cfg.out_dim),
                       "kl_teacher_student": kl, "teacher_temperature": torch.tensor(temp),
                       "momentum": torch.tensor(self.target.momentum)}
-
-
-@register("objective", "dino", DINOConfig)
-def build_dino(cfg: DINOConfig) -> DINOLoss:
-    """Registry entry: ``objective: {name: dino}``."""
-    return DINOLoss(cfg)

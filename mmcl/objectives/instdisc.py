@@ -21,6 +21,7 @@ from torch import nn
 from mmcl.config import spec
 from mmcl.dist import all_reduce_sum, world
 from mmcl.objectives.bank import MemoryBank, bank_logits, nce_loss
+from mmcl.objectives.base import Objective
 from mmcl.objectives.infonce import embedding_std, info_nce, top1
 from mmcl.registry import register
 
@@ -36,16 +37,22 @@ class InstDiscConfig:
     loss: Literal["nce", "softmax"] = "nce"
 
 
-class InstDiscLoss(nn.Module):
+@register("objective", "instdisc", InstDiscConfig)
+class InstDiscLoss(Objective):
     """Holds the memory bank (sized to the model's embeddings in :meth:`setup`)."""
 
+    data_kinds = frozenset({"multi_view"})
+    needs_outputs = ("z:views",)
+    needs_model = "an embedding per view"
+    needs_model_attributes = ("embed_dim",)
+
     def __init__(self, cfg: InstDiscConfig):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.register_buffer("log_z", torch.tensor(float("nan")))
 
     def setup(self, model: nn.Module, total_steps: int) -> None:
         """The bank, one ``embed_dim`` row per sample id."""
+        self.check_model(model)
         self.bank = MemoryBank(self.cfg.bank_size, model.embed_dim, self.cfg.momentum)
 
     def forward(self, out: dict[str, Any], batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -64,9 +71,3 @@ class InstDiscLoss(nn.Module):
             loss = nce_loss(logits, self.log_z, cfg.bank_size)
         self.bank.update(ids, v)
         return loss, {"acc": top1(logits, labels), "embedding_std": embedding_std(out["z"][0])}
-
-
-@register("objective", "instdisc", InstDiscConfig)
-def build_instdisc(cfg: InstDiscConfig) -> InstDiscLoss:
-    """Registry entry: ``objective: {name: instdisc, bank_size: ...}``."""
-    return InstDiscLoss(cfg)

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from mmcl.config import spec
 from mmcl.dist import gather_with_grad, world
+from mmcl.objectives.base import Objective
 from mmcl.objectives.infonce import embedding_std, top1
 from mmcl.objectives.simclr import pair_logits
 from mmcl.registry import register
@@ -46,12 +46,13 @@ def invaspread_loss(logits: torch.Tensor, pos_idx: torch.Tensor) -> torch.Tensor
     return -(logp.gather(1, pos_idx[:, None]).squeeze(1) + spread).mean()
 
 
-class InvaSpreadLoss(nn.Module):
+@register("objective", "invaspread", InvaSpreadConfig)
+class InvaSpreadLoss(Objective):
     """The loss over the first two views' normalised projections ``out["z"]``."""
 
-    def __init__(self, cfg: InvaSpreadConfig):
-        super().__init__()
-        self.cfg = cfg
+    data_kinds = frozenset({"multi_view"})
+    needs_outputs = ("z:views",)
+    needs_model = "an embedding per view"
 
     def forward(self, out: dict[str, Any], batch: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         z1, z2 = (F.normalize(z, dim=-1) for z in out["z"][:2])
@@ -59,9 +60,3 @@ class InvaSpreadLoss(nn.Module):
                                       world()[0])
         return invaspread_loss(logits, pos_idx), {"acc": top1(logits, pos_idx),
                                                   "embedding_std": embedding_std(out["z"][0])}
-
-
-@register("objective", "invaspread", InvaSpreadConfig)
-def build_invaspread(cfg: InvaSpreadConfig) -> InvaSpreadLoss:
-    """Registry entry: ``objective: {name: invaspread}``."""
-    return InvaSpreadLoss(cfg)

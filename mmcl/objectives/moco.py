@@ -62,8 +62,10 @@ def shuffled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tor
     return out[rank * b:(rank + 1) * b]
 
 
+@register("objective", "moco", MoCoConfig)
 class MoCoLoss(MomentumObjective):
-    """Holds the momentum encoder and the queue; built with :meth:`setup` once the model exists."""
+    """MoCo v1 and v2 (they differ in the recipe only): holds the momentum encoder and the queue,
+    built with :meth:`setup` once the model exists."""
 
     schedule = "fixed"
 
@@ -94,9 +96,3 @@ class MoCoLoss(MomentumObjective):
         metrics = {"acc": torch.stack(accs).mean(), "embedding_std": embedding_std(out["z"][0]),
                    "momentum": torch.tensor(self.target.momentum)}
         return torch.stack(losses).mean(), metrics
-
-
-@register("objective", "moco", MoCoConfig)
-def build_moco(cfg: MoCoConfig) -> MoCoLoss:
-    """Registry entry: ``objective: {name: moco}`` (v1 and v2)."""
-    return MoCoLoss(cfg)

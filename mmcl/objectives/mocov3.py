@@ -39,6 +39,7 @@ def mocov3_ctr(q: torch.Tensor, k_all: torch.Tensor, temperature: float,
     return 2 * temperature * info_nce(logits, labels), top1(logits, labels)
 
 
+@register("objective", "mocov3", MoCoV3Config)
 class MoCoV3Loss(MomentumObjective):
     """Holds the predictor (trained) and the momentum encoder."""
 
@@ -50,9 +51,3 @@ class MoCoV3Loss(MomentumObjective):
         l2, a2 = mocov3_ctr(q2, k1, self.cfg.temperature, rank)
         return l1 + l2, {"acc": (a1 + a2) / 2, "embedding_std": embedding_std(out["z"][0]),
                          "momentum": torch.tensor(self.target.momentum)}
-
-
-@register("objective", "mocov3", MoCoV3Config)
-def build_mocov3(cfg: MoCoV3Config) -> MoCoV3Loss:
-    """Registry entry: ``objective: {name: mocov3}``."""
-    return MoCoV3Loss(cfg)

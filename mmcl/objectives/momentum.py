@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
+
+from mmcl.objectives.base import Objective
 
 
 def cosine_momentum(step: int, total: int, base: float) -> float:
@@ -55,23 +57,25 @@ class MomentumTarget(nn.Module):
             return self.net(*args, **kwargs)
 
 
-class MomentumObjective(nn.Module):
-    """Base of objectives with a momentum target of the online model (MoCo, MoCo v3, BYOL) and,
-    when their config has a ``predictor``, a trained prediction head on the online branch.
+class MomentumObjective(Objective):
+    """Base of objectives with a momentum target of the online model (MoCo, MoCo v3, BYOL, DINO)
+    and, when their config has a ``predictor``, a trained prediction head on the online branch.
 
-    Subclasses set ``schedule`` ("fixed" or "cosine"); their config has ``momentum``.
+    Subclasses set ``schedule`` ("fixed" or "cosine"); their config has ``momentum``. The target
+    re-encodes the batch's views, so these objectives train on multi-view data.
     """
 
     schedule: Literal["fixed", "cosine"] = "cosine"
-
-    def __init__(self, cfg: Any):
-        super().__init__()
-        self.cfg = cfg
+    data_kinds = frozenset({"multi_view"})
+    needs_outputs = ("z:views",)
+    needs_model = "an embedding per view"
+    needs_model_attributes = ("embed_dim",)
 
     def setup(self, model: nn.Module, total_steps: int) -> None:
         """Build the predictor (sized to the model's embeddings) and copy the model into the target."""
         from mmcl.models.heads import build_head
 
+        self.check_model(model)
         if getattr(self.cfg, "predictor", None) is not None:
             self.predictor = build_head(self.cfg.predictor, model.embed_dim)
         self.target = MomentumTarget(model, self.cfg.momentum, self.schedule, total_steps)

@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from mmcl.config import spec
 from mmcl.dist import gather_with_grad, world
+from mmcl.objectives.base import Objective
 from mmcl.objectives.infonce import embedding_std, info_nce, top1
 from mmcl.registry import register
 
@@ -50,20 +50,15 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, z1_all: torch.Tensor, z2_all: to
     return info_nce(logits, pos_idx), top1(logits, pos_idx)
 
 
-class SimCLRLoss(nn.Module):
+@register("objective", "simclr", SimCLRConfig)
+class SimCLRLoss(Objective):
     """NT-Xent over the first two views' projections ``out["z"]``."""
 
-    def __init__(self, cfg: SimCLRConfig):
-        super().__init__()
-        self.cfg = cfg
+    data_kinds = frozenset({"multi_view"})
+    needs_outputs = ("z:views",)
+    needs_model = "an embedding per view"
 
     def forward(self, out: dict[str, Any], batch: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         z1, z2 = (F.normalize(z, dim=-1) for z in out["z"][:2])
         loss, acc = nt_xent(z1, z2, gather_with_grad(z1), gather_with_grad(z2), self.cfg.temperature, world()[0])
         return loss, {"acc": acc, "embedding_std": embedding_std(out["z"][0])}
-
-
-@register("objective", "simclr", SimCLRConfig)
-def build_simclr(cfg: SimCLRConfig) -> SimCLRLoss:
-    """Registry entry: ``objective: {name: simclr}``."""
-    return SimCLRLoss(cfg)

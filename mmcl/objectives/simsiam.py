@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcl.models.heads import HeadConfig, build_head
+from mmcl.objectives.base import Objective
 from mmcl.objectives.infonce import embedding_std
 from mmcl.registry import register
 
@@ -31,23 +32,21 @@ def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch
     return -0.5 * (cos(p1, z2) + cos(p2, z1))
 
 
-class SimSiamLoss(nn.Module):
+@register("objective", "simsiam", SimSiamConfig)
+class SimSiamLoss(Objective):
     """Holds the predictor."""
 
-    def __init__(self, cfg: SimSiamConfig):
-        super().__init__()
-        self.cfg = cfg
+    data_kinds = frozenset({"multi_view"})
+    needs_outputs = ("z:views",)
+    needs_model = "an embedding per view"
+    needs_model_attributes = ("embed_dim",)
 
     def setup(self, model: nn.Module, total_steps: int) -> None:
+        """The predictor, on the model's embeddings."""
+        self.check_model(model)
         self.predictor = build_head(self.cfg.predictor, model.embed_dim)
 
     def forward(self, out: dict[str, Any], batch: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         z1, z2 = out["z"][:2]
         loss = simsiam_loss(self.predictor(z1), self.predictor(z2), z1, z2)
         return loss, {"embedding_std": embedding_std(z1)}
-
-
-@register("objective", "simsiam", SimSiamConfig)
-def build_simsiam(cfg: SimSiamConfig) -> SimSiamLoss:
-    """Registry entry: ``objective: {name: simsiam}``."""
-    return SimSiamLoss(cfg)

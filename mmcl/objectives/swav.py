@@ -23,6 +23,7 @@ from torch import nn
 from mmcl.config import spec
 from mmcl.dist import all_reduce_sum, gather_no_grad
 from mmcl.errors import ConfigError
+from mmcl.objectives.base import Objective
 from mmcl.objectives.infonce import embedding_std
 from mmcl.registry import register
 
@@ -39,21 +40,6 @@ class SwAVConfig:
     freeze_prototypes_steps: int = spec(313, ge=0)
     queue_length: int = spec(0, ge=0, help="past projections per process used in the assignments (0: none)")
     queue_start_step: int = spec(0, ge=0)
-
-    def check_recipe(self, recipe: Any) -> None:
-        """Assignments are computed for global views of the data (``data.views``), not local crops;
-        each is predicted from another crop; the queue holds at least one batch of this process."""
-        d = recipe.data
-        crops = d.views + (d.multi_crop.local_crops if d.multi_crop else 0)
-        if crops < 2:
-            raise ConfigError(f"objective swav predicts each crop's code from another crop: the data makes {crops} "
-                              "crop; set data.views >= 2 (or data.multi_crop.local_crops >= 1)")
-        if self.assignment_crops > d.views:
-            raise ConfigError(f"objective.assignment_crops is {self.assignment_crops} but the data makes "
-                              f"{d.views} global views (data.views); the crops after them are local crops")
-        if 0 < self.queue_length < d.batch_size:
-            raise ConfigError(f"objective.queue_length {self.queue_length} is below data.batch_size {d.batch_size} "
-                              "(the queue holds whole batches of this process); use 0 (no queue) or more")
 
 
 @torch.no_grad()
@@ -72,22 +58,43 @@ def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Ten
     return (q * b_global).T
 
 
-class SwAVLoss(nn.Module):
+@register("objective", "swav", SwAVConfig)
+class SwAVLoss(Objective):
     """Holds the prototypes (trained with the model) and the optional queue.
 
     The queue holds this process's own past projections, as in SwAV: it is listed in
     ``per_process_buffers`` so that DDP does not overwrite it with rank 0's at each forward and
     every process's queue is checkpointed."""
 
+    data_kinds = frozenset({"multi_view"})
+    needs_outputs = ("z:views",)
+    needs_model = "an embedding per view"
+    needs_model_attributes = ("embed_dim",)
     per_process_buffers = ("queue",)
 
     def __init__(self, cfg: SwAVConfig):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    @classmethod
+    def check_recipe(cls, cfg: SwAVConfig, recipe: Any) -> None:
+        """Assignments are computed for global views of the data (``data.views``), not local crops;
+        each is predicted from another crop; the queue holds at least one batch of this process."""
+        d = recipe.data
+        crops = d.views + (d.multi_crop.local_crops if d.multi_crop else 0)
+        if crops < 2:
+            raise ConfigError(f"objective swav predicts each crop's code from another crop: the data makes {crops} "
+                              "crop; set data.views >= 2 (or data.multi_crop.local_crops >= 1)")
+        if cfg.assignment_crops > d.views:
+            raise ConfigError(f"objective.assignment_crops is {cfg.assignment_crops} but the data makes "
+                              f"{d.views} global views (data.views); the crops after them are local crops")
+        if 0 < cfg.queue_length < d.batch_size:
+            raise ConfigError(f"objective.queue_length {cfg.queue_length} is below data.batch_size {d.batch_size} "
+                              "(the queue holds whole batches of this process); use 0 (no queue) or more")
 
     def setup(self, model: nn.Module, total_steps: int) -> None:
         """Prototypes sized to the model's embeddings; the queue, if any."""
+        self.check_model(model)
         self.prototypes = nn.Linear(model.embed_dim, self.cfg.prototypes, bias=False)
         if self.cfg.queue_length:
             self.register_buffer("queue", torch.zeros(self.cfg.assignment_crops, self.cfg.queue_length,
@@ -126,9 +133,3 @@ class SwAVLoss(nn.Module):
         metrics = {"embedding_std": embedding_std(out["z"][0]),
                    "prototype_usage": torch.tensor(usage.unique().numel() / cfg.prototypes)}
         return torch.stack(losses).mean(), metrics
-
-
-@register("objective", "swav", SwAVConfig)
-def build_swav(cfg: SwAVConfig) -> SwAVLoss:
-    """Registry entry: ``objective: {name: swav}``."""
-    return SwAVLoss(cfg)

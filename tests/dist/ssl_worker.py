@@ -65,7 +65,8 @@ def main(out_path: str) -> None:
     results = {}
     for name, (raw, model_raw) in OBJECTIVES.items():
         torch.manual_seed(0)
-        recipe = from_dict(Recipe, {"data": {"train_shards": "x"}, "model": model_raw, "objective": raw})
+        recipe = from_dict(Recipe, {"data": {"train_shards": "x", "kind": "multi_view"}, "model": model_raw,
+                                    "objective": raw})
         model = build("model", recipe.model)
         objective = build("objective", recipe.objective)
         if hasattr(objective, "setup"):

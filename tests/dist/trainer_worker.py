@@ -303,7 +303,7 @@ def shuffle_bn_partitions() -> dict[str, Any]:
     results: dict[str, Any] = {}
     for shuffle in (True, False):
         torch.manual_seed(0)
-        recipe = from_dict(Recipe, {"data": {"train_shards": "x"}, "objective": {
+        recipe = from_dict(Recipe, {"data": {"train_shards": "x", "kind": "multi_view"}, "objective": {
             "name": "moco", "queue_size": 8, "momentum": 0.9, "shuffle_bn": shuffle},
             "model": {"name": "encoder", "backbone": {"name": "cnn", "width": 8, "depth": 2, "norm": "bn"},
                       "projector": {"dims": [32, 16], "norm": "bn"}}})

@@ -1,0 +1,98 @@
+"""The contract of an objective: what it needs from the data and the model, and the hooks the
+trainer calls.
+
+Every objective subclasses :class:`Objective` and states, as class attributes, the kinds of data
+it trains on (``data_kinds``, values of ``data.kind``) and the model outputs it reads
+(``needs_outputs``, names from :data:`OUTPUTS`). Models declare the same from their side
+(:func:`mmcl.registry.model_declaration`), so :mod:`mmcl.recipe` checks a recipe's data kind, model
+and objective against each other when the recipe loads, without building anything: a wrong pair
+is a one-line :class:`~mmcl.errors.ConfigError` naming the keys, not a ``KeyError`` at step 1.
+What depends on more of the recipe (crops against ``data.views``, a queue against the batch) is
+the objective's :meth:`Objective.check_recipe`, called by the recipe right after.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from torch import nn
+
+from mmcl.errors import ConfigError
+from mmcl.registry import model_declaration, registered
+
+# The model outputs an objective can read, by name: the key of the model's ``forward`` dict and,
+# where one key holds different things in different models, its form after a colon.
+OUTPUTS: dict[str, str] = {
+    "image_features": "[B, D] normalised image embeddings",
+    "text_features": "[B, D] normalised text embeddings",
+    "logit_scale": "the scalar 1/τ that multiplies the image-text similarities",
+    "h:views": "out['h']: backbone features, one [B, F] tensor per view",
+    "z:views": "out['z']: projections, one [B, D] tensor per view",
+    "z:grid": "out['z']: patch embeddings [B, G, G, D] of the first view",
+    "c:grid": "out['c']: contexts [B, G, G, C], each from its patch's row and the rows above",
+}
+
+
+class Objective(nn.Module):
+    """Base of every objective: ``forward(outputs, batch) -> (loss, metrics)`` plus the hooks the
+    trainer calls, and the declarations the recipe is checked against when it loads.
+
+    ``per_process_buffers`` names buffers that hold each process's own data (SwAV's queue): DDP does
+    not overwrite them with rank 0's and checkpoints keep one per process.
+    """
+
+    #: values of ``data.kind`` this objective trains on
+    data_kinds: ClassVar[frozenset[str]] = frozenset()
+    #: names (keys of :data:`OUTPUTS`) of the model outputs ``forward`` reads
+    needs_outputs: ClassVar[tuple[str, ...]] = ()
+    #: in words, the model that fits: shown with the models that do when a recipe pairs another one
+    needs_model: ClassVar[str] = ""
+    #: attributes of the built model that ``setup`` reads (checked by :meth:`check_model`)
+    needs_model_attributes: ClassVar[tuple[str, ...]] = ()
+    per_process_buffers: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, cfg: Any):
+        super().__init__()
+        self.cfg = cfg
+
+    def setup(self, model: nn.Module, total_steps: int) -> None:
+        """Called once the model exists, before the optimizer: heads sized to the model, momentum
+        copies of it. Nothing by default."""
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Called after every optimizer step: momentum updates, queues, schedules. Nothing by default."""
+
+    @classmethod
+    def check_recipe(cls, cfg: Any, recipe: Any) -> None:
+        """Checks of the validated config ``cfg`` against the rest of ``recipe`` beyond the declared
+        contract, raising :class:`ConfigError` naming the keys that disagree. Nothing by default."""
+
+    @classmethod
+    def check_model(cls, model: Any) -> None:
+        """Refuse a built model that lacks an attribute ``setup`` reads (``needs_model_attributes``):
+        for objectives set up outside a checked recipe, e.g. in tests."""
+        if any(not hasattr(model, a) for a in cls.needs_model_attributes):
+            raise ConfigError(f"objective {cls.registry_name()} needs {cls.fitting_models_text()}")
+
+    @classmethod
+    def registry_name(cls) -> str:
+        """The name this class is registered under (its class name if it is not registered)."""
+        return next((name for name, (_, builder) in registered("objective").items() if builder is cls), cls.__name__)
+
+    @classmethod
+    def fitting_models(cls) -> list[str]:
+        """Registered models that produce every output this objective reads from a data kind it trains on."""
+        fits = []
+        for name in registered("model"):
+            declared = model_declaration(name)
+            if declared and declared[0] & cls.data_kinds and set(cls.needs_outputs) <= set(declared[1]):
+                fits.append(name)
+        return fits
+
+    @classmethod
+    def fitting_models_text(cls) -> str:
+        """``model: {name: a} or model: {name: b}``, or what is missing when no registered model fits."""
+        fits = cls.fitting_models()
+        if not fits:
+            return f"a model that produces {', '.join(cls.needs_outputs)} (no registered model does)"
+        return " or ".join(f"model: {{name: {name}}}" for name in fits)
