@@ -134,8 +134,7 @@ class Trainer:
         # evaluation during training preprocesses images as the saved model will
         self.model.mmcl_config = {"preprocess": r.data.preprocess()}
         self.objective = build("objective", r.objective)
-        if hasattr(self.objective, "setup"):  # heads sized to the model, momentum copies of it
-            self.objective.setup(self.model, r.train.steps)
+        self.objective.setup(self.model, r.train.steps)  # heads sized to the model, momentum copies of it
         tokenizer = self.model.tokenizer() if r.data.kind == "image_text" else None
         self.loader = make_loader(r.data, tokenizer=tokenizer, seed=r.run.seed)
         trains_objective = any(p.requires_grad for p in self.objective.parameters())
@@ -172,7 +171,7 @@ class Trainer:
     def _per_process_buffers(self) -> dict[str, torch.Tensor]:
         """The objective's buffers that differ between processes by design, by state-dict name."""
         objective = self.acc.unwrap_model(self.objective)
-        names = set(getattr(objective, "per_process_buffers", ()))
+        names = set(objective.per_process_buffers)
         return {n: b for n, b in objective.named_buffers() if n in names}
 
     @property
@@ -368,10 +367,10 @@ class Trainer:
                 self._window[k].append(torch.as_tensor(v, device=acc.device).detach().float())
         self.scheduler.step()
         self.state.step += 1
-        for m in (self.unwrapped, acc.unwrap_model(self.objective)):
-            hook = getattr(m, "after_optimizer_step", None)
-            if hook is not None:
-                hook(self.state.step)
+        model_hook = getattr(self.unwrapped, "after_optimizer_step", None)  # of the models, only CLIP has one
+        if model_hook is not None:
+            model_hook(self.state.step)
+        acc.unwrap_model(self.objective).after_optimizer_step(self.state.step)
         return True
 
     def _forward_backward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -36,11 +36,14 @@ def grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def assert_same_grads(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float = 1e-5) -> None:
-    """Every gradient equal to ``tol`` relative to its norm, and none missing."""
+    """All gradients together equal to ``tol`` relative to their norm, each to ``10 * tol`` (float32
+    sums in another order: a small gradient's own relative error can exceed ``tol``), none missing."""
     assert a.keys() == b.keys() and a
+    whole_a, whole_b = (torch.cat([g[k].flatten() for k in sorted(g)]) for g in (a, b))
+    assert ((whole_a - whole_b).norm() / whole_b.norm()).item() < tol
     for k in a:
         rel = ((a[k] - b[k]).norm() / b[k].norm().clamp(min=1e-12)).item()
-        assert rel < tol, (k, rel)
+        assert rel < 10 * tol, (k, rel)
 
 
 def test_split_slices_per_sample_members_only() -> None:
@@ -79,11 +82,12 @@ def test_simclr_grad_cache_equals_the_whole_batch_with_objective_parameters() ->
             "data.train_shards=unused.tar", "model.backbone={name: cnn, width: 8, depth: 2, norm: gn}",
             "model.projector={dims: [32, 16], norm: none}", *extra])
         torch.manual_seed(0)
-        model, objective = build("model", r.model), build("objective", r.objective)
-        if hasattr(objective, "setup"):
-            objective.setup(model, 10)
+        # float64: a CNN's tiny gradients would otherwise show float32 summation order at 1e-5
+        model, objective = build("model", r.model).double(), build("objective", r.objective)
+        objective.setup(model, 10)
+        objective.double()
         g = torch.Generator().manual_seed(2)
-        batch = {"views": [torch.randn(10, 3, 32, 32, generator=g) for _ in range(2)],
+        batch = {"views": [torch.randn(10, 3, 32, 32, generator=g, dtype=torch.float64) for _ in range(2)],
                  "key": [str(i) for i in range(10)]}
         loss, _ = objective(model(batch), batch)
         loss.backward()
