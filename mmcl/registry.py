@@ -53,13 +53,10 @@ def plugin_name(kind: str, cfg: Any) -> str:
 # What each built-in model reads (values of ``data.kind``) and produces (names of
 # ``mmcl.objectives.base.OUTPUTS``), for the model/objective check when a recipe loads. A model
 # declares these itself with the class attributes ``data_kinds`` and ``outputs`` on its registered
-# builder; this table answers for the built-in models until their classes do (CLIP registers a
-# builder function today), and is removed then.
+# builder (the encoder, multiview and cpc classes do); this table answers for CLIP, which registers a
+# builder function today, and is removed when it registers its class.
 _BUILT_IN_MODELS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "clip": (("image_text",), ("image_features", "text_features", "logit_scale")),
-    "encoder": (("multi_view",), ("h:views", "z:views")),
-    "multiview": (("multi_view",), ("h:views", "z:views")),
-    "cpc": (("multi_view",), ("z:grid", "c:grid")),
 }
 
 

@@ -134,6 +134,9 @@ class CPCModel(SavedModel):
     (torch.Size([2, 7, 7, 64]), torch.Size([2, 7, 7, 32]), torch.Size([2, 64]))
     """
 
+    data_kinds = ("multi_view",)  # what the recipe checks at load (mmcl.registry.model_declaration)
+    outputs = ("z:grid", "c:grid")
+
     config_cls = CPCModelConfig
 
     def __init__(self, cfg: CPCModelConfig):

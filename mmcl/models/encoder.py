@@ -57,6 +57,9 @@ class EncoderModel(SavedModel):
     ([torch.Size([2, 16]), torch.Size([2, 16])], torch.Size([2, 256]))
     """
 
+    data_kinds = ("multi_view",)  # what the recipe checks at load (mmcl.registry.model_declaration)
+    outputs = ("h:views", "z:views")
+
     config_cls = EncoderModelConfig
 
     def __init__(self, cfg: EncoderModelConfig):

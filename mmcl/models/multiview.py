@@ -64,6 +64,9 @@ class MultiViewModel(SavedModel):
     ([torch.Size([2, 16]), torch.Size([2, 16])], torch.Size([2, 512]))
     """
 
+    data_kinds = ("multi_view",)  # what the recipe checks at load (mmcl.registry.model_declaration)
+    outputs = ("h:views", "z:views")
+
     config_cls = MultiViewModelConfig
 
     def __init__(self, cfg: MultiViewModelConfig):
