@@ -27,14 +27,12 @@ FORMAT = "mmcl-model/1"
 
 
 def _loaders() -> dict[str, Any]:
-    """Model classes by saved ``model_name``: CLIP, and every registered :class:`SavedModel`."""
-    from mmcl.models import ClipModel
-    from mmcl.models.saved import SavedModel
+    """Model classes by saved ``model_name``: every registered model class that can rebuild itself
+    from a folder (``load_files``, the counterpart of the ``save_files`` that wrote it)."""
+    import mmcl.models  # noqa: F401 (the built-in models register themselves)
     from mmcl.registry import registered
 
-    saved = {name: builder for name, (_, builder) in registered("model").items()
-             if isinstance(builder, type) and issubclass(builder, SavedModel)}
-    return {"clip": ClipModel, **saved}
+    return {name: builder for name, (_, builder) in registered("model").items() if hasattr(builder, "load_files")}
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -19,8 +19,10 @@ _REGISTRIES: dict[str, dict[str, tuple[type, Callable[..., Any]]]] = {"model": {
 
 
 def register(kind: str, name: str, config_cls: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator registering a builder (a class or a function) for ``kind`` ('model' or
-    'objective') under ``name``; ``config_cls`` is the dataclass of its recipe section."""
+    """Decorator registering a class for ``kind`` ('model' or 'objective') under ``name``;
+    ``config_cls`` is the dataclass of its recipe section. :func:`build` makes it with its
+    ``from_config(cfg)`` classmethod if it has one (a model whose constructor takes more than its
+    config, such as CLIP), else with ``cls(cfg)``. A plain function is accepted too."""
 
     def wrap(builder: Callable[..., Any]) -> Callable[..., Any]:
         _REGISTRIES[kind][name] = (config_cls, builder)
@@ -38,7 +40,7 @@ def build(kind: str, cfg: Any, *args: Any, **kwargs: Any) -> Any:
     """Build the registered ``kind`` whose config dataclass instance is ``cfg``."""
     for config_cls, builder in registered(kind).values():
         if type(cfg) is config_cls:
-            return builder(cfg, *args, **kwargs)
+            return getattr(builder, "from_config", builder)(cfg, *args, **kwargs)
     raise ConfigError(f"no {kind} is registered for config type {type(cfg).__name__}")
 
 
@@ -50,23 +52,11 @@ def plugin_name(kind: str, cfg: Any) -> str:
     raise ConfigError(f"no {kind} is registered for config type {type(cfg).__name__}")
 
 
-# What each built-in model reads (values of ``data.kind``) and produces (names of
-# ``mmcl.objectives.base.OUTPUTS``), for the model/objective check when a recipe loads. A model
-# declares these itself with the class attributes ``data_kinds`` and ``outputs`` on its registered
-# builder (the encoder, multiview and cpc classes do); this table answers for CLIP, which registers a
-# builder function today, and is removed when it registers its class.
-_BUILT_IN_MODELS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "clip": (("image_text",), ("image_features", "text_features", "logit_scale")),
-}
-
-
 def model_declaration(name: str) -> tuple[frozenset[str], tuple[str, ...]] | None:
     """``(data kinds, outputs)`` the registered model ``name`` declares, or ``None`` if it declares
     neither (a plugin model without the class attributes ``data_kinds`` and ``outputs``)."""
     _, builder = registered("model")[name]
     kinds, outputs = getattr(builder, "data_kinds", None), getattr(builder, "outputs", None)
     if kinds is None or outputs is None:
-        if name not in _BUILT_IN_MODELS:
-            return None
-        kinds, outputs = _BUILT_IN_MODELS[name]
+        return None
     return frozenset(kinds), tuple(outputs)

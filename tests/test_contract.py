@@ -313,3 +313,17 @@ def test_the_refused_pair_would_have_crashed_at_the_first_step() -> None:
     loss, _ = clip_loss(clip(batch), batch)
     assert torch.isfinite(loss)
 
+
+
+def test_every_built_in_model_is_a_declaring_class_the_hub_can_rebuild() -> None:
+    """Models register their classes as objectives do (CLIP through ``from_config``), so the Hub
+    loader finds each by its saved name with no special case."""
+    from mmcl.hub import _loaders
+
+    table = registered("model")
+    assert {"clip", "encoder", "multiview", "cpc"} <= set(table)
+    for name, (_, builder) in table.items():
+        assert isinstance(builder, type) and issubclass(builder, nn.Module), name
+        assert model_declaration(name) is not None, name
+    assert {"clip", "encoder", "multiview", "cpc"} <= set(_loaders())
+    assert _loaders()["clip"] is table["clip"][1]

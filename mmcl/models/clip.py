@@ -150,14 +150,19 @@ class HFTokenizer:
         return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
 
+@register("model", "clip", ClipModelConfig)
 class ClipModel(nn.Module):
     """Image and text towers with a learnable logit scale (``exp`` clamped at ``max_logit_scale``).
+    Registered as ``model: {name: clip, ...}``; the registry builds it with :meth:`from_config`.
 
     >>> m = ClipModel.from_config(ClipModelConfig(open_clip_config="mmcl-tiny-vit"))
     >>> out = m({"image": torch.zeros(2, 3, 32, 32), "text": m.tokenizer()(["a 1", "a 2"])})
     >>> out["image_features"].shape, float(out["logit_scale"]) > 14
     (torch.Size([2, 64]), True)
     """
+
+    data_kinds = ("image_text",)  # what the recipe checks at load (mmcl.registry.model_declaration)
+    outputs = ("image_features", "text_features", "logit_scale")
 
     def __init__(self, model_cfg: dict[str, Any], cfg: ClipModelConfig, hf_text: nn.Module | None = None,
                  hf_tokenizer_path: str | None = None):
@@ -331,9 +336,3 @@ def _asdict(cfg: Any) -> dict[str, Any]:
     from mmcl.config import to_dict
 
     return to_dict(cfg)
-
-
-@register("model", "clip", ClipModelConfig)
-def build_clip(cfg: ClipModelConfig) -> ClipModel:
-    """Registry entry: ``model: {name: clip, ...}``."""
-    return ClipModel.from_config(cfg)
