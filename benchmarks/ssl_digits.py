@@ -57,11 +57,11 @@ def describe_views(recipe: Recipe) -> str:
     return f"{d.views} augmented views of the image"
 
 
-def scores(model: torch.nn.Module, data: Path) -> dict[str, float]:
+def scores(model: torch.nn.Module, data: Path, preprocess: dict) -> dict[str, float]:
     """kNN top-1 on test and test-shifted, linear-probe top-1 on test."""
     test, shifted = f"{data}/test-{{000000..000001}}.tar", f"{data}/test-shifted-{{000000..000001}}.tar"
     res = frozen_feature_evals(model, f"{data}/train-{{000000..000004}}.tar", [test, shifted], linear=True,
-                               num_workers=2)
+                               preprocess=preprocess, num_workers=2)
     get = lambda task, shards: next(r["metrics"]["top1"] for r in res  # noqa: E731
                                     if r["task"] == task and r["dataset"]["shards"] == shards)
     return {"knn_test": get("knn", test), "knn_shifted": get("knn", shifted), "linear_test": get("linear", test),
@@ -81,12 +81,12 @@ def run(method: str, steps: int | None, data: Path, out: Path) -> dict[str, obje
     rows = [json.loads(line) for line in (out / method / "metrics.jsonl").read_text().splitlines()]
     std = [r["embedding_std"] for r in rows if "embedding_std" in r][-1]
     last = [r for r in rows if "loss" in r][-1]
-    trained = scores(from_pretrained(out / method / "final"), data)
+    trained_model = from_pretrained(out / method / "final")
+    trained = scores(trained_model, data, trained_model.mmcl_config["preprocess"])
     recipe = load_recipe(config, sets)
     torch.manual_seed(recipe.run.seed)  # the trainer's set_seed: the very initialisation training started from
     initial = build("model", recipe.model).eval()
-    initial.mmcl_config = {"preprocess": recipe.data.preprocess()}
-    random = scores(initial, data)
+    random = scores(initial, data, recipe.data.preprocess())
     return {"method": method, **{k: round(v, 4) for k, v in trained.items()},
             "random_knn_test": round(random["knn_test"], 4), "random_knn_shifted": round(random["knn_shifted"], 4),
             "random_linear_test": round(random["linear_test"], 4), "wall_s": round(wall, 1),

@@ -79,10 +79,15 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _load_for_eval(spec: str):  # noqa: ANN202
+    """The model to evaluate and the image preprocessing it was saved with."""
     from mmcl.evaluate.open_clip_model import OpenClipModel, is_open_clip_spec
     from mmcl.hub import from_pretrained
 
-    return OpenClipModel(spec) if is_open_clip_spec(spec) else from_pretrained(spec)
+    if is_open_clip_spec(spec):
+        model = OpenClipModel(spec)
+        return model, model.preprocess
+    model = from_pretrained(spec)
+    return model, model.mmcl_config["preprocess"]
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -93,17 +98,18 @@ def _eval(args: argparse.Namespace) -> int:
     from mmcl.hub import record_eval
 
     acc = Accelerator()
-    model = _load_for_eval(args.model).to(acc.device)
+    model, preprocess = _load_for_eval(args.model)
+    model = model.to(acc.device)
     local = Path(args.model).is_dir()
     out = args.out or (Path(args.model).parent / "eval" if local else Path("eval"))
     if args.task in ("knn", "linear"):
-        return _frozen(args, model, acc, out, local)
+        return _frozen(args, model, preprocess, acc, out, local)
     if len(args.shards) > 1:
         raise MmclError(f"eval {args.task}: give --shards once")
     args.shards = args.shards[0]
     if args.task == "retrieval":
-        res = retrieval_eval(model, args.shards, batch_size=args.batch_size, num_workers=args.workers,
-                             device=acc.device)
+        res = retrieval_eval(model, args.shards, preprocess=preprocess, batch_size=args.batch_size,
+                             num_workers=args.workers, device=acc.device)
         recalls = {k: v for k, v in res.items() if k not in ("n", "skipped")}
         if acc.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
@@ -124,8 +130,8 @@ def _eval(args: argparse.Namespace) -> int:
         if not args.classes.is_file():
             raise MmclError(f"--classes {args.classes}: no such file")
         classes = [c.strip() for c in args.classes.read_text().splitlines() if c.strip()]
-    res = zeroshot(model, args.shards, templates=templates, classes=classes, batch_size=args.batch_size,
-                   num_workers=args.workers, device=acc.device)
+    res = zeroshot(model, args.shards, preprocess=preprocess, templates=templates, classes=classes,
+                   batch_size=args.batch_size, num_workers=args.workers, device=acc.device)
     if acc.is_main_process:
         names = res["class_names"]
         save_report(res, names, out)
@@ -142,13 +148,14 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _frozen(args: argparse.Namespace, model, acc, out: Path, local: bool) -> int:  # noqa: ANN001
+def _frozen(args: argparse.Namespace, model, preprocess: dict, acc, out: Path, local: bool) -> int:  # noqa: ANN001
     from mmcl.evaluate.run import frozen_feature_evals
     from mmcl.hub import record_eval
 
     knn = args.task == "knn"
-    results = frozen_feature_evals(model, args.train_shards, args.shards, knn=knn, linear=not knn,
-                                   k=getattr(args, "k", 20), temperature=getattr(args, "temperature", 0.07),
+    results = frozen_feature_evals(model, args.train_shards, args.shards, preprocess=preprocess, knn=knn,
+                                   linear=not knn, k=getattr(args, "k", 20),
+                                   temperature=getattr(args, "temperature", 0.07),
                                    batch_size=args.batch_size, num_workers=args.workers, device=acc.device)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

@@ -121,7 +121,8 @@ def read_config(folder: Path) -> dict[str, Any]:
 
 
 def from_pretrained(path_or_repo: str | Path, revision: str | None = None) -> nn.Module:
-    """Rebuild a model saved with :func:`save_pretrained` (identical outputs)."""
+    """Rebuild a model saved with :func:`save_pretrained` (identical outputs). The folder's saved
+    config is kept as ``model.mmcl_config`` (its ``preprocess`` is what evaluations take)."""
     from safetensors import SafetensorError
 
     folder = resolve(path_or_repo, revision)

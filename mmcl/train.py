@@ -26,14 +26,15 @@ from accelerate.utils import gather_object, set_seed
 from tqdm import tqdm
 
 from mmcl import checkpoint as ckpt
-from mmcl.data import class_names, count_samples, expand_shards, make_loader
+from mmcl.data import make_loader
 from mmcl.dist import world
 from mmcl.errors import MmclError
 from mmcl.evaluate.run import flat_metrics
 from mmcl.gradcache import grad_cache_step
 from mmcl.optim import build_optimizer
+from mmcl.publish import RunFacts, push_final, write_final
 from mmcl.recipe import Recipe, recipe_dict
-from mmcl.registry import build, plugin_name
+from mmcl.registry import build
 
 
 class TrainingError(MmclError):
@@ -131,8 +132,6 @@ class Trainer:
                 raise MmclError("train.sync_bn needs GPU processes (torch's SyncBatchNorm has no CPU version); "
                                 "set train.sync_bn=false for a multi-process CPU run")
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        # evaluation during training preprocesses images as the saved model will
-        self.model.mmcl_config = {"preprocess": r.data.preprocess()}
         self.objective = build("objective", r.objective)
         self.objective.setup(self.model, r.train.steps)  # heads sized to the model, momentum copies of it
         tokenizer = self.model.tokenizer() if r.data.kind == "image_text" else None
@@ -326,7 +325,8 @@ class Trainer:
         """Zero-shot and retrieval on the recipe's eval shards (every process takes part)."""
         from mmcl.evaluate.run import run_evals
 
-        return run_evals(self.unwrapped, self.recipe.eval, device=self.acc.device)
+        # images preprocessed as the saved model's folder will say
+        return run_evals(self.unwrapped, self.recipe.eval, self.recipe.data.preprocess(), device=self.acc.device)
 
     # ------------------------------------------------------------------------------ loop
     def train_step(self, batch: dict[str, Any]) -> bool | None:
@@ -474,14 +474,11 @@ class Trainer:
         skipped = self._skip_counts()  # a collective: every process takes part
         error = None
         if acc.is_main_process:
-            from mmcl.hub import save_pretrained
-
-            info = self._model_info(wall, evals, skipped)
+            facts = RunFacts(run_name=r.run.name or self.out.name, steps=self.state.step,
+                             processes=acc.num_processes, wall_s=wall, mixed_precision=acc.mixed_precision,
+                             bad_steps=self.state.bad_steps, evals=evals, skipped=skipped)
             try:
-                save_pretrained(self.unwrapped, final, name=plugin_name("model", r.model),
-                                preprocess=r.data.preprocess(), info=info)
-                (self.out / "summary.json").write_text(json.dumps({k: v for k, v in info.items() if k != "recipe"},
-                                                                  indent=2) + "\n")
+                write_final(self.unwrapped, self.out, r, facts)
             except Exception as e:  # noqa: BLE001 (a full disk: every process must stop, none wait)
                 error = (f"could not write the final model to {final}: {e}. The last checkpoint is whole: free "
                          "some space and rerun with --resume latest")
@@ -489,39 +486,8 @@ class Trainer:
             raise TrainingError(error or "the main process could not write the final model")
         acc.end_training()
         if r.hub.push and acc.is_main_process:
-            self._push(final)
+            push_final(final, r, self.state.step, say=acc.print)
         return final
-
-    def _model_info(self, wall: float, evals: list[dict[str, Any]], skipped: dict[str, int]) -> dict[str, Any]:
-        """What the saved model's config and card say about this run."""
-        r, acc = self.recipe, self.acc
-        urls = expand_shards(r.data.train_shards)
-        return {
-            "run_name": r.run.name or self.out.name,
-            "objective": plugin_name("objective", r.objective),
-            "recipe": recipe_dict(r),
-            "train": {"steps": self.state.step, "global_batch": r.data.batch_size * acc.num_processes
-                      * r.optim.grad_accum, "processes": acc.num_processes, "wall_s": round(wall, 1),
-                      "mixed_precision": acc.mixed_precision, "bad_steps": self.state.bad_steps,
-                      "lr": r.optim.lr, "weight_decay": r.optim.weight_decay, "warmup_steps": r.optim.warmup_steps,
-                      "schedule": r.optim.schedule},
-            "data": {"train_shards": r.data.train_shards, "train_samples": count_samples(urls),
-                     "class_names": class_names(urls), "skipped": skipped},
-            "eval": evals,
-        }
-
-    def _push(self, final: Path) -> None:
-        """Upload the final model (``hub.push: true``); the local folder is complete whatever happens."""
-        from mmcl.hub import push
-
-        h = self.recipe.hub
-        try:
-            url = push(final, h.repo_id, private=h.private, revision=h.revision,
-                       commit_message=f"mmcl: {self.recipe.run.name or self.out.name}, step {self.state.step}")
-        except MmclError as e:
-            raise MmclError(f"{e}\nThe trained model is saved in {final}; push it later with "
-                            f"`mmcl push --model {final} --repo-id {h.repo_id}`") from None
-        self.acc.print(f"pushed to {url}")
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

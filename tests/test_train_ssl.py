@@ -46,16 +46,15 @@ def initial_encoder(trainer: Trainer) -> torch.nn.Module:
     r = trainer.recipe
     torch.manual_seed(r.run.seed)
     model = build("model", r.model).eval()
-    model.mmcl_config = {"preprocess": r.data.preprocess()}
     start, built = trainer.unwrapped.state_dict(), model.state_dict()
     assert set(start) == set(built) and all(torch.equal(v, start[k].cpu()) for k, v in built.items())
     return model
 
 
-def held_out_knn(model: torch.nn.Module, data: Path) -> float:
+def held_out_knn(model: torch.nn.Module, data: Path, preprocess: dict) -> float:
     """kNN top-1 (k 20) on the held-out test split, the training shards as the labelled reference."""
     res = frozen_feature_evals(model, f"{data}/train-{{000000..000004}}.tar", [f"{data}/test-{{000000..000001}}.tar"],
-                               k=20, num_workers=0)
+                               preprocess=preprocess, k=20, num_workers=0)
     return res[0]["metrics"]["top1"]
 
 
@@ -115,7 +114,7 @@ def test_simclr_learns_features_that_beat_its_initialisation_on_held_out_digits(
     assert {(e["task"], e["dataset"]["name"]) for e in evals} == {("knn", "digits/test"), ("linear", "digits/test")}
     knn = next(e for e in evals if e["task"] == "knn")
     assert knn["k"] == 20
-    before = held_out_knn(initial, digits_dir)
+    before = held_out_knn(initial, digits_dir, trainer.recipe.data.preprocess())
     assert knn["metrics"]["top1"] >= before + MARGIN, (knn["metrics"], before)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     stds = [r["embedding_std"] for r in rows if "embedding_std" in r]
@@ -158,6 +157,6 @@ def test_multiview_and_predictive_recipes_learn_save_and_evaluate(method: str, d
     x = [x, torch.randn_like(x)] if method == "cmc" else x
     with torch.no_grad():
         assert torch.allclose(saved.encode_image(x), trainer.unwrapped.eval().encode_image(x), atol=1e-6)
-    before = held_out_knn(initial, data)
+    before = held_out_knn(initial, data, trainer.recipe.data.preprocess())
     after = cli_knn(out / "final", data, capsys, "--no-record")
     assert after >= before + MARGIN, (after, before)

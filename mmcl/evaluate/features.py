@@ -11,14 +11,21 @@ import torch.distributed as dist
 from mmcl.data import DataConfig, make_loader
 from mmcl.data.transforms import OPENAI_MEAN, OPENAI_STD
 from mmcl.dist import gather_variable, world
+from mmcl.errors import MmclError
 
 
-def data_config_for(model: Any, shards: str, batch_size: int, num_workers: int, kind: str = "image_text") -> DataConfig:
-    """An evaluation ``DataConfig`` using the model's saved preprocessing (size, mean, std, colour
-    space, and the image fields of multi-field models)."""
-    pre = getattr(model, "mmcl_config", {}).get("preprocess") or {}
-    size = pre["image_size"] if "image_size" in pre else model.image_size
-    return DataConfig(train_shards=shards, kind=kind, image_size=size,
+def data_config_for(preprocess: dict[str, Any], shards: str, batch_size: int, num_workers: int,
+                    kind: str = "image_text") -> DataConfig:
+    """An evaluation ``DataConfig`` preprocessing images as the model was trained to see them.
+
+    ``preprocess`` is what a model folder saves (``DataConfig.preprocess()`` of its recipe):
+    ``image_size``, and optionally ``mean``/``std`` (OpenAI CLIP's by default), ``colour`` and the
+    image fields of multi-field models (``view_fields``).
+    """
+    pre = preprocess
+    if "image_size" not in pre:
+        raise MmclError(f"evaluation preprocessing {pre!r} has no image_size")
+    return DataConfig(train_shards=shards, kind=kind, image_size=pre["image_size"],
                       batch_size=batch_size, num_workers=num_workers,
                       mean=list(pre.get("mean", OPENAI_MEAN)), std=list(pre.get("std", OPENAI_STD)),
                       colour=pre.get("colour", "rgb"), view_fields=list(pre.get("view_fields", [])))
@@ -42,12 +49,13 @@ def sum_over_processes(counts: dict[str, int]) -> dict[str, int]:
 
 
 @torch.no_grad()
-def extract(model: Any, shards: str, *, batch_size: int = 256, num_workers: int = 2, texts: bool = True,
-            device: torch.device | str = "cpu") -> dict[str, Any]:
+def extract(model: Any, shards: str, *, preprocess: dict[str, Any], batch_size: int = 256, num_workers: int = 2,
+            texts: bool = True, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Image (and text) features, labels and ids of all samples, gathered over processes in id order,
-    and ``skipped``: the samples the loader could not use, counted by reason over all processes."""
+    and ``skipped``: the samples the loader could not use, counted by reason over all processes.
+    ``preprocess`` is the model's image preprocessing (see :func:`data_config_for`)."""
     # image-only reads need no caption field: the one-view (eval transform) multi-view sample
-    cfg = data_config_for(model, shards, batch_size, num_workers, "image_text" if texts else "multi_view")
+    cfg = data_config_for(preprocess, shards, batch_size, num_workers, "image_text" if texts else "multi_view")
     loader = make_loader(cfg, train=False, tokenizer=model.tokenizer() if texts else None)
     feats: dict[str, list[torch.Tensor]] = {"image": [], "text": [], "label": [], "id": []}
     was_training = model.training

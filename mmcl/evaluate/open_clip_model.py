@@ -24,7 +24,7 @@ def is_open_clip_spec(model: str) -> bool:
 
 class OpenClipModel(nn.Module):
     """An open_clip model with ``encode_image``/``encode_text`` (normalised), ``tokenizer()`` and
-    the preprocessing values recorded where :func:`mmcl.evaluate.features.extract` looks."""
+    ``preprocess``: open_clip's preprocessing values in the form evaluations take."""
 
     def __init__(self, spec: str, pretrained: str | None = None):
         super().__init__()
@@ -38,8 +38,7 @@ class OpenClipModel(nn.Module):
         cfg = self.model.visual.preprocess_cfg
         size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
         self.image_size = size
-        self.mmcl_config: dict[str, Any] = {"preprocess": {"image_size": size, "mean": list(cfg["mean"]),
-                                                           "std": list(cfg["std"])}}
+        self.preprocess: dict[str, Any] = {"image_size": size, "mean": list(cfg["mean"]), "std": list(cfg["std"])}
         self.eval()
 
     def tokenizer(self) -> Any:

@@ -54,12 +54,13 @@ def labelled_features(model: Any, shards: str, purpose: str, **kwargs: Any) -> d
     return keep(feats, labelled, "missing_label")
 
 
-def zeroshot(model: Any, shards: str, *, templates: Any = "openai", classes: list[str] | None = None,
-             batch_size: int = 256, num_workers: int = 2, device: torch.device | str = "cpu") -> dict[str, Any]:
+def zeroshot(model: Any, shards: str, *, preprocess: dict[str, Any], templates: Any = "openai",
+             classes: list[str] | None = None, batch_size: int = 256, num_workers: int = 2,
+             device: torch.device | str = "cpu") -> dict[str, Any]:
     """Zero-shot classification result (see :func:`mmcl.evaluate.zeroshot.classify`) plus skip counts."""
     names = resolve_classes(shards, classes)
-    feats = labelled_features(model, shards, "zero-shot needs", batch_size=batch_size, num_workers=num_workers,
-                              device=device)
+    feats = labelled_features(model, shards, "zero-shot needs", preprocess=preprocess, batch_size=batch_size,
+                              num_workers=num_workers, device=device)
     feats = keep(feats, feats["label"] < len(names), "unknown_class")
     if not len(feats["label"]):
         raise MmclError(f"{shards}: no label is below {len(names)}, the number of class names; check --classes")
@@ -70,11 +71,12 @@ def zeroshot(model: Any, shards: str, *, templates: Any = "openai", classes: lis
     return result
 
 
-def retrieval_eval(model: Any, shards: str, *, batch_size: int = 256, num_workers: int = 2,
-                   device: torch.device | str = "cpu") -> dict[str, Any]:
+def retrieval_eval(model: Any, shards: str, *, preprocess: dict[str, Any], batch_size: int = 256,
+                   num_workers: int = 2, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Image-text retrieval recall (see :func:`mmcl.evaluate.retrieval.retrieval`), the number of
     pairs ``n`` and the skip counts, as :func:`zeroshot` reports them."""
-    feats = extract(model, shards, batch_size=batch_size, num_workers=num_workers, device=device)
+    feats = extract(model, shards, preprocess=preprocess, batch_size=batch_size, num_workers=num_workers,
+                    device=device)
     if not len(feats["id"]):
         raise MmclError(f"{shards}: no usable image-text pair" +
                         (f" (skipped: {feats['skipped']})" if feats["skipped"] else ""))
@@ -94,15 +96,16 @@ def flat_metrics(results: list[dict[str, Any]]) -> dict[str, float]:
             for r in results for k, v in r["metrics"].items()}
 
 
-def frozen_feature_evals(model: Any, train_shards: str, test_shards: list[str], *, knn: bool = True,
-                         linear: bool = False, k: int = 20, temperature: float = 0.07, batch_size: int = 256,
-                         num_workers: int = 2, device: torch.device | str = "cpu") -> list[dict[str, Any]]:
+def frozen_feature_evals(model: Any, train_shards: str, test_shards: list[str], *, preprocess: dict[str, Any],
+                         knn: bool = True, linear: bool = False, k: int = 20, temperature: float = 0.07,
+                         batch_size: int = 256, num_workers: int = 2,
+                         device: torch.device | str = "cpu") -> list[dict[str, Any]]:
     """kNN and/or linear-probe results on each of ``test_shards``, with ``train_shards`` as the
     labelled reference set (features extracted once, on every process). Each result's ``skipped``
     counts the samples left out of the reference and test sets together."""
     def labelled(shards: str) -> dict[str, Any]:
-        return labelled_features(model, shards, "kNN and linear probes need", batch_size=batch_size,
-                                 num_workers=num_workers, device=device)
+        return labelled_features(model, shards, "kNN and linear probes need", preprocess=preprocess,
+                                 batch_size=batch_size, num_workers=num_workers, device=device)
 
     train = labelled(train_shards)
     out: list[dict[str, Any]] = []
@@ -118,21 +121,23 @@ def frozen_feature_evals(model: Any, train_shards: str, test_shards: list[str], 
     return out
 
 
-def run_evals(model: Any, cfg: Any, device: torch.device | str = "cpu") -> list[dict[str, Any]]:
-    """The evaluations an ``EvalConfig`` asks for, as :func:`result` records; every process calls this."""
+def run_evals(model: Any, cfg: Any, preprocess: dict[str, Any],
+              device: torch.device | str = "cpu") -> list[dict[str, Any]]:
+    """The evaluations an ``EvalConfig`` asks for, as :func:`result` records, with images
+    preprocessed as ``preprocess`` says (``DataConfig.preprocess()``); every process calls this."""
     out: list[dict[str, Any]] = []
     if cfg.knn_train_shards and cfg.knn_shards:
-        out += frozen_feature_evals(model, cfg.knn_train_shards, list(cfg.knn_shards), linear=cfg.linear,
-                                    k=cfg.knn_k, temperature=cfg.knn_temperature, batch_size=cfg.batch_size,
-                                    num_workers=cfg.num_workers, device=device)
+        out += frozen_feature_evals(model, cfg.knn_train_shards, list(cfg.knn_shards), preprocess=preprocess,
+                                    linear=cfg.linear, k=cfg.knn_k, temperature=cfg.knn_temperature,
+                                    batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device)
     if cfg.zeroshot_shards:
-        res = zeroshot(model, cfg.zeroshot_shards, templates=cfg.templates, classes=cfg.class_names,
-                       batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device)
+        res = zeroshot(model, cfg.zeroshot_shards, preprocess=preprocess, templates=cfg.templates,
+                       classes=cfg.class_names, batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device)
         out.append(result("zeroshot", cfg.zeroshot_shards, {"top1": res["top1"], "top5": res["top5"]},
                           skipped=res["skipped"]))
     if cfg.retrieval_shards:
-        res = retrieval_eval(model, cfg.retrieval_shards, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                             device=device)
+        res = retrieval_eval(model, cfg.retrieval_shards, preprocess=preprocess, batch_size=cfg.batch_size,
+                             num_workers=cfg.num_workers, device=device)
         metrics = {k: v for k, v in res.items() if k not in ("n", "skipped")}
         out.append(result("retrieval", cfg.retrieval_shards, metrics, skipped=res["skipped"]))
     return out

@@ -100,20 +100,21 @@ def test_retrieval_zeroshot_and_knn_run_past_bad_samples_and_report_skips(digits
     samples[good[0]]["json"] = b'{"label": null}'  # unlabelled: fine for retrieval, left out of classification
     samples[good[1]]["json"] = b'{"label": 12}'  # no class name for it (zero-shot only)
     shard = str(write_tar(tmp_path / "bad-0.tar", samples))
-    model = TinyClip()
+    model, pre = TinyClip(), {"image_size": TinyClip.image_size}
 
-    res = retrieval_eval(model, shard, batch_size=8, num_workers=0)  # before: an AttributeError ended it
+    # before: an AttributeError ended it
+    res = retrieval_eval(model, shard, preprocess=pre, batch_size=8, num_workers=0)
     assert res["n"] == len(good) and res["skipped"] == Counter(expected.values())
     for direction in ("image_to_text", "text_to_image"):  # recall can only grow with k
         assert res[f"{direction}_R@1"] <= res[f"{direction}_R@5"] <= res[f"{direction}_R@10"], res
 
     image_only = Counter(r for r, _, _ in JSON_FAULTS)  # image-only reads ignore captions
     names = [str(i) for i in range(10)]
-    zs = zeroshot(model, shard, templates=["{}"], classes=names, batch_size=8, num_workers=0)
+    zs = zeroshot(model, shard, preprocess=pre, templates=["{}"], classes=names, batch_size=8, num_workers=0)
     assert zs["n"] == len(good) - 2 + len(CAPTION_FAULTS)
     assert zs["skipped"] == image_only + Counter({"missing_label": 1, "unknown_class": 1})
 
-    (knn,) = frozen_feature_evals(model, shard, [shard], k=1, batch_size=8, num_workers=0)
+    (knn,) = frozen_feature_evals(model, shard, [shard], preprocess=pre, k=1, batch_size=8, num_workers=0)
     assert knn["skipped"] == {r: 2 * n for r, n in (image_only + Counter({"missing_label": 1})).items()}
 
 

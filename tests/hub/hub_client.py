@@ -30,11 +30,12 @@ def main() -> None:
     with torch.no_grad():
         ref_img, ref_txt = reference.encode_image(images), reference.encode_text(tokens)
         for name, model in {"mmcl_local": reference, **models}.items():
-            res = zeroshot(model, shards, templates="digits", num_workers=0)
+            pre = model.preprocess if isinstance(model, OpenClipModel) else model.mmcl_config["preprocess"]
+            res = zeroshot(model, shards, preprocess=pre, templates="digits", num_workers=0)
             out[name] = {"image_diff": (model.encode_image(images) - ref_img).abs().max().item(),
                          "text_diff": (model.encode_text(tokens) - ref_txt).abs().max().item(),
                          "top1": res["top1"], "confusion": res["confusion"],
-                         "preprocess": model.mmcl_config["preprocess"]}
+                         "preprocess": pre}
     print(json.dumps(out))
 
 
