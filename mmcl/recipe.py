@@ -242,6 +242,13 @@ def check_contract(recipe: Recipe) -> None:
                             f"but data.kind is {kind}")
     if kind not in model_kinds:
         raise C.ConfigError(f"model.name {m} reads data.kind {_kinds(model_kinds)}, but data.kind is {kind}")
+    views = getattr(recipe.model, "output_views", None)  # a per-view model config says how many it makes
+    if "z:views" in objective.needs_outputs and views is not None and views(recipe.data) < objective.min_views:
+        d = recipe.data
+        source = f"data.view_fields names {len(d.view_fields)} fields" if d.view_fields else f"data.views is {d.views}"
+        raise C.ConfigError(f"objective.name {o} compares {objective.min_views} or more views of each sample, but "
+                            f"model.name {m} makes {views(d)} here ({source}); set data.views: {objective.min_views}"
+                            f"{' or name more view_fields' if d.view_fields else ''}")
 
 
 def check_transforms(data: DataConfig) -> None:

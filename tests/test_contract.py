@@ -314,6 +314,45 @@ def test_the_refused_pair_would_have_crashed_at_the_first_step() -> None:
     assert torch.isfinite(loss)
 
 
+# --------------------------------------------------------------------------------------------- view counts
+
+@pytest.mark.parametrize("objective", sorted(set(VIEW_OBJECTIVES) - {"instdisc", "cmc", "swav", "dino"}))
+def test_two_view_objectives_with_one_view_are_refused_at_load(objective: str) -> None:
+    """``data.views: 1`` used to load and then fail at step 1 (an unpack or index error)."""
+    refused(VIEW_OBJECTIVES[objective], ["data.views=1"],
+            f"objective.name {objective} compares 2 or more views of each sample, but model.name encoder makes 1 "
+            "here (data.views is 1); set data.views: 2")
+
+
+def test_cmc_on_a_shared_encoder_needs_two_views() -> None:
+    """CMC with ``model: encoder`` on one view (the roadmap's example), and a shared encoder with bank
+    negatives over three views (two banks for three views: an index error at step 1)."""
+    refused("cmc_digits", ["model={name: encoder}", "data.view_fields=[]", "data.views=1"],
+            "objective.name cmc compares 2 or more views of each sample, but model.name encoder makes 1 here "
+            "(data.views is 1); set data.views: 2")
+    refused("cmc_digits", ["model={name: encoder}", "data.view_fields=[]", "data.views=3",
+                           "objective.negatives=bank", "objective.bank_size=2000"],
+            "objective.negatives bank with an encoder shared by the views keeps 2 memory banks, but the model makes "
+            "3 views; use 2 views, or model: {name: multiview} (one encoder and one bank per view)")
+    load_recipe(CONFIGS / "cmc_digits.yaml", ["model={name: encoder}", "data.view_fields=[]", "data.views=2",
+                                              "objective.negatives=bank", "objective.bank_size=2000"])
+    load_recipe(CONFIGS / "cmc_digits.yaml", ["objective.negatives=bank", "objective.bank_size=2000"])
+
+
+def test_view_counts_the_models_declare_match_their_forward() -> None:
+    """``output_views`` is what ``forward`` returns: augmented views plus local crops through one encoder,
+    one per encoder for a multiview model; an objective of one view (InstDisc) loads with one."""
+    torch.manual_seed(0)
+    for config, extra in (("simclr_digits", ["data.views=3"]), ("dino_digits", []), ("cmc_digits", [])):
+        r = load_recipe(CONFIGS / f"{config}.yaml", extra)
+        model, n_in = build("model", r.model), len(r.data.view_fields) or r.data.views
+        local = r.data.multi_crop.local_crops if r.data.multi_crop else 0
+        s, ls = r.data.image_size, (r.data.multi_crop.local_size if local else 0)
+        views = [torch.randn(2, 3, s, s) for _ in range(n_in)] + [torch.randn(2, 3, ls, ls) for _ in range(local)]
+        with torch.no_grad():
+            assert len(model({"views": views, "id": torch.arange(2)})["z"]) == r.model.output_views(r.data), config
+    load_recipe(CONFIGS / "instdisc_digits.yaml", ["data.views=1"])
+
 
 def test_every_built_in_model_is_a_declaring_class_the_hub_can_rebuild() -> None:
     """Models register their classes as objectives do (CLIP through ``from_config``), so the Hub

@@ -32,6 +32,12 @@ class EncoderModelConfig:
     projector: HeadConfig | None = field(default_factory=HeadConfig)
     group_views: bool = spec(False, help="encode consecutive same-size views in one batch (multi-crop)")
 
+    def output_views(self, data: Any) -> int:
+        """Views per sample in ``out["z"]``: one per image the data section makes (image fields, or
+        augmented views plus multi-crop local crops), all through the one encoder."""
+        local = data.multi_crop.local_crops if data.multi_crop else 0
+        return len(data.view_fields) or data.views + local
+
 
 def encode_grouped(net: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
     """``net`` applied once per run of consecutive views of the same size (2 global crops, then the

@@ -46,6 +46,10 @@ class MultiViewModelConfig:
         if len(set(flat)) != len(flat) or any(c < 0 for c in flat):
             raise ConfigError(f"model.channels: channel indices must be distinct and >= 0, got {self.channels}")
 
+    def output_views(self, data: Any) -> int:
+        """Views per sample in ``out["z"]``: one per encoder (channel group, or image field)."""
+        return len(self.channels) or self.views
+
     def check_recipe(self, recipe: Any) -> None:
         """One encoder per image field when the views are fields (``data.view_fields``)."""
         fields = recipe.data.view_fields

@@ -49,6 +49,9 @@ class Objective(nn.Module):
     needs_model: ClassVar[str] = ""
     #: attributes of the built model that ``setup`` reads (checked by :meth:`check_model`)
     needs_model_attributes: ClassVar[tuple[str, ...]] = ()
+    #: with ``z:views``: the fewest views per sample the model must produce (checked at load against
+    #: the model config's ``output_views(data)``)
+    min_views: ClassVar[int] = 1
     per_process_buffers: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Any):

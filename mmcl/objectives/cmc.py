@@ -60,8 +60,22 @@ class CMCLoss(Objective):
 
     data_kinds = frozenset({"multi_view"})
     needs_outputs = ("z:views",)
+    min_views = 2
     needs_model = "an embedding per view"
     needs_model_attributes = ("embed_dim",)
+
+    @classmethod
+    def check_recipe(cls, cfg: CMCConfig, recipe: Any) -> None:
+        """Bank negatives keep one bank per view encoder, or two for an encoder shared by the views
+        (see :meth:`setup`): a shared encoder then needs exactly two views."""
+        from mmcl.models.multiview import MultiViewModelConfig
+
+        views = getattr(recipe.model, "output_views", None)
+        if cfg.negatives == "bank" and views is not None and not isinstance(recipe.model, MultiViewModelConfig) \
+                and views(recipe.data) != 2:
+            raise ConfigError(f"objective.negatives bank with an encoder shared by the views keeps 2 memory banks, "
+                              f"but the model makes {views(recipe.data)} views; use 2 views, or model: "
+                              "{name: multiview} (one encoder and one bank per view)")
 
     def setup(self, model: nn.Module, total_steps: int) -> None:
         """With bank negatives: one memory bank per view encoder (``model.backbones`` of a multiview

@@ -52,6 +52,7 @@ class InvaSpreadLoss(Objective):
 
     data_kinds = frozenset({"multi_view"})
     needs_outputs = ("z:views",)
+    min_views = 2
     needs_model = "an embedding per view"
 
     def forward(self, out: dict[str, Any], batch: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -68,6 +68,7 @@ class SwAVLoss(Objective):
 
     data_kinds = frozenset({"multi_view"})
     needs_outputs = ("z:views",)
+    min_views = 2
     needs_model = "an embedding per view"
     needs_model_attributes = ("embed_dim",)
     per_process_buffers = ("queue",)
