@@ -199,6 +199,7 @@ class Recipe:
         if check_model is not None:
             check_model(self)
         objective_class(self.objective).check_recipe(self.objective, self)
+        check_views(self)
 
 
 def objective_class(cfg: Any) -> type[Objective]:
@@ -242,6 +243,13 @@ def check_contract(recipe: Recipe) -> None:
                             f"but data.kind is {kind}")
     if kind not in model_kinds:
         raise C.ConfigError(f"model.name {m} reads data.kind {_kinds(model_kinds)}, but data.kind is {kind}")
+
+
+def check_views(recipe: Recipe) -> None:
+    """A model of per-view embeddings makes at least the objective's ``min_views`` (checked after the
+    objective's own ``check_recipe``, whose messages about crops are more specific)."""
+    objective = objective_class(recipe.objective)
+    o, m = plugin_name("objective", recipe.objective), plugin_name("model", recipe.model)
     views = getattr(recipe.model, "output_views", None)  # a per-view model config says how many it makes
     if "z:views" in objective.needs_outputs and views is not None and views(recipe.data) < objective.min_views:
         d = recipe.data
