@@ -68,17 +68,6 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def to_device(batch: Any, device: torch.device) -> Any:
-    """Move tensors (also inside lists and dicts) to ``device``."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, list):
-        return [to_device(v, device) for v in batch]
-    return batch
-
-
 @contextmanager
 def loader_worker_deaths(loader: Any) -> Iterator[None]:
     """A loader worker killed under training (the kernel's OOM killer) becomes a :class:`TrainingError`
@@ -445,7 +434,7 @@ class Trainer:
                 if epoch == start_epoch and batches <= skip:
                     continue  # fast-forward to where the checkpoint stopped reading
                 samples += len(batch["key"]) * acc.num_processes
-                if not self.train_step(to_device(batch, acc.device)):
+                if not self.train_step(self.loader.prepare(batch, acc.device)):
                     continue  # mid-accumulation, or a skipped step
                 step = self.state.step
                 self._bar.update(1)

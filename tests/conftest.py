@@ -53,9 +53,9 @@ def cfg_for(shards: str, **kw):
 
 
 def collect(loader) -> tuple[list[str], list[dict]]:
-    """Every key a loader yields, and its batches."""
+    """Every key a loader yields, and its batches as the model takes them (``Loader.prepare`` on the CPU)."""
     keys, batches = [], []
     for b in loader:
         keys += b["key"]
-        batches.append(b)
+        batches.append(loader.prepare(b, "cpu"))
     return keys, batches

@@ -15,10 +15,21 @@ from mmcl.config import spec
 from mmcl.data.samples import IMAGE_KEYS, MISSING_CAPTION, MISSING_IMAGE, collate, image_text_sample, multi_view_sample
 from mmcl.data.shards import count_samples, expand_shards, samples_per_shard
 from mmcl.data.stream import ShardStream
-from mmcl.data.transforms import OPENAI_MEAN, OPENAI_STD, build_transform
+from mmcl.data.transforms import OPENAI_MEAN, OPENAI_STD, Normalize, build_transform
 from mmcl.decode import MAX_PIXELS
 from mmcl.dist import world
 from mmcl.errors import ConfigError, DataError
+
+
+def to_device(batch: Any, device: torch.device | str) -> Any:
+    """Move tensors (also inside lists and dicts) to ``device``, without waiting (pinned memory)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list):
+        return [to_device(v, device) for v in batch]
+    return batch
 
 
 @dataclass
@@ -58,6 +69,9 @@ class DataConfig:
     image_keys: list[str] = field(default_factory=lambda: list(IMAGE_KEYS))
     text_key: str = "txt"
     max_pixels: int = spec(MAX_PIXELS, ge=1, help="larger images are skipped (too_large), as mmcl-prep --max-pixels")
+    normalize: Literal["device", "workers"] = spec(
+        "device", help="where uint8 images become normalised floats: on the device, batch by batch (a quarter of "
+                       "the bytes to pin and copy, and no float work in the workers), or in the loader's workers")
 
     def validate(self) -> None:
         """Multi-crop views are crops of one image field."""
@@ -73,8 +87,10 @@ class DataConfig:
 class Loader:
     """Iterate batches epoch after epoch; keeps the counts of skipped samples by reason."""
 
-    def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool = False):
+    def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool = False,
+                 normalize: Normalize | None = None):
         self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
+        self.normalize = normalize  # None: the workers normalise
         self.skipped: Counter[str] = Counter()
         self._loader: DataLoader | None = None
 
@@ -100,6 +116,18 @@ class Loader:
             self.skipped.update(batch.pop("skipped", {}))
             if not batch.pop("empty", False):
                 yield batch
+
+    def prepare(self, batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+        """A batch as the model takes it: tensors moved to ``device`` (asynchronously from pinned
+        memory), then, with ``data.normalize: device``, the ``uint8`` images (``image``, each of
+        ``views``) normalised there. Every consumer of the loader's batches calls this."""
+        batch = to_device(batch, device)
+        if self.normalize is not None:
+            if "image" in batch:
+                batch["image"] = self.normalize(batch["image"])
+            if "views" in batch:
+                batch["views"] = [self.normalize(v) for v in batch["views"]]
+        return batch
 
     def close(self) -> None:
         """Stop the worker processes (they persist across epochs). After a worker died, this also
@@ -129,19 +157,19 @@ class Loader:
 def view_transforms(cfg: DataConfig, train: bool) -> list[Callable[[Any], torch.Tensor]]:
     """One transform per view: the augmentations (global then local crops with ``multi_crop``) for
     training; for evaluation the eval transform once per image field."""
-    size, mean, std = cfg.image_size, tuple(cfg.mean), tuple(cfg.std)
+    size, mean, std, norm = cfg.image_size, tuple(cfg.mean), tuple(cfg.std), cfg.normalize == "workers"
     n_views = len(cfg.view_fields) or (cfg.views if train else 1)
     names = (cfg.view_transforms or [cfg.transform] * n_views) if train else ["eval"] * n_views
     if len(names) != n_views:
         raise ConfigError(f"data.view_transforms names {len(names)} transforms for {n_views} views")
     if not train:
-        return [build_transform(n, size, mean, std, cfg.colour) for n in names]
+        return [build_transform(n, size, mean, std, cfg.colour, normalize=norm) for n in names]
     mc = cfg.multi_crop
     glob = {**cfg.transform_args, **({"crop_scale": tuple(mc.global_scale)} if mc else {})}
-    tfs = [build_transform(n, size, mean, std, cfg.colour, **glob) for n in names]
+    tfs = [build_transform(n, size, mean, std, cfg.colour, normalize=norm, **glob) for n in names]
     if mc:
         local = build_transform(mc.local_transform or cfg.transform, mc.local_size, mean, std, cfg.colour,
-                                **{**cfg.transform_args, "crop_scale": tuple(mc.local_scale)})
+                                normalize=norm, **{**cfg.transform_args, "crop_scale": tuple(mc.local_scale)})
         tfs += [local] * mc.local_crops
     return tfs
 
@@ -173,7 +201,8 @@ def make_loader(cfg: DataConfig, shards: str | None = None, *, train: bool = Tru
     size, mean, std = cfg.image_size, tuple(cfg.mean), tuple(cfg.std)
     if cfg.kind == "image_text":
         name = cfg.transform if train else "eval"
-        tf = build_transform(name, size, mean, std, cfg.colour, **(cfg.transform_args if train else {}))
+        tf = build_transform(name, size, mean, std, cfg.colour, normalize=cfg.normalize == "workers",
+                             **(cfg.transform_args if train else {}))
         sample_fn = image_text_sample(tf, cfg.image_keys, cfg.text_key, cfg.max_pixels)
         required = {MISSING_IMAGE: tuple(cfg.image_keys), MISSING_CAPTION: (cfg.text_key,)}
     else:
@@ -189,4 +218,5 @@ def make_loader(cfg: DataConfig, shards: str | None = None, *, train: bool = Tru
         shuffle_shards=train, resample=cfg.resample and train, epoch_samples=epoch_samples,
         drop_last=train, seed=seed, required=required, shard_samples=samples_per_shard(urls), rank=rank,
         world_size=world_size, num_workers=workers)
-    return Loader(stream, workers, pin_memory=torch.cuda.is_available())
+    on_device = Normalize(mean, std, cfg.colour) if cfg.normalize == "device" else None
+    return Loader(stream, workers, pin_memory=torch.cuda.is_available(), normalize=on_device)

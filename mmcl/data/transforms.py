@@ -1,7 +1,10 @@
 """Image transforms by name: evaluation, CLIP training, and multi-view augmentation sets.
 
 Each builder takes the output size, the normalisation and its own keyword parameters, so a
-recipe says ``transform: simclr`` plus overrides in ``transform_args`` and nothing else.
+recipe says ``transform: simclr`` plus overrides in ``transform_args`` and nothing else. A builder
+maps a PIL image to a ``uint8`` ``[C, H, W]`` tensor (its augmentations, then ``T.ToImage()``);
+:class:`Normalize` turns that into the float input of a model (scale to [0, 1], colour space,
+mean/std), in the loader's workers or, for whole batches, on the device (``data.normalize``).
 """
 
 from __future__ import annotations
@@ -41,7 +44,25 @@ def transform_names() -> list[str]:
 
 
 def _finish(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> list[Any]:
-    return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
+    """The last step of every builder: the augmented PIL image as a ``uint8`` tensor."""
+    return [T.ToImage()]
+
+
+class Normalize:
+    """``uint8`` images (``[..., C, H, W]``, one image or a batch, on any device) to a model's float
+    input: scaled to [0, 1], converted to ``colour`` (``rgb`` as is, ``lab``, ``ycbcr``), then
+    ``(x - mean) / std``. The same operations in a worker or on a GPU, so the two give one result."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], colour: str = "rgb"):
+        if colour != "rgb" and colour not in COLOUR_SPACES:
+            raise ConfigError(f"unknown colour space {colour!r}; available: rgb, {', '.join(sorted(COLOUR_SPACES))}")
+        self.mean, self.std, self.colour = list(mean), list(std), colour
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = TF.to_dtype(x, torch.float32, scale=True)
+        if self.colour != "rgb":
+            x = COLOUR_SPACES[self.colour](x)
+        return TF.normalize(x, self.mean, self.std)
 
 
 class RandomGaussianBlur(torch.nn.Module):
@@ -187,17 +208,16 @@ COLOUR_SPACES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"lab": srgb_
 
 
 def build_transform(name: str, size: int, mean: tuple[float, ...] = OPENAI_MEAN,
-                    std: tuple[float, ...] = OPENAI_STD, colour: str = "rgb", **kwargs: Any) -> Transform:
-    """Build the transform registered as ``name``; with ``colour`` ``lab`` or ``ycbcr`` the image
-    is converted after augmentation and before ``mean``/``std`` normalisation."""
+                    std: tuple[float, ...] = OPENAI_STD, colour: str = "rgb", *, normalize: bool = True,
+                    **kwargs: Any) -> Transform:
+    """Build the transform registered as ``name``: with ``normalize`` it returns the model's float
+    input (see :class:`Normalize`: ``colour`` ``lab`` or ``ycbcr`` converts after augmentation and
+    before ``mean``/``std``), without it the augmented ``uint8`` image, to be normalised later."""
     if name not in _BUILDERS:
         raise ConfigError(f"unknown transform {name!r}; available: {', '.join(sorted(_BUILDERS))}")
-    if colour != "rgb" and colour not in COLOUR_SPACES:
-        raise ConfigError(f"unknown colour space {colour!r}; available: rgb, {', '.join(sorted(COLOUR_SPACES))}")
+    norm = Normalize(mean, std, colour)
     try:
-        if colour == "rgb":
-            return _BUILDERS[name](size, tuple(mean), tuple(std), **kwargs)
-        to_unit = _BUILDERS[name](size, (0.0,) * len(mean), (1.0,) * len(std), **kwargs)
+        augment = _BUILDERS[name](size, tuple(mean), tuple(std), **kwargs)
     except TypeError as e:
         raise ConfigError(f"transform {name!r}: {e}") from None
-    return T.Compose([to_unit, T.Lambda(COLOUR_SPACES[colour]), T.Normalize(mean, std)])
+    return T.Compose([augment, norm]) if normalize else augment

@@ -61,17 +61,13 @@ def extract(model: Any, shards: str, *, preprocess: dict[str, Any], batch_size: 
     was_training = model.training
     model.eval()
     for batch in loader:
-        if texts:
-            images = batch["image"].to(device)
-        else:  # one view per image field
-            images = image_input([v.to(device) for v in batch["views"]])
+        batch = loader.prepare(batch, device)
+        images = batch["image"] if texts else image_input(batch["views"])  # image-only: one view per field
         feats["image"].append(model.encode_image(images).float())
         if texts:
-            tokens = batch["text"]
-            tokens = {k: v.to(device) for k, v in tokens.items()} if isinstance(tokens, dict) else tokens.to(device)
-            feats["text"].append(model.encode_text(tokens).float())
-        feats["label"].append(batch["label"].to(device))
-        feats["id"].append(batch["id"].to(device))
+            feats["text"].append(model.encode_text(batch["text"]).float())
+        feats["label"].append(batch["label"])
+        feats["id"].append(batch["id"])
     model.train(was_training)
     if not feats["image"]:  # this process read no sample: empty tensors of the right shape for the gather
         blank = [torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device)] * max(1, len(cfg.view_fields))

@@ -3,6 +3,7 @@ and shards from other tools decode exactly as mmcl-prep converts images."""
 
 from __future__ import annotations
 
+import functools
 import io
 import shutil
 import struct
@@ -121,8 +122,9 @@ def test_retrieval_zeroshot_and_knn_run_past_bad_samples_and_report_skips(digits
 def loader_pixels(tmp_path: Path, image: bytes, size: int) -> torch.Tensor:
     """The [3, H, W] tensor in [0, 1] the evaluation loader makes of one hand-made sample."""
     shard = write_tar(tmp_path / "one.tar", {"000000001": {"png": image, "txt": b"a picture"}})
-    (batch,) = list(make_loader(cfg_for(str(shard), image_size=size), train=False))
-    return batch["image"][0]
+    loader = make_loader(cfg_for(str(shard), image_size=size), train=False)
+    (batch,) = list(loader)
+    return loader.prepare(batch, "cpu")["image"][0]
 
 
 def prep_pixels(image: bytes) -> torch.Tensor:
@@ -231,9 +233,10 @@ def test_an_extremely_elongated_image_is_cropped_before_it_is_resized() -> None:
 
     from torchvision.transforms import v2 as T
 
-    from mmcl.data.transforms import eval_transform
+    from mmcl.data.transforms import build_transform
 
     norm = ((0.5,) * 3, (0.5,) * 3)
+    eval_transform = functools.partial(build_transform, "eval")
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     assert eval_transform(224, *norm)(Image.new("RGB", (200_000, 2))).shape == (3, 224, 224)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: no 15 GB intermediate

@@ -186,3 +186,28 @@ def test_random_gaussian_blur_matches_a_gaussian_convolution_and_follows_the_tor
         torch.manual_seed(seed)
         x = F.pil_to_tensor(img).float() / 255
         assert torch.equal(blur(x), F.gaussian_blur(x, [k, k], [sigma, sigma]))  # tensors: the convolution
+
+
+@pytest.mark.parametrize("kind, transform, colour", [("image_text", "clip", "rgb"), ("multi_view", "simclr", "lab")])
+def test_device_normalisation_gives_the_workers_batches_from_a_quarter_of_the_bytes(digits_dir: Path, kind: str,
+                                                                                     transform: str,
+                                                                                     colour: str) -> None:
+    """``data.normalize: device`` (the default) ships uint8 images and normalises whole batches after the
+    copy; with the same seed the result is the workers' float batch, bit for bit, augmentations included."""
+    shards = str(digits_dir / "train-{000000..000001}.tar")
+    batches = {}
+    for where in ("device", "workers"):
+        cfg = cfg_for(shards, kind=kind, transform=transform, colour=colour, normalize=where, batch_size=16,
+                      num_workers=1, mean=[0.4, 0.5, 0.6], std=[0.2, 0.3, 0.25])
+        loader = make_loader(cfg, seed=3)
+        raw = next(iter(loader))
+        images = [raw["image"]] if kind == "image_text" else raw["views"]
+        assert all(x.dtype == (torch.uint8 if where == "device" else torch.float32) for x in images)
+        batches[where] = loader.prepare(raw, "cpu")
+        loader.close()
+    dev, work = batches["device"], batches["workers"]
+    assert dev["key"] == work["key"]
+    pairs = [(dev["image"], work["image"])] if kind == "image_text" else list(zip(dev["views"], work["views"]))
+    for d, w in pairs:
+        assert d.dtype == torch.float32 and torch.equal(d, w)
+        assert d.std() > 0.1  # normalised, not the raw 0..255 values

@@ -132,6 +132,12 @@ class FixedStream:
         for batch in self.batches:
             yield start_epoch, batch
 
+    def prepare(self, batch: dict[str, Any], device: Any) -> dict[str, Any]:
+        """The batches are float already (as with ``data.normalize: workers``): only moved."""
+        from mmcl.data.loader import to_device
+
+        return to_device(batch, device)
+
 
 def global_batches(recipe: Recipe, case: Case, n: int, seed: int,
                    tokenizer: Callable[[list[str]], Any] | None = None) -> list[dict[str, Any]]:

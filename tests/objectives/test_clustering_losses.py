@@ -137,7 +137,8 @@ def test_multi_crop_views_and_grouped_encoding(digits_dir: Path) -> None:
     cfg = DataConfig(train_shards=str(digits_dir / "val-000000.tar"), kind="multi_view", image_size=32, batch_size=8,
                      num_workers=0, transform="digits_ssl", views=2,
                      multi_crop=MultiCropConfig(local_crops=3, local_size=16))
-    batch = next(iter(make_loader(cfg, train=True)))
+    loader = make_loader(cfg, train=True)
+    batch = loader.prepare(next(iter(loader)), "cpu")
     assert [tuple(v.shape) for v in batch["views"]] == [(8, 3, 32, 32)] * 2 + [(8, 3, 16, 16)] * 3
     calls = []
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
