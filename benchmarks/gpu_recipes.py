@@ -66,7 +66,7 @@ def run(recipe: str, precision: str, data: Path, out: Path, steps: int, workers:
     run_dir = out / f"{recipe}_{precision}"
     train, test, templates, _ = data_spec(data)
     sets = {"run.output_dir": run_dir, "data.train_shards": train, "data.num_workers": workers,
-            "data.resample": "true", "data.epoch_samples": 10**6, "train.mixed_precision": precision,
+            "data.resample": "true", "data.epoch_samples": 10**6, "train.mixed_precision": repr(precision),
             "train.steps": steps, "train.log_every": 10, "train.save_every": 0, "train.progress": "false",
             "optim.warmup_steps": steps, "eval.num_workers": workers}
     config = recipe_file(recipe)
@@ -74,6 +74,7 @@ def run(recipe: str, precision: str, data: Path, out: Path, steps: int, workers:
         sets.update({"eval.zeroshot_shards": test, "eval.templates": templates})
     else:
         sets.update({"eval.knn_train_shards": train, "eval.knn_shards": f"['{test}']"})
+    # --set values are YAML: train.mixed_precision is quoted, since a bare `no` reads as false
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", precision, "--dynamo_backend", "no", "-m", "mmcl", "train", "--config", str(config)]
     for k, v in sets.items():
