@@ -86,7 +86,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flip", dest="flip", action="store_false", help="never flip a crop left-right")
     p.add_argument("--source", dest="photo_sources", action="append", choices=PHOTO_SOURCES, default=None,
                    help="photos of this package; repeatable (default: all, scikit-image's only if installed)")
-    p.set_defaults(shard_size=256, format="jpg", quality=90)
+    p.set_defaults(shard_size=256, format="jpg")  # quality 95, as img2dataset encodes by default
 
     p = sub.add_parser("table", help="CSV/TSV/JSONL rows: image path(s), caption, optional label")
     p.add_argument("file", type=Path)
