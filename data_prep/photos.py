@@ -1,8 +1,8 @@
 """Real photographs that installed packages ship, cut into many random crops: image-text samples
 at a realistic resolution (224 px JPEG by default), built offline, for GPU throughput benchmarks.
 
-The digits are 8x8 images: upscaled to 224 px they are smooth, compress to almost nothing and
-decode faster than any photograph, so they under-load a GPU data pipeline. These samples are
+The digits are 8x8 images: upscaled to 224 px they are smooth, compress to a third of a photo and
+decode faster than photographs, so they under-load a GPU data pipeline. These samples are
 crops of real photos: scikit-learn's two sample images always, and the colour photos that the
 scikit-image wheel ships when scikit-image is installed (``pip install 'mmcl[photos]'``; the
 images scikit-image downloads on first use are left out, so the build never needs a network).
