@@ -1,13 +1,15 @@
 """The full-size recipes on one GPU: samples/s and peak memory, fp32 vs bf16, through the real path.
 
-    python benchmarks/gpu_recipes.py [--recipes simclr,dino] [--precisions no,bf16] [--steps 30]
+    python benchmarks/gpu_recipes.py [--recipes simclr,dino] [--precisions no,bf16] [--steps 30] [--photos N]
 
 Each recipe (``configs/<name>.yaml`` or ``configs/<name>_imagenet.yaml``, with its own per-process
 batch and model; ``clip_vit_b32`` for CLIP) is trained by
 ``accelerate launch --num_processes 1 --mixed_precision P -m mmcl train`` on 224 px digits shards
-(JPEG, 100 images a shard, resampled so no epoch boundary interrupts the workers), then evaluated
-on the test split as the recipe's end-of-training evaluation would (kNN; zero-shot for CLIP
-recipes). Throughput is the mean
+(JPEG, 100 images a shard), or with ``--photos N`` on N crops of real photographs
+(``mmcl-prep photos``: 224 px JPEG, 256 a shard; upscaled 8x8 digits are smooth and decode faster
+than photos, so they flatter the loader), resampled so no epoch boundary interrupts the workers,
+then evaluated on the test split as the recipe's end-of-training evaluation would (kNN; zero-shot
+for CLIP recipes, with the captions' own templates). Throughput is the mean
 ``samples_per_s`` of the logged windows after the first (images per second; each image gives the
 recipe's views), so it includes the loader; ``data_wait`` is the share of that time the trainer
 waited for a batch, and "without the wait" divides it out: the step throughput the GPU would give
@@ -43,19 +45,36 @@ def recipe_file(recipe: str) -> Path:
     return own if own.is_file() else ROOT / "configs" / f"{recipe}_imagenet.yaml"
 
 
+def data_spec(data: Path) -> tuple[str, str, str, str]:
+    """Train and test shard patterns, zero-shot templates and a one-line description of the shards
+    in ``data``, from the manifest ``mmcl-prep`` wrote there (digits or photos)."""
+    path = data / "manifest.json"
+    if not path.is_file():
+        sys.exit(f"gpu_recipes.py: no {path}; give --data a folder that mmcl-prep digits or photos wrote")
+    m = json.loads(path.read_text())
+    source, splits = m.get("source") or {}, m["splits"]
+    if not {"train", "test"} <= splits.keys():
+        sys.exit(f"gpu_recipes.py: {path} has no train and test splits; build them with mmcl-prep digits or photos")
+    # photos: the templates their captions were written from, as a YAML list for --set; digits: the named set
+    templates = json.dumps(source["templates"]) if source.get("templates") else "digits"
+    about = (f"{source.get('type', data.name)}: {splits['train']['total']} train / {splits['test']['total']} test, "
+             f"{len(m.get('class_names') or [])} classes, {source.get('size', '?')} px {m.get('image_format')}")
+    return f"{data}/{splits['train']['pattern']}", f"{data}/{splits['test']['pattern']}", templates, about
+
+
 def run(recipe: str, precision: str, data: Path, out: Path, steps: int, workers: int) -> dict:
     run_dir = out / f"{recipe}_{precision}"
-    train = f"{data}/train-{{000000..000012}}.tar"
-    test = f"{data}/test-{{000000..000003}}.tar"
+    train, test, templates, _ = data_spec(data)
     sets = {"run.output_dir": run_dir, "data.train_shards": train, "data.num_workers": workers,
-            "data.resample": "true", "data.epoch_samples": 10**6, "train.mixed_precision": precision,
+            "data.resample": "true", "data.epoch_samples": 10**6, "train.mixed_precision": repr(precision),
             "train.steps": steps, "train.log_every": 10, "train.save_every": 0, "train.progress": "false",
             "optim.warmup_steps": steps, "eval.num_workers": workers}
     config = recipe_file(recipe)
-    if "image_text" in config.read_text():  # CLIP recipes: zero-shot on the digits test split
-        sets.update({"eval.zeroshot_shards": test, "eval.templates": "digits"})
+    if "image_text" in config.read_text():  # CLIP recipes: zero-shot on the test split
+        sets.update({"eval.zeroshot_shards": test, "eval.templates": templates})
     else:
         sets.update({"eval.knn_train_shards": train, "eval.knn_shards": f"['{test}']"})
+    # --set values are YAML: train.mixed_precision is quoted, since a bare `no` reads as false
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", precision, "--dynamo_backend", "no", "-m", "mmcl", "train", "--config", str(config)]
     for k, v in sets.items():
@@ -94,7 +113,10 @@ def main() -> None:
     ap.add_argument("--precisions", default="no,bf16")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
-    ap.add_argument("--data", type=Path, default=None, help="224 px digits shards (built if not given)")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="shards with train and test splits from mmcl-prep digits or photos (built if not given)")
+    ap.add_argument("--photos", type=int, default=0,
+                    help="build N samples of 224 px photo crops (mmcl-prep photos) instead of 224 px digits")
     ap.add_argument("--out", type=Path, default=None, help="run folders (default: a temporary folder)")
     ap.add_argument("--results", type=Path, default=None,
                     help="append the rows, each with its run's date and command, to the JSON list in this file")
@@ -104,16 +126,23 @@ def main() -> None:
     earlier = json.loads(args.results.read_text()) if args.results and args.results.is_file() else []
     if not isinstance(earlier, list):
         sys.exit(f"gpu_recipes.py: {args.results} does not hold a JSON list of rows; give another --results file")
-    this_run = {"command": shlex.join(["python", *sys.argv]), "device": torch.cuda.get_device_name(),
-                "torch": torch.__version__, "workers": args.workers, "steps": args.steps}
+    if args.photos < 0 or (args.data and args.photos):
+        sys.exit("gpu_recipes.py: --photos takes a number of samples, and goes without --data")
     data = args.data
-    if data is None:
+    if data is None and args.photos:
+        data = Path(tempfile.mkdtemp()) / "photos224"
+        subprocess.run([sys.executable, "-m", "data_prep", "photos", "--out", str(data), "--samples", str(args.photos),
+                        "--size", "224", "--workers", str(os.cpu_count() or 1), "--no-progress"], check=True, cwd=ROOT)
+    elif data is None:
         data = Path(tempfile.mkdtemp()) / "digits224"
         subprocess.run([sys.executable, "-m", "data_prep", "digits", "--out", str(data), "--size", "224",
                         "--format", "jpg", "--shard-size", "100", "--no-progress"], check=True, cwd=ROOT)
+    about = data_spec(data)[3]
+    this_run = {"command": shlex.join(["python", *sys.argv]), "device": torch.cuda.get_device_name(),
+                "torch": torch.__version__, "workers": args.workers, "steps": args.steps, "data": about}
     out = args.out or Path(tempfile.mkdtemp())
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.workers} loader workers, "
-          f"{args.steps} steps per run")
+          f"{args.steps} steps per run; data {about}")
     rows = []
     for recipe in args.recipes.split(","):
         for precision in args.precisions.split(","):

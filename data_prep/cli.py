@@ -1,8 +1,9 @@
-"""``mmcl-prep``: build WebDataset shards from digits, tables, image folders or HF datasets.
+"""``mmcl-prep``: build WebDataset shards from digits, shipped photos, tables, image folders or HF datasets.
 
 Examples::
 
     mmcl-prep digits --out data/digits
+    mmcl-prep photos --out data/photos224 --samples 100000
     mmcl-prep table pairs.csv --out data/pairs --caption-column caption --label-column label
     mmcl-prep folder photos/ --out data/photos --split train
     mmcl-prep hf ./saved_dataset --out data/hf --image-column image --caption-column text
@@ -19,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.images import FORMATS, MAX_PIXELS, ImageOptions
+from data_prep.photos import SOURCES as PHOTO_SOURCES
+from data_prep.photos import split_sizes
 from data_prep.writer import Record, build_split, summary, write_manifest
 from mmcl.argtypes import fraction, integer, positive_int
-from mmcl.errors import run_cli
+from mmcl.errors import DataError, run_cli
 
 SEED_MAX = 2**32 - 1  # scikit-learn's (and numpy's) seed range
 quality = integer(1, 100)
@@ -38,16 +41,18 @@ def split_name(text: str) -> str:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder for shards and manifest.json")
-    p.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard (default %(default)s)")
     p.add_argument("--max-side", type=positive_int, default=None,
                    help="resize so the longer side is at most this many pixels")
-    p.add_argument("--format", choices=sorted(FORMATS), default="png", help="image format in the shards")
-    p.add_argument("--quality", type=quality, default=95, help="JPEG/WebP quality, 1 to 100 (default 95)")
+    p.add_argument("--format", choices=sorted(FORMATS), default="png",
+                   help="image format in the shards (default %(default)s)")
+    p.add_argument("--quality", type=quality, default=95, help="JPEG/WebP quality, 1 to 100 (default %(default)s)")
     p.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1),
                    help="worker processes (1: convert in this process)")
     p.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS,
                    help="skip images with more pixels than this (decompression bombs)")
-    p.add_argument("--seed", type=seed, default=0, help=f"seed for splits and caption templates (0 to {SEED_MAX})")
+    p.add_argument("--seed", type=seed, default=0,
+                   help=f"seed for splits, crops and caption templates (0 to {SEED_MAX})")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -66,6 +71,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--edges", action="store_true",
                    help="also store each image's Sobel edge map as an 'edges' field (multi-view methods: CMC)")
     p.set_defaults(shard_size=256)
+
+    p = sub.add_parser("photos", help="random crops of the photos scikit-learn and scikit-image ship: 224 px "
+                                      "JPEG image-text train/test, for GPU throughput benchmarks")
+    _common(p)
+    p.add_argument("--samples", type=positive_int, default=10_000,
+                   help="samples in all, train and test (default %(default)s)")
+    p.add_argument("--size", type=positive_int, default=224, help="image side in pixels (default %(default)s)")
+    p.add_argument("--test-fraction", type=fraction, default=0.1,
+                   help="share of the samples in the test split, between 0 and 1 (default %(default)s)")
+    p.add_argument("--min-scale", type=fraction, default=0.25,
+                   help="smallest crop, as a share of the photo's area (default %(default)s: crops of the "
+                        "427x640 photos are then about 224 px or larger, so hardly ever upscaled)")
+    p.add_argument("--no-flip", dest="flip", action="store_false", help="never flip a crop left-right")
+    p.add_argument("--source", dest="photo_sources", action="append", choices=PHOTO_SOURCES, default=None,
+                   help="photos of this package; repeatable (default: all, scikit-image's only if installed)")
+    p.set_defaults(shard_size=256, format="jpg")  # quality 95, as img2dataset encodes by default
 
     p = sub.add_parser("table", help="CSV/TSV/JSONL rows: image path(s), caption, optional label")
     p.add_argument("file", type=Path)
@@ -102,6 +123,18 @@ def _sources(args: argparse.Namespace) -> tuple[dict[str, Iterable[Record]], lis
         recs, names = digits_records(args.size, args.val_fraction, args.test_fraction, args.seed, args.edges)
         return recs, names, {k: len(v) for k, v in recs.items()}, True, \
             {"type": "digits", "size": args.size, "seed": args.seed, "edges": args.edges}
+    if args.source == "photos":
+        from data_prep.photos import describe, load_photos, photos_records
+
+        explicit = args.photo_sources is not None
+        photos, notes = load_photos(args.photo_sources or PHOTO_SOURCES, args.size, explicit=explicit)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        recs, names = photos_records(photos, args.samples, size=args.size, test_fraction=args.test_fraction,
+                                     min_scale=args.min_scale, flip=args.flip, seed=args.seed)
+        return recs, names, {k: len(v) for k, v in recs.items()}, True, \
+            describe(photos, notes, samples=args.samples, size=args.size, seed=args.seed,
+                     test_fraction=args.test_fraction, min_scale=args.min_scale, flip=args.flip)
     if args.source == "table":
         from data_prep.table import table_records
 
@@ -137,7 +170,8 @@ def run(args: argparse.Namespace) -> int:
     manifest = write_manifest(args.out, entries, source=source, opts=opts, class_names=class_names)
     print(summary(manifest, entries))
     written = sum(e["total"] for e in entries.values())
-    print(f"wrote {written} samples to {args.out} in {time.perf_counter() - start:.1f}s")
+    seconds = time.perf_counter() - start
+    print(f"wrote {written} samples to {args.out} in {seconds:.1f}s ({written / max(seconds, 1e-9):.0f} samples/s)")
     if written == 0:
         print("error: no valid sample was written; see the skip reasons above", file=sys.stderr)
         return 1
@@ -157,6 +191,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     columns = getattr(args, "image_column", None)
     if isinstance(columns, list) and len(set(columns)) != len(columns):
         ap.error(f"argument --image-column: each column may be given once (got {', '.join(columns)})")
+    if args.source == "photos":
+        if args.photo_sources and len(set(args.photo_sources)) != len(args.photo_sources):
+            ap.error(f"argument --source: each source may be given once (got {', '.join(args.photo_sources)})")
+        try:
+            split_sizes(args.samples, args.test_fraction)
+        except DataError as e:
+            ap.error(f"arguments --samples and --test-fraction: {e}")
     return args
 
 

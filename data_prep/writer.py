@@ -31,9 +31,11 @@ FIRST_KEYS = 5
 class Record:
     """One sample before conversion: where its image(s) come from and its annotations.
 
-    ``images`` maps a field name to a path, raw bytes or a uint8 array. The field ``"image"``
-    is stored as ``{key}.png``; any other field ``f`` as ``{key}.f.png`` (multi-field samples,
-    e.g. ``rgb`` and ``depth`` for multi-view methods).
+    ``images`` maps a field name to a path, raw bytes, a uint8 array, or a picklable callable that
+    returns one of those: it runs where the sample is converted (a worker process when
+    ``workers`` > 1), so the pixels of a generated sample (``mmcl-prep photos``' crops) are made in
+    parallel and never pickled. The field ``"image"`` is stored as ``{key}.png``; any other field
+    ``f`` as ``{key}.f.png`` (multi-field samples, e.g. ``rgb`` and ``depth`` for multi-view methods).
     """
 
     sample_id: int
@@ -57,6 +59,8 @@ def convert(record: Record, opts: ImageOptions, require_caption: bool) -> tuple[
         return record.key, MISSING_CAPTION
     members: dict[str, bytes] = {}
     for name, src in record.images.items():
+        if callable(src):
+            src = src()
         if hasattr(src, "shape"):
             data, reason = image_from_array(src, opts), None
         else:

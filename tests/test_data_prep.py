@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import tarfile
 from pathlib import Path
 
@@ -220,6 +221,14 @@ BAD_OPTIONS = [
     (["folder", "in", "--max-side", "0"], "--max-side", "a positive integer"),
     (["hf", "ds", "--split", "a/b"], "--split", "a split name"),
     (["hf", "ds", "--workers", "-2"], "--workers", "a positive integer"),
+    (["photos", "--size", "0"], "--size", "a positive integer (got 0)"),
+    (["photos", "--samples", "0"], "--samples", "a positive integer (got 0)"),
+    (["photos", "--source", "flickr"], "--source", "invalid choice: 'flickr'"),
+    (["photos", "--source", "sklearn", "--source", "sklearn"], "--source", "once"),
+    (["photos", "--min-scale", "0"], "--min-scale", "a number between 0 and 1, exclusive"),
+    (["photos", "--samples", "4"], "--samples and --test-fraction", "rounds to 0 test samples of 4"),
+    (["photos", "--samples", "10", "--test-fraction", "0.99"], "--samples and --test-fraction",
+     "rounds to 10 test samples of 10"),
 ]
 
 
@@ -266,3 +275,143 @@ def test_rebuild_removes_stale_shards_of_a_split_with_glob_characters(tmp_path: 
     for n in (3, 1):
         build_split(tmp_path, "train[:1]", records(n), opts=ImageOptions(), shard_size=1, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train[:1]-000000.tar"]
+
+
+# --- mmcl-prep photos: random crops of the photos installed packages ship -------------------------
+
+PHOTO_ARGS = ["--samples", "40", "--shard-size", "16", "--source", "sklearn", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def photos_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 crops (36 train, 4 test) of scikit-learn's two photos, built by two worker processes."""
+    out = tmp_path_factory.mktemp("photos")
+    assert prep_main(["photos", "--out", str(out), "--workers", "2", *PHOTO_ARGS]) == 0
+    return out
+
+
+def test_photos_are_224_px_jpegs_of_the_photo_their_caption_and_label_name(photos_dir: Path) -> None:
+    import webdataset as wds
+    from sklearn.datasets import load_sample_images
+
+    from data_prep.captions import PHOTO_TEMPLATES
+
+    m = manifest(photos_dir)
+    assert m["class_names"] == ["pagoda", "flower"] and m["image_format"] == "jpg"
+    assert {k: (v["total"], v["pattern"], v["class_names"]) for k, v in m["splits"].items()} == {
+        "train": (36, "train-{000000..000002}.tar", ["pagoda", "flower"]),
+        "test": (4, "test-{000000..000000}.tar", ["pagoda", "flower"])}
+    assert m["source"]["type"] == "photos" and m["source"]["templates"] == list(PHOTO_TEMPLATES)
+    originals = [Image.fromarray(a) for a in load_sample_images().images]  # china.jpg, flower.jpg
+    labels: dict[str, list[int]] = {}
+    for split in ("train", "test"):
+        for s in wds.WebDataset(str(photos_dir / m["splits"][split]["pattern"]), shardshuffle=False):
+            meta, caption = json.loads(s["json"]), s["txt"].decode()
+            img = Image.open(io.BytesIO(s["jpg"]))
+            assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (224, 224))
+            assert meta["id"] == int(s["__key__"]) and meta["class_name"] == m["class_names"][meta["label"]]
+            assert meta["source"] == ["sklearn/china.jpg", "sklearn/flower.jpg"][meta["label"]]
+            assert caption in {t.format(meta["class_name"]) for t in PHOTO_TEMPLATES}
+            labels.setdefault(split, []).append(meta["label"])
+            # the pixels are the named photo's crop (JPEG round-off apart), not the other photo's
+            diffs = []
+            for photo in originals:
+                crop = photo.resize((224, 224), Image.Resampling.BILINEAR, box=tuple(meta["crop"]))
+                if meta["flip"]:
+                    crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                diffs.append(np.abs(np.asarray(img, np.float32) - np.asarray(crop, np.float32)).mean())
+            assert diffs[meta["label"]] < 8 < 25 < diffs[1 - meta["label"]], (s["__key__"], diffs)
+    assert sorted(labels["train"]) == [0] * 18 + [1] * 18 and sorted(labels["test"]) == [0, 0, 1, 1]  # balanced
+    assert labels["train"] != sorted(labels["train"])  # and shuffled
+
+
+def test_photos_build_is_the_same_bytes_for_a_seed_whatever_the_workers(tmp_path: Path, photos_dir: Path) -> None:
+    assert prep_main(["photos", "--out", str(tmp_path / "again"), "--workers", "1", *PHOTO_ARGS]) == 0
+    tars = sorted(p.name for p in photos_dir.glob("*.tar"))
+    assert len(tars) == 4 and sorted(p.name for p in (tmp_path / "again").glob("*.tar")) == tars
+    for name in tars:
+        assert (tmp_path / "again" / name).read_bytes() == (photos_dir / name).read_bytes(), name
+    assert prep_main(["photos", "--out", str(tmp_path / "other"), "--workers", "1", "--seed", "1", *PHOTO_ARGS]) == 0
+    other = read_tar(tmp_path / "other" / "train-000000.tar")
+    same = read_tar(photos_dir / "train-000000.tar")
+    assert other.keys() == same.keys()
+    assert sum(other[k]["jpg"] != same[k]["jpg"] for k in same) == len(same)  # every crop differs
+
+
+def test_clip_vit_b32_recipe_loader_reads_photo_shards(photos_dir: Path) -> None:
+    """The CLIP ViT-B/32 recipe's own preprocessing (224 px, its transform, mean and std) streams
+    the shards, and zero-shot evaluation finds the photos' class names in the manifest."""
+    import torch
+
+    from mmcl.data import class_names, expand_shards, make_loader
+    from mmcl.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "configs" / "clip_vit_b32.yaml", [
+        f"data.train_shards={photos_dir}/train-{{000000..000002}}.tar", "data.batch_size=8",
+        "data.num_workers=0", "data.shuffle_buffer=16"])
+    loader = make_loader(recipe.data, tokenizer=lambda texts: torch.tensor([len(t) for t in texts]))
+    batches = list(loader)
+    assert len(batches) == 4  # 36 samples, partial batch dropped
+    b = batches[0]
+    assert b["image"].shape == (8, 3, 224, 224) and b["image"].dtype == torch.float32
+    assert b["image"].min() < -1 and b["image"].max() > 1  # normalised with CLIP's mean and std
+    assert set(b["label"].tolist()) <= {0, 1} and all("pagoda" in c or "flower" in c for c in b["caption"])
+    assert not loader.skipped
+    test = str(photos_dir / "test-000000.tar")
+    keys = [k for batch in make_loader(recipe.data, test, train=False, tokenizer=None) for k in batch["key"]]
+    assert keys == ["000000036", "000000037", "000000038", "000000039"]
+    assert class_names(expand_shards(test)) == ["pagoda", "flower"]
+
+
+def test_crop_box_draws_in_range_and_falls_back_to_a_centred_crop() -> None:
+    import random
+
+    from data_prep.photos import crop_box
+
+    rng = random.Random(0)
+    for _ in range(500):
+        x0, y0, x1, y1 = crop_box(rng, 640, 427, 0.25)
+        w, h = x1 - x0, y1 - y0
+        assert 0 <= x0 < x1 <= 640 and 0 <= y0 < y1 <= 427
+        assert 0.24 <= w * h / (640 * 427) <= 1 and 0.74 <= w / h <= 1.34
+    assert crop_box(rng, 1000, 10, 0.9) == (493, 0, 506, 10)  # no allowed crop fits: centred, ratio 4/3
+
+
+def test_photos_without_scikit_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture) -> None:
+    """scikit-image missing (here made so: its import fails) leaves its photos out with a note, or,
+    asked for by name, is a one-line error."""
+    from data_prep.photos import load_photos
+    from mmcl.errors import DataError
+
+    monkeypatch.setitem(sys.modules, "skimage", None)
+    monkeypatch.setitem(sys.modules, "skimage.data", None)
+    photos, notes = load_photos(["sklearn", "skimage"], 224)
+    assert [p.class_name for p in photos] == ["pagoda", "flower"]
+    assert notes == ["skimage photos left out: scikit-image is not installed (pip install 'mmcl[photos]' "
+                     "adds its 8 photos)"]
+    with pytest.raises(DataError, match="--source skimage: scikit-image is not installed"):
+        load_photos(["sklearn", "skimage"], 224, explicit=True)
+    with pytest.raises(DataError, match="unknown photo source 'flickr'; the sources are sklearn, skimage"):
+        load_photos(["flickr"], 224)
+
+    assert prep_main(["photos", "--out", str(tmp_path / "o"), "--samples", "10", "--workers", "1",
+                      "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "note: skimage photos left out: scikit-image is not installed" in captured.err
+    assert "classes (2): pagoda, flower" in captured.out and "samples/s)" in captured.out
+    assert manifest(tmp_path / "o")["source"]["left_out"] == notes
+    assert prep_main(["photos", "--out", str(tmp_path / "p"), "--source", "skimage", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("error: --source skimage: scikit-image is not installed (pip install 'mmcl[photos]' "
+                           "adds its 8 photos)")
+    assert not (tmp_path / "p").exists()
+
+
+def test_scikit_image_photos_load_offline() -> None:
+    pytest.importorskip("skimage")
+    from data_prep.photos import PHOTOS, load_photos
+
+    photos, notes = load_photos(["skimage"], 224)
+    assert notes == [] and [p.name for p in photos] == [name for name, _ in PHOTOS["skimage"]]
+    assert all(max(p.width, p.height) <= 640 and min(p.width, p.height) >= 300 for p in photos)
