@@ -77,6 +77,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_YAML_BOOLS = {False: ("no", "off", "false", "n"), True: ("yes", "on", "true", "y")}
+
+
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     """Check ``value`` against type ``tp`` and return it (ints widen to floats)."""
     origin = typing.get_origin(tp)
@@ -87,6 +90,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return from_dict(tp, value, where)
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no/off/yes/on as a boolean
+            spelled = [a for a in typing.get_args(tp) if isinstance(a, str) and a.lower() in _YAML_BOOLS[value]]
+            if len(spelled) == 1:
+                return spelled[0]
         if value not in typing.get_args(tp):
             raise ConfigError(f"{where}: got {value!r}, allowed: {_type_name(tp)}")
         return value

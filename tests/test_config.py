@@ -276,3 +276,13 @@ def test_plugin_keys_that_disagree_with_the_rest_of_the_recipe_are_errors(config
     (DINO took a local crop as a teacher crop without a word)."""
     with pytest.raises(ConfigError, match=message):
         load_recipe(ROOT / "configs" / f"{config}.yaml", overrides)
+
+
+def test_a_bare_yaml_no_is_the_choice_no_where_the_key_offers_it() -> None:
+    """YAML 1.1 reads ``mixed_precision: no`` as false; the choice spelled so is meant (Accelerate's 'no')."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    r = load_recipe(root / "clip_digits.yaml", ["train.mixed_precision=no"])
+    assert r.train.mixed_precision == "no"
+    assert load_recipe(root / "clip_digits.yaml", ["train.mixed_precision='no'"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="data.kind: got True, allowed: one of 'image_text', 'multi_view'"):
+        load_recipe(root / "clip_digits.yaml", ["data.kind=yes"])  # no choice spelled yes: still an error

@@ -352,7 +352,8 @@ def test_clip_vit_b32_recipe_loader_reads_photo_shards(photos_dir: Path) -> None
     loader = make_loader(recipe.data, tokenizer=lambda texts: torch.tensor([len(t) for t in texts]))
     batches = list(loader)
     assert len(batches) == 4  # 36 samples, partial batch dropped
-    b = batches[0]
+    assert batches[0]["image"].dtype == torch.uint8  # normalised on the device (data.normalize: device)
+    b = loader.prepare(batches[0], "cpu")
     assert b["image"].shape == (8, 3, 224, 224) and b["image"].dtype == torch.float32
     assert b["image"].min() < -1 and b["image"].max() > 1  # normalised with CLIP's mean and std
     assert set(b["label"].tolist()) <= {0, 1} and all("pagoda" in c or "flower" in c for c in b["caption"])
