@@ -1,57 +1,87 @@
-"""Loader throughput in samples/s: image-text and 2-view batches from digits shards (64 px by default).
+"""Loader throughput in samples/s, normalising in the workers vs on the device, side by side.
 
-    python benchmarks/loader_throughput.py [--shards DIR] [--size 64] [--workers 2] [--epochs 3]
+    python benchmarks/loader_throughput.py [--data photos|digits] [--size 224] [--workers 2] [--rounds 3]
 
-Builds digits shards of ``--size`` px if none are given, then times full epochs (after one warm-up
-epoch). ``--size 224`` gives the per-sample cost of the full-size recipes' augmentations.
+Builds shards (``mmcl-prep photos``: 224 px JPEG crops of real photographs, the realistic case;
+or digits upscaled to ``--size``) unless ``--shards DIR`` is given, then times full passes over
+them for each configuration, interleaved round by round (A, B, A, B, ...), and prints the median
+samples/s, the bytes per batch that cross to the device and the ratio. "device" is
+``data.normalize: device`` (uint8 batches, normalised by ``Loader.prepare`` where the model runs:
+here the CPU, so its cost is counted); "workers" converts to float and normalises in the workers.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import open_clip
+import torch
 
 from data_prep.cli import main as prep
 from mmcl.data import DataConfig, make_loader
 
 
-def measure(cfg: DataConfig, tokenizer, epochs: int) -> float:
+def one_pass(cfg: DataConfig, tokenizer, epoch: int) -> tuple[float, int]:
+    """(samples/s, bytes of images per batch) over one epoch, ``Loader.prepare`` included."""
     loader = make_loader(cfg, tokenizer=tokenizer)
-    n, start = 0, None
-    for epoch in range(epochs + 1):
-        loader.set_epoch(epoch)
-        if epoch == 1:
-            n, start = 0, time.perf_counter()
-        for batch in loader:
-            n += len(batch["key"])
-    return n / (time.perf_counter() - start)
+    loader.set_epoch(epoch)
+    n, nbytes, start = 0, 0, time.perf_counter()
+    for batch in loader:
+        images = [batch["image"]] if "image" in batch else batch["views"]
+        nbytes = sum(x.numel() * x.element_size() for x in images)
+        batch = loader.prepare(batch, "cpu")
+        n += len(batch["key"])
+    seconds = time.perf_counter() - start
+    loader.close()
+    return n / seconds, nbytes
+
+
+def build(args: argparse.Namespace) -> tuple[Path, str]:
+    folder = Path(tempfile.mkdtemp()) / f"{args.data}{args.size}"
+    t = time.perf_counter()
+    if args.data == "photos":
+        prep(["photos", "--out", str(folder), "--size", str(args.size), "--samples", str(args.samples),
+              "--workers", str(args.workers), "--no-progress"])
+    else:
+        prep(["digits", "--out", str(folder), "--size", str(args.size), "--no-progress"])
+    print(f"built {args.size} px {args.data} shards in {time.perf_counter() - t:.1f}s")
+    return folder, "train-*.tar"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--shards", type=Path, default=None)
+    ap.add_argument("--shards", type=Path, default=None, help="a folder of train-*.tar shards (default: build)")
+    ap.add_argument("--data", choices=["photos", "digits"], default="photos")
+    ap.add_argument("--samples", type=int, default=4096, help="photos to build")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--size", type=int, default=64, help="image side of the built shards and the batches")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--size", type=int, default=224, help="image side of the built shards and the batches")
     args = ap.parse_args()
-    folder = args.shards
-    if folder is None:
-        folder = Path(tempfile.mkdtemp()) / f"digits{args.size}"
-        t = time.perf_counter()
-        prep(["digits", "--out", str(folder), "--size", str(args.size), "--no-progress"])
-        print(f"built {args.size} px digits shards in {time.perf_counter() - t:.1f}s")
-    shards = str(folder / "train-{000000..000004}.tar")
-    base = dict(train_shards=shards, image_size=args.size, batch_size=128, num_workers=args.workers,
+    folder = args.shards or build(args)[0]
+    shards = "::".join(str(p) for p in sorted(folder.glob("train-*.tar")))
+    base = dict(train_shards=shards, image_size=args.size, batch_size=args.batch, num_workers=args.workers,
                 shuffle_buffer=1000)
     tok = open_clip.SimpleTokenizer(context_length=16)
-    rows = [("image-text (clip transform)", DataConfig(**base, transform="clip"), tok),
-            ("2-view (simclr transform)", DataConfig(**base, kind="multi_view", transform="simclr"), None)]
-    for name, cfg, tokenizer in rows:
-        print(f"{name:32s} {measure(cfg, tokenizer, args.epochs):8.0f} samples/s ({args.workers} workers)")
+    print(f"{torch.get_num_threads()} torch threads, {args.workers} loader workers, batch {args.batch}, "
+          f"{args.rounds} interleaved rounds, medians")
+    for name, kind, transform, tokenizer in (("image-text (clip)", "image_text", "clip", tok),
+                                             ("2-view (simclr)", "multi_view", "simclr", None)):
+        rates: dict[str, list[float]] = {"workers": [], "device": []}
+        sizes: dict[str, int] = {}
+        for r in range(args.rounds + 1):  # round 0 warms the page cache
+            for where in ("workers", "device"):
+                cfg = DataConfig(**base, kind=kind, transform=transform, normalize=where)
+                rate, sizes[where] = one_pass(cfg, tokenizer, r)
+                if r:
+                    rates[where].append(rate)
+        w, d = statistics.median(rates["workers"]), statistics.median(rates["device"])
+        print(f"{name:20s} workers {w:7.0f} samples/s ({sizes['workers'] / 2**20:5.1f} MiB/batch)   "
+              f"device {d:7.0f} samples/s ({sizes['device'] / 2**20:5.1f} MiB/batch)   device/workers {d / w:.2f}")
 
 
 if __name__ == "__main__":
