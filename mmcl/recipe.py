@@ -72,6 +72,8 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = spec(
         "auto", help="auto: what `accelerate launch --mixed_precision` (or its config file) says")
     compile: bool = spec(False, help="torch.compile the model (inductor); the first steps take longer")
+    channels_last: bool = spec(False, help="weights and image batches in channels-last memory order: faster "
+                                           "convolutions on GPUs with bf16/fp16 (CNN towers); same results")
     grad_cache: int = spec(0, ge=0, help="0: off. N: gradient caching (mmcl.gradcache): the model sees N samples "
                                          "at a time, the loss the whole batch; one more forward pass per step")
 

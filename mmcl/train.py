@@ -121,6 +121,9 @@ class Trainer:
                 raise MmclError("train.sync_bn needs GPU processes (torch's SyncBatchNorm has no CPU version); "
                                 "set train.sync_bn=false for a multi-process CPU run")
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.memory_format = torch.channels_last if r.train.channels_last else torch.contiguous_format
+        if r.train.channels_last:  # before momentum copies of the model and the optimizer's state
+            self.model.to(memory_format=torch.channels_last)
         self.objective = build("objective", r.objective)
         self.objective.setup(self.model, r.train.steps)  # heads sized to the model, momentum copies of it
         tokenizer = self.model.tokenizer() if r.data.kind == "image_text" else None
@@ -434,7 +437,7 @@ class Trainer:
                 if epoch == start_epoch and batches <= skip:
                     continue  # fast-forward to where the checkpoint stopped reading
                 samples += len(batch["key"]) * acc.num_processes
-                if not self.train_step(self.loader.prepare(batch, acc.device)):
+                if not self.train_step(self.loader.prepare(batch, acc.device, self.memory_format)):
                     continue  # mid-accumulation, or a skipped step
                 step = self.state.step
                 self._bar.update(1)

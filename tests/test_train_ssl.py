@@ -160,3 +160,25 @@ def test_multiview_and_predictive_recipes_learn_save_and_evaluate(method: str, d
     before = held_out_knn(initial, data, trainer.recipe.data.preprocess())
     after = cli_knn(out / "final", data, capsys, "--no-record")
     assert after >= before + MARGIN, (after, before)
+
+
+def test_channels_last_trains_the_same_weights(digits_dir: Path, tmp_path: Path) -> None:
+    """``train.channels_last`` changes the memory order of weights and batches, not the run: BYOL (a
+    momentum copy of the model, a trained predictor) over 4 steps gives the plain run's losses and
+    weights to float round-off (convolutions in the other order sum in another order)."""
+    runs, losses = {}, {}
+    for order in ("false", "true"):
+        trainer = Trainer(recipe("byol", digits_dir, tmp_path / order, f"train.channels_last={order}",
+                                 "train.save_every=0"))
+        conv = next(p for p in trainer.unwrapped.parameters() if p.dim() == 4)
+        assert conv.is_contiguous(memory_format=torch.channels_last) == (order == "true")
+        trainer.fit()
+        runs[order] = torch.cat([v.float().flatten() for v in trainer.unwrapped.state_dict().values()])
+        rows = [json.loads(line) for line in (tmp_path / order / "metrics.jsonl").read_text().splitlines()]
+        losses[order] = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses["true"]) == 4 and losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+    torch.manual_seed(trainer.recipe.run.seed)  # the trainer's set_seed: the weights both runs started from
+    start = torch.cat([v.float().flatten() for v in build("model", trainer.recipe.model).state_dict().values()])
+    moved = (runs["false"] - start).norm()
+    # the two runs differ far less than training moved the weights
+    assert moved > 0 and (runs["true"] - runs["false"]).norm() < 1e-2 * moved, moved

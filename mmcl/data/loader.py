@@ -117,16 +117,18 @@ class Loader:
             if not batch.pop("empty", False):
                 yield batch
 
-    def prepare(self, batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    def prepare(self, batch: dict[str, Any], device: torch.device | str,
+                memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, Any]:
         """A batch as the model takes it: tensors moved to ``device`` (asynchronously from pinned
         memory), then, with ``data.normalize: device``, the ``uint8`` images (``image``, each of
-        ``views``) normalised there. Every consumer of the loader's batches calls this."""
+        ``views``) normalised there, in ``memory_format`` (``torch.channels_last`` for a model
+        converted to it). Every consumer of the loader's batches calls this."""
         batch = to_device(batch, device)
-        if self.normalize is not None:
-            if "image" in batch:
-                batch["image"] = self.normalize(batch["image"])
-            if "views" in batch:
-                batch["views"] = [self.normalize(v) for v in batch["views"]]
+        finish = self.normalize or (lambda x: x)
+        if "image" in batch:
+            batch["image"] = finish(batch["image"]).contiguous(memory_format=memory_format)
+        if "views" in batch:
+            batch["views"] = [finish(v).contiguous(memory_format=memory_format) for v in batch["views"]]
         return batch
 
     def close(self) -> None:

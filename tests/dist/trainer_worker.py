@@ -132,7 +132,7 @@ class FixedStream:
         for batch in self.batches:
             yield start_epoch, batch
 
-    def prepare(self, batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    def prepare(self, batch: dict[str, Any], device: Any, memory_format: Any = None) -> dict[str, Any]:
         """The batches are float already (as with ``data.normalize: workers``): only moved."""
         from mmcl.data.loader import to_device
 
