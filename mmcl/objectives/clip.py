@@ -12,23 +12,38 @@ from typing import Any
 
 import torch
 
+from mmcl.config import spec
 from mmcl.dist import gather_with_grad, world
 from mmcl.objectives.base import Objective
 from mmcl.objectives.infonce import symmetric_info_nce, top1
+from mmcl.objectives.tiled import tiled_info_nce, tiled_symmetric_info_nce
 from mmcl.registry import register
 
 
 @dataclass
 class ClipLossConfig:
-    """``objective: {name: clip, local_loss: false}``."""
+    """``objective: {name: clip, local_loss: false, tile: 0}``."""
 
-    local_loss: bool = False
+    local_loss: bool = spec(False, help="score this process's rows only (memory linear in the global batch)")
+    tile: int = spec(0, ge=0, help="0: the whole logits matrix. N: the loss in N x N blocks recomputed in the "
+                                   "backward pass (mmcl.objectives.tiled): never holds the [batch, global batch] "
+                                   "logits, for batches whose logits exceed memory")
 
 
 def clip_loss(image: torch.Tensor, text: torch.Tensor, image_all: torch.Tensor, text_all: torch.Tensor,
-              scale: torch.Tensor, rank: int, local_loss: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              scale: torch.Tensor, rank: int, local_loss: bool,
+              tile: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Symmetric InfoNCE. ``image``/``text``: this process's [B, D] normalised features;
-    ``*_all``: all processes' features [N*B, D] in rank order; ``scale``: 1/τ."""
+    ``*_all``: all processes' features [N*B, D] in rank order; ``scale``: 1/τ; ``tile``: compute it
+    in blocks of that side (:func:`tiled_info_nce`), 0 for the whole matrix."""
+    if tile and not local_loss:  # one square matrix: each block serves both directions
+        loss, acc_i, acc_t = tiled_symmetric_info_nce(image_all, text_all, scale, tile)
+        return loss, {"acc_i2t": acc_i, "acc_t2i": acc_t}
+    if tile:  # this process's rows against all columns, each direction its own [B, N] matrix
+        targets = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]
+        loss_i, acc_i = tiled_info_nce(image, text_all, scale, targets, tile)
+        loss_t, acc_t = tiled_info_nce(text, image_all, scale, targets, tile)
+        return 0.5 * (loss_i + loss_t), {"acc_i2t": acc_i, "acc_t2i": acc_t}
     if local_loss:
         logits_i = scale * image @ text_all.T
         logits_t = scale * text @ image_all.T
@@ -63,6 +78,6 @@ class ClipLoss(Objective):
         image, text, scale = out["image_features"], out["text_features"], out["logit_scale"]
         rank, _ = world()
         loss, metrics = clip_loss(image, text, gather_with_grad(image), gather_with_grad(text), scale, rank,
-                                  self.cfg.local_loss)
+                                  self.cfg.local_loss, self.cfg.tile)
         metrics["logit_scale"] = scale.detach()
         return loss, metrics

@@ -92,6 +92,9 @@ CASES = {
     # gradient caching in chunks of 3 (2 processes: 3 + 1 rows each; 1 process: 3 + 3 + 2), with its
     # gathers and DDP's single all-reduce after the last chunk; equal to "clip" and "simclr_accum"
     "clip_grad_cache": Case("clip", ["eval.zeroshot_shards=null", "train.grad_cache=3"], data_of="clip"),
+    # ... and with the loss in 3 x 3 blocks (mmcl.objectives.tiled) over the gathered features
+    "clip_tiled": Case("clip", ["eval.zeroshot_shards=null", "train.grad_cache=3", "objective.tile=3"],
+                       data_of="clip"),
     "simclr_accum_grad_cache": Case("simclr", [*GN, "model.projector={dims: [32, 16], norm: none}",
                                                "train.grad_cache=3"], steps=3, accum=2, data_of="simclr_accum"),
     # BatchNorm encoder with SyncBN and shuffle-BN: 2 processes on half batches = 1 process on all
