@@ -74,6 +74,10 @@ class TrainConfig:
     compile: bool = spec(False, help="torch.compile the model (inductor); the first steps take longer")
     channels_last: bool = spec(False, help="weights and image batches in channels-last memory order: faster "
                                            "convolutions on GPUs with bf16/fp16 (CNN towers); same results")
+    vote: Literal["auto", "host", "device"] = spec(
+        "auto", help="where the skip-a-NaN-step vote is decided: device (no host synchronisation per step; needs "
+                     "optim.fused, not fp16, an objective without after-step state), host, or auto (device where "
+                     "possible)")
     grad_cache: int = spec(0, ge=0, help="0: off. N: gradient caching (mmcl.gradcache): the model sees N samples "
                                          "at a time, the loss the whole batch; one more forward pass per step")
 
@@ -202,6 +206,8 @@ class Recipe:
             check_model(self)
         objective_class(self.objective).check_recipe(self.objective, self)
         check_views(self)
+        if self.train.vote == "device" and (why := device_vote_obstacle(self)):
+            raise C.ConfigError(f"train.vote: device is not possible here: {why}; set train.vote: auto")
 
 
 def objective_class(cfg: Any) -> type[Objective]:
@@ -245,6 +251,21 @@ def check_contract(recipe: Recipe) -> None:
                             f"but data.kind is {kind}")
     if kind not in model_kinds:
         raise C.ConfigError(f"model.name {m} reads data.kind {_kinds(model_kinds)}, but data.kind is {kind}")
+
+
+def device_vote_obstacle(recipe: Recipe, fp16_scaler: bool = False) -> str | None:
+    """Why the bad-step vote cannot stay on the device for ``recipe`` (``train.vote``), or None: the
+    optimizer must skip a step by itself (fused AdamW/SGD told ``found_inf``), fp16's grad scaler
+    keeps its own vote, and an objective that updates state after each step (queues, teachers) must
+    know on the host whether the step applied."""
+    objective = objective_class(recipe.objective)
+    if not recipe.optim.fused:
+        return "optim.fused is false (only the fused AdamW/SGD kernels skip a step on the device)"
+    if fp16_scaler or recipe.train.mixed_precision == "fp16":
+        return "fp16 training: its grad scaler keeps its own vote"
+    if objective.after_optimizer_step is not Objective.after_optimizer_step:
+        return f"objective {plugin_name('objective', recipe.objective)} updates state after each step"
+    return None
 
 
 def check_views(recipe: Recipe) -> None:

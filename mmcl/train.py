@@ -33,7 +33,7 @@ from mmcl.evaluate.run import flat_metrics
 from mmcl.gradcache import grad_cache_step
 from mmcl.optim import build_optimizer
 from mmcl.publish import RunFacts, push_final, write_final
-from mmcl.recipe import Recipe, recipe_dict
+from mmcl.recipe import Recipe, device_vote_obstacle, recipe_dict
 from mmcl.registry import build
 
 
@@ -145,8 +145,12 @@ class Trainer:
             self.objective.to(self.acc.device)
         self.state = TrainState()
         self._pending: list[dict[str, Any]] = []  # this optimizer step's micro-batch metrics (on the device)
-        self._window: dict[str, list[torch.Tensor]] = defaultdict(list)  # the logging window's good steps
+        # the logging window's metrics, each with its weight: 1 for a good step, 0 for a skipped one
+        self._window: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
         self._consecutive_bad = 0
+        self.vote_on_device = self._choose_vote()
+        # with the vote on the device: bad steps since the last settling, the current run of them, the longest
+        self._bad = torch.zeros(3, device=self.acc.device)
 
     # ------------------------------------------------------------------------------ helpers
     def _check_topology(self) -> None:
@@ -215,6 +219,38 @@ class Trainer:
                                 f"{what} (the checkpoints already on disk are unchanged). Lower optim.lr or set "
                                 "optim.grad_clip")
 
+    def _choose_vote(self) -> bool:
+        """Whether the bad-step vote stays on the device (``train.vote``, see
+        :func:`mmcl.recipe.device_vote_obstacle`): then the optimizer skips a bad step by itself and
+        no step waits for the host."""
+        why = device_vote_obstacle(self.recipe, fp16_scaler=self.acc.scaler is not None)
+        if self.recipe.train.vote == "device" and why:  # fp16 from the accelerate config
+            raise MmclError(f"train.vote: device is not possible here: {why}; set train.vote: auto")
+        return self.recipe.train.vote != "host" and why is None
+
+    def _count_bad(self, bad: torch.Tensor) -> None:
+        """Count a step on the device: bad steps, the current run of them, the longest run."""
+        b = bad.float()
+        total, run, worst = self._bad.unbind()
+        run = (run + 1) * b
+        self._bad = torch.stack([total + b, run, torch.maximum(worst, run)])
+
+    def _settle_votes(self) -> None:
+        """With the vote on the device, read its counts (a host synchronisation: at logging,
+        checkpoints and the end) and stop the run if too many bad steps came in a row."""
+        if not self.vote_on_device:
+            return
+        total, _, worst = self._bad.tolist()
+        self.state.bad_steps += int(total)
+        self._bad[0] = 0
+        if worst >= self.recipe.train.max_bad_steps:
+            self._too_many_bad(int(worst))
+
+    def _too_many_bad(self, run: int) -> None:
+        raise TrainingError(f"the loss or the gradients were NaN or inf for {run} steps in a row (step "
+                            f"{self.state.step}); lower optim.lr, set optim.grad_clip, check the data, or use "
+                            "bf16/fp32")
+
     def _clip_gradients(self) -> torch.Tensor:
         """Global gradient norm (after un-scaling, before clipping), clipping to ``optim.grad_clip`` if set."""
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -251,6 +287,7 @@ class Trainer:
         safetensors + JSON under a temporary name, then rename it into place (see :mod:`mmcl.checkpoint`)."""
         acc = self.acc
         self.state.positions = acc.gather(torch.tensor([[epoch, batches]], device=acc.device)).tolist()
+        self._settle_votes()
         folder = self.out / "checkpoints"
         final = folder / f"step_{self.state.step:08d}"
         self._check_finite_weights(str(final))
@@ -327,9 +364,13 @@ class Trainer:
         whether the update was applied.
 
         A step whose loss (any micro-batch) or gradient norm is not finite on any process is skipped on
-        every process and counted as bad; too many in a row stop the run. That vote is the step's one
-        host synchronisation: losses and metrics stay on the device until a logging window closes, so
-        the host can queue the next step's work while the device computes.
+        every process and counted as bad; too many in a row stop the run. The vote is one collective.
+        With the vote on the host it is also the step's one host synchronisation, and a skipped step
+        does not count towards ``train.steps``. With the vote on the device (``train.vote``, see
+        :meth:`_choose_vote`) the optimizer skips the step by itself and nothing waits for the host:
+        the step counts (as open_clip's under its grad scaler), and the bad-step counts are read when
+        a logging window closes. Losses and metrics stay on the device until then either way, so the
+        host can queue the next step's work while the device computes.
         """
         acc = self.acc
         with acc.accumulate(self.model, self.objective):
@@ -339,24 +380,33 @@ class Trainer:
                 return None
             norm = self._clip_gradients()
             losses_bad = ~torch.isfinite(torch.stack([m["loss"] for m in self._pending])).all()
-            loss_bad, norm_bad = self._votes(losses_bad, ~torch.isfinite(norm))
-            if not (loss_bad or norm_bad) or (norm_bad and acc.scaler is not None):
-                self.optimizer.step()  # fp16 with a non-finite norm: the grad scaler skips it and lowers its scale
+            if self.vote_on_device:
+                bad = acc.reduce((losses_bad | ~torch.isfinite(norm)).float().reshape(1), "sum")[0] > 0
+                self.optimizer.optimizer.found_inf = bad.float()  # the fused kernel skips the update if set
+                self.optimizer.step()
+            else:
+                loss_bad, norm_bad = self._votes(losses_bad, ~torch.isfinite(norm))
+                bad = torch.tensor(loss_bad or norm_bad, device=acc.device)
+                if not (loss_bad or norm_bad) or (norm_bad and acc.scaler is not None):
+                    self.optimizer.step()  # fp16 with a non-finite norm: the grad scaler skips it, lowers its scale
             self.optimizer.zero_grad(set_to_none=True)
         pending, self._pending = self._pending, []
-        if loss_bad or norm_bad:
+        if self.vote_on_device:
+            self._count_bad(bad)
+        elif loss_bad or norm_bad:
             self.state.bad_steps += 1
             self._consecutive_bad += 1
             if self._consecutive_bad >= self.recipe.train.max_bad_steps:
-                raise TrainingError(f"the loss or the gradients were NaN or inf for {self._consecutive_bad} steps "
-                                    f"in a row (step {self.state.step}); lower optim.lr, set optim.grad_clip, "
-                                    "check the data, or use bf16/fp32")
+                self._too_many_bad(self._consecutive_bad)
             return False
-        self._consecutive_bad = 0
+        else:
+            self._consecutive_bad = 0
         pending[-1]["grad_norm"] = norm
+        good = (~bad).float()
         for metrics in pending:
-            for k, v in metrics.items():
-                self._window[k].append(torch.as_tensor(v, device=acc.device).detach().float())
+            for k, v in metrics.items():  # a skipped step's values weigh 0 (and NaN must not reach the sum)
+                v = torch.as_tensor(v, device=acc.device).detach().float()
+                self._window[k].append((torch.where(bad, torch.zeros_like(v), v), good))
         self.scheduler.step()
         self.state.step += 1
         model_hook = getattr(self.unwrapped, "after_optimizer_step", None)  # of the models, only CLIP has one
@@ -385,10 +435,14 @@ class Trainer:
     def _log_window(self, epoch: int, samples: int, seconds: float, waited: float) -> None:
         """Log the means over the window's good steps (averaged over processes), the learning rate,
         throughput, the loader's share of the time and the counts of bad steps and skipped samples."""
-        acc, names = self.acc, sorted(self._window)
-        means = acc.reduce(torch.stack([torch.stack(self._window[k]).mean() for k in names]),
-                           "mean").tolist() if names else []
-        record = {"step": self.state.step, "epoch": epoch, **dict(zip(names, means)),
+        self._settle_votes()
+        acc, names, metrics = self.acc, sorted(self._window), {}
+        if names:  # weighted means (skipped steps weigh 0), then averaged over processes
+            sums = torch.stack([torch.stack([v for v, _ in self._window[k]]).sum() for k in names])
+            counts = torch.stack([torch.stack([w for _, w in self._window[k]]).sum() for k in names])
+            means = acc.reduce(sums / counts.clamp(min=1), "mean").tolist()
+            metrics = {k: m for k, m, n in zip(names, means, counts.tolist()) if n > 0}
+        record = {"step": self.state.step, "epoch": epoch, **metrics,
                   "lr": self.scheduler.get_last_lr()[0], "samples_per_s": samples / max(1e-9, seconds),
                   "data_wait": waited / max(1e-9, seconds), "bad_steps": self.state.bad_steps,
                   "skipped": self._skip_counts()}
@@ -462,6 +516,7 @@ class Trainer:
             evals = self.evaluate()
             self._log({"step": self.state.step, **flat_metrics(evals)})
         final = self.out / "final"
+        self._settle_votes()
         self._check_finite_weights(str(final))
         skipped = self._skip_counts()  # a collective: every process takes part
         error = None

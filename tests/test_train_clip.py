@@ -153,6 +153,53 @@ def test_nan_gradients_are_never_applied(digits_dir: Path, tmp_path: Path) -> No
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["grad_norm"]) for r in rows)
 
 
+def test_the_vote_on_the_device_trains_as_the_host_vote(digits_dir: Path, tmp_path: Path) -> None:
+    """``train.vote: device`` (fused AdamW told ``found_inf``, no host synchronisation per step)
+    gives the host vote's run: the same weights, bit for bit, and the same logged losses."""
+    runs = {}
+    for vote in ("host", "device"):
+        trainer = Trainer(recipe(digits_dir, tmp_path / vote, "optim.fused=true", f"train.vote={vote}",
+                                 "train.steps=4", "eval.zeroshot_shards=null"))
+        assert trainer.vote_on_device == (vote == "device")
+        trainer.fit()
+        runs[vote] = (trainer.unwrapped.state_dict(), losses(tmp_path / vote))
+    (host, host_losses), (device, device_losses) = runs["host"], runs["device"]
+    assert all(torch.equal(host[k], device[k]) for k in host) and list(device_losses) == [1, 2, 3, 4]
+    assert device_losses == pytest.approx(host_losses, rel=1e-6)
+
+
+def test_the_vote_on_the_device_skips_bad_steps_and_stops_the_run(digits_dir: Path, tmp_path: Path) -> None:
+    """NaN losses from step 3 on: the fused optimizer leaves the weights as step 2 made them, the
+    bad steps are counted when the logging window closes (they count as steps), and 3 in a row stop."""
+    r = recipe(digits_dir, tmp_path / "nan", "objective={name: test_nan_after, bad_from: 2}", "train.max_bad_steps=3",
+               "eval.zeroshot_shards=null", "optim.fused=true", "train.vote=device")
+    trainer = Trainer(r)
+    assert trainer.vote_on_device
+    after_two = {}
+
+    def snapshot(step: int) -> None:
+        if step == 2:
+            after_two.update({k: v.clone() for k, v in trainer.unwrapped.state_dict().items()})
+
+    trainer.objective.after_optimizer_step = snapshot
+    with pytest.raises(TrainingError, match="NaN or inf for 3 steps in a row"):
+        trainer.fit()
+    assert trainer.state.step == 5 and trainer.state.bad_steps == 3
+    assert all(torch.equal(after_two[k], v) for k, v in trainer.unwrapped.state_dict().items())
+    rows = [json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["bad_steps"] for r in rows] == [0, 0, 1, 2]
+    assert all("loss" in r for r in rows[:2]) and not any("loss" in r for r in rows[2:])  # no NaN logged
+
+
+@pytest.mark.parametrize("extra, why", [(["optim.fused=false"], "optim.fused is false"),
+                                        (["train.mixed_precision=fp16"], "fp16"),
+                                        (["objective={name: test_poison}"], "updates state after each step")])
+def test_the_vote_on_the_device_says_why_it_cannot_be(digits_dir: Path, tmp_path: Path, extra: list[str],
+                                                      why: str) -> None:
+    with pytest.raises(MmclError, match=f"train.vote: device is not possible here: .*{why}"):
+        recipe(digits_dir, tmp_path, "optim.fused=true", "train.vote=device", *extra)
+
+
 def test_nan_weights_are_never_saved(digits_dir: Path, tmp_path: Path) -> None:
     r = recipe(digits_dir, tmp_path / "run", "objective={name: test_poison, nan_weights_at: 2}", "train.save_every=1",
                "eval.zeroshot_shards=null")
