@@ -1,9 +1,12 @@
-"""Peak memory and time of CLIP's loss (forward + backward), whole logits matrix vs tiles.
+"""Peak memory and time of CLIP's loss (forward + backward): open_clip's ``ClipLoss``, mmcl's whole
+logits matrix, mmcl's tiles.
 
     python benchmarks/clip_loss_memory.py [--batches 4096,16384] [--tile 2048] [--dim 512] [--rounds 3]
 
-For each global batch B: the symmetric InfoNCE over B x B logits as ``objective.tile: 0`` computes
-it, then ``objective.tile: T`` (:mod:`mmcl.objectives.tiled`), alternating round by round, medians.
+For each global batch B: open_clip's ``ClipLoss`` (one process), the symmetric InfoNCE over B x B
+logits as ``objective.tile: 0`` computes it, then ``objective.tile: T``
+(:mod:`mmcl.objectives.tiled`), alternating round by round, medians. First, on a small batch, the
+gradients of all three are compared (largest difference printed).
 Memory is the peak above the features themselves: on a GPU ``torch.cuda.max_memory_allocated``; on
 a CPU the peak resident set of a fresh process per measurement, less that of a process that only
 makes the features. That is what decides the largest contrastive batch one device can score (with
@@ -23,9 +26,36 @@ import torch
 import torch.nn.functional as F
 
 
-def measure(batch: int, dim: int, tile: int, device: str, loss_too: bool = True) -> dict[str, float]:
-    """One forward + backward; peak memory above the features (MiB) and seconds."""
+def loss_of(kind: str, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, tile: int) -> torch.Tensor:
+    """The symmetric CLIP loss: ``open_clip`` (its ClipLoss), or mmcl's with ``tile`` (0: whole matrix)."""
+    if kind == "open_clip":
+        from open_clip.loss import ClipLoss
+
+        return ClipLoss()(image, text, scale)
     from mmcl.objectives.clip import clip_loss
+
+    return clip_loss(image, text, image, text, scale, 0, local_loss=False, tile=tile)[0]
+
+
+def check_gradients(tile: int, device: str) -> float:
+    """Largest difference of loss and gradients between open_clip and mmcl (whole and tiled), batch 3 x tile."""
+    g = torch.Generator(device=device).manual_seed(1)
+    image = F.normalize(torch.randn(3 * tile, 64, device=device, generator=g), dim=-1)
+    text = F.normalize(torch.randn(3 * tile, 64, device=device, generator=g), dim=-1)
+    results = []
+    for kind, t in (("open_clip", 0), ("mmcl", 0), ("mmcl", tile)):
+        leaves = [x.clone().requires_grad_() for x in (image, text, torch.tensor(50.0, device=device))]
+        loss = loss_of(kind, *leaves, t)
+        results.append([loss.detach(), *torch.autograd.grad(loss, leaves)])
+    return max((a - b).abs().max().item() for other in results[1:] for a, b in zip(results[0], other))
+
+
+def measure(batch: int, dim: int, tile: int, device: str, loss_too: bool = True,
+            kind: str = "mmcl") -> dict[str, float]:
+    """One forward + backward; peak memory above the features (MiB) and seconds."""
+    import open_clip.loss  # noqa: F401 (imported with or without the loss: a fair baseline of resident memory)
+
+    import mmcl.objectives.clip  # noqa: F401
 
     g = torch.Generator(device=device).manual_seed(0)
     image = F.normalize(torch.randn(batch, dim, device=device, generator=g), dim=-1).requires_grad_()
@@ -37,8 +67,7 @@ def measure(batch: int, dim: int, tile: int, device: str, loss_too: bool = True)
         base = torch.cuda.memory_allocated()
     start = time.perf_counter()
     if loss_too:
-        loss, _ = clip_loss(image, text, image, text, scale, 0, local_loss=False, tile=tile)
-        loss.backward()
+        loss_of(kind, image, text, scale, tile).backward()
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -46,10 +75,10 @@ def measure(batch: int, dim: int, tile: int, device: str, loss_too: bool = True)
     return {"seconds": seconds, "peak_mib": peak}
 
 
-def cpu_peak(batch: int, dim: int, tile: int, loss_too: bool) -> dict[str, float]:
+def cpu_peak(batch: int, dim: int, tile: int, loss_too: bool, kind: str) -> dict[str, float]:
     """``measure`` in a fresh process; its peak resident set (MiB) as ``rss_mib``."""
     code = ("import json, resource, sys; sys.path.insert(0, '.'); from benchmarks.clip_loss_memory import measure; "
-            f"r = measure({batch}, {dim}, {tile}, 'cpu', {loss_too}); "
+            f"r = measure({batch}, {dim}, {tile}, 'cpu', {loss_too}, {kind!r}); "
             "r['rss_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; print(json.dumps(r))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -65,20 +94,28 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{name}; embedding dim {args.dim}; tile {args.tile}; {args.rounds} alternating rounds, medians")
-    print(f"{'batch':>7} {'loss':>12} {'peak MiB':>10} {'seconds':>9}")
+    print(f"loss and gradients, open_clip vs mmcl whole vs mmcl tiled (batch {3 * args.tile}, float32): "
+          f"largest difference {check_gradients(args.tile, device):.2e}")
+    print(f"{'batch':>7} {'loss':>16} {'peak MiB':>10} {'seconds':>9} {'memory vs open_clip':>20}")
+    configs = {"open_clip ClipLoss": ("open_clip", 0), "mmcl whole": ("mmcl", 0),
+               f"mmcl tiles {args.tile}": ("mmcl", args.tile)}
     for batch in (int(b) for b in args.batches.split(",")):
-        rows: dict[int, list[dict[str, float]]] = {0: [], args.tile: []}
+        rows: dict[str, list[dict[str, float]]] = {label: [] for label in configs}
         for _ in range(args.rounds):
-            for tile in rows:
+            for label, (kind, tile) in configs.items():
                 if device == "cuda":
-                    rows[tile].append(measure(batch, args.dim, tile, device))
+                    rows[label].append(measure(batch, args.dim, tile, device, kind=kind))
                 else:
-                    r, base = cpu_peak(batch, args.dim, tile, True), cpu_peak(batch, args.dim, tile, False)
-                    rows[tile].append({"seconds": r["seconds"], "peak_mib": r["rss_mib"] - base["rss_mib"]})
-        for tile, runs in rows.items():
-            label = "whole" if tile == 0 else f"tiles {tile}"
-            print(f"{batch:>7} {label:>12} {statistics.median(r['peak_mib'] for r in runs):>10.0f} "
-                  f"{statistics.median(r['seconds'] for r in runs):>9.3f}")
+                    r = cpu_peak(batch, args.dim, tile, True, kind)
+                    base = cpu_peak(batch, args.dim, tile, False, kind)
+                    rows[label].append({"seconds": r["seconds"], "peak_mib": r["rss_mib"] - base["rss_mib"]})
+        peaks = {label: statistics.median(r["peak_mib"] for r in runs) for label, runs in rows.items()}
+        for label, runs in rows.items():
+            floor = 16 if device == "cpu" else 1  # MiB: resident-set noise on a CPU
+            ratio = peaks["open_clip ClipLoss"] / max(peaks[label], floor)
+            ratio_text = f"{'>' if peaks[label] < floor else ''}{ratio:.1f}x"
+            print(f"{batch:>7} {label:>16} {peaks[label]:>10.0f} {statistics.median(r['seconds'] for r in runs):>9.3f}"
+                  f" {ratio_text:>20}")
 
 
 if __name__ == "__main__":
