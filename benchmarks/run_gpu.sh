@@ -10,7 +10,7 @@ py=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used,memory.total --format=csv
 $py -c "import torch, open_clip, accelerate, transformers; print('torch', torch.__version__, 'open_clip', open_clip.__version__, 'accelerate', accelerate.__version__, 'transformers', transformers.__version__)"
 # 1. the training step, mmcl against open_clip's loop (ViT-B-32, bf16), at open_clip's batch and a larger one
-timeout 150 $py benchmarks/clip_step.py --batch 256 --results "$out/clip_step.json" 2>&1 | tee "$out/clip_step.log" | grep -v Warning
+timeout 240 $py benchmarks/clip_step.py --batch 256 --results "$out/clip_step.json" 2>&1 | tee "$out/clip_step.log" | grep -v Warning
 timeout 120 $py benchmarks/clip_step.py --batch 1024 --rounds 3 --variants "mmcl fused AdamW,mmcl fused + grad ckpt,mmcl fused + patch drop 0.5" \
   --results "$out/clip_step.json" 2>&1 | tee -a "$out/clip_step.log" | grep -v Warning
 # 2. whole recipes through accelerate launch, loader included (224 px JPEG digits shards)
