@@ -8,7 +8,7 @@ out=${1:-benchmarks/out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
-want() { [[ " ${STEPS:-1 2 3 4 5 6} " == *" $1 "* ]]; }
+want() { [[ " ${STEPS:-1 2 3 4 5 6 7} " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used,memory.total --format=csv
 $py -c "import torch, open_clip, accelerate, transformers; print('torch', torch.__version__, 'open_clip', open_clip.__version__, 'accelerate', accelerate.__version__, 'transformers', transformers.__version__)"
 # 1. the training step, mmcl against open_clip's loop (ViT-B-32, bf16), at open_clip's batch and a larger one
@@ -45,4 +45,8 @@ fi
 if want 6; then
   timeout 240 $py benchmarks/clip_loss_memory.py --batches 8192,32768 --tile 4096 --rounds 2 2>&1 \
     | tee "$out/clip_loss_memory.log" | grep -v Warning
+fi
+# 7. the largest CLIP ViT-B/32 batch within 24 GiB: plain, gradient checkpointing, gradient caching + tiled loss
+if want 7; then
+  timeout 420 $py benchmarks/clip_max_batch.py --budget-gib 24 2>&1 | tee "$out/clip_max_batch.log" | grep -v Warning
 fi
