@@ -1,10 +1,12 @@
-"""CLIP: an image tower and a text tower mapping into one space, plus a learnable temperature.
+"""CLIP: an image tower and a text tower mapping into one space, plus a learnable temperature
+(and, for SigLIP, a learnable logit bias).
 
 Towers come from open_clip (any built-in model name or a JSON config; see
 ``model_configs/`` for the tiny CPU one) or, for text, from any Hugging Face model loaded
 with ``transformers.AutoModel`` (mean/CLS pooling and a projection, optionally locked).
-Internally this wraps open_clip's ``CustomTextCLIP``, whose ``visual.* / text.* / logit_scale``
-layout is what open_clip itself loads, so open_clip-tower models export without conversion.
+Internally this wraps open_clip's ``CustomTextCLIP``, whose ``visual.* / text.* / logit_scale
+/ logit_bias`` layout is what open_clip itself loads, so open_clip-tower models export without
+conversion.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ class ClipModelConfig:
     pretrained: str | None = None
     text_tower: HFTextConfig | None = None
     init_logit_scale: float = spec(1 / 0.07, gt=0)
+    init_logit_bias: float | None = spec(None, ge=-100, le=100,
+                                         help="SigLIP: a learnable scalar bias added to the scaled similarities, "
+                                              "starting here (-10 in the paper); the model then also outputs "
+                                              "logit_bias. null: no bias (CLIP)")
     max_logit_scale: float = spec(100.0, gt=0)
     lock_image: bool = False
     grad_checkpointing: bool = spec(False, help="recompute each tower block's activations in the backward pass: "
@@ -162,6 +168,8 @@ class ClipModel(nn.Module):
     """
 
     data_kinds = ("image_text",)  # what the recipe checks at load (mmcl.registry.model_declaration)
+    # what every configuration produces; ``logit_bias`` is added by model.init_logit_bias, which the
+    # objectives' check_recipe checks (SigLIP needs it, CLIP refuses it)
     outputs = ("image_features", "text_features", "logit_scale")
 
     def __init__(self, model_cfg: dict[str, Any], cfg: ClipModelConfig, hf_text: nn.Module | None = None,
@@ -169,6 +177,11 @@ class ClipModel(nn.Module):
         super().__init__()
         from open_clip.model import CustomTextCLIP
 
+        # the recipe's model.init_logit_bias decides whether there is a bias; it is written into the
+        # architecture (open_clip's SigLIP configs carry the same key), so open_clip builds it too
+        model_cfg = {k: v for k, v in model_cfg.items() if k != "init_logit_bias"}
+        if cfg.init_logit_bias is not None:
+            model_cfg["init_logit_bias"] = cfg.init_logit_bias
         self.cfg, self.model_cfg = cfg, model_cfg
         kwargs = {k: v for k, v in model_cfg.items() if k not in ("custom_text", "hf_text")}
         self.clip = CustomTextCLIP(**kwargs, init_logit_scale=math.log(cfg.init_logit_scale))
@@ -209,7 +222,8 @@ class ClipModel(nn.Module):
         return model
 
     def load_open_clip_pretrained(self, cfg: ClipModelConfig) -> None:
-        """Load open_clip weights (a tag such as 'openai' or a checkpoint file) into the towers."""
+        """Load open_clip weights (a tag such as 'openai' or a checkpoint file) into the towers (and the
+        temperature, and the bias when both the weights and the model have one)."""
         import open_clip
 
         name = cfg.open_clip_model or "custom"
@@ -226,7 +240,12 @@ class ClipModel(nn.Module):
             state = ref.state_dict()
         keep_text = self.cfg.text_tower is None
         state = {k: v for k, v in state.items() if keep_text or not k.startswith("text.")}
+        if "logit_bias" in state and self.clip.logit_bias is None:
+            raise ConfigError("model.pretrained: the weights hold a logit_bias (a SigLIP model); set "
+                              "model.init_logit_bias (the weights' value replaces it) and objective.name siglip")
         missing, unexpected = self.clip.load_state_dict(state, strict=False)
+        # CLIP weights under a SigLIP model: the bias keeps its model.init_logit_bias start
+        missing = [k for k in missing if k != "logit_bias"]
         if unexpected or (keep_text and missing):
             raise ConfigError(f"model.pretrained: weights do not fit the architecture "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -264,11 +283,19 @@ class ClipModel(nn.Module):
         x = self.clip.text(text)
         return F.normalize(x, dim=-1) if normalize else x
 
+    def logit_bias(self) -> torch.Tensor | None:
+        """The learnable scalar added to the scaled similarities (``model.init_logit_bias``), or None."""
+        return self.clip.logit_bias
+
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Embed a batch's images and texts; the objective turns these into a loss."""
-        return {"image_features": self.encode_image(batch["image"]),
-                "text_features": self.encode_text(batch["text"]),
-                "logit_scale": self.logit_scale()}
+        """Embed a batch's images and texts; the objective turns these into a loss. ``logit_bias``
+        only when the model has one (``model.init_logit_bias``): see :attr:`outputs`."""
+        out = {"image_features": self.encode_image(batch["image"]),
+               "text_features": self.encode_text(batch["text"]),
+               "logit_scale": self.logit_scale()}
+        if self.clip.logit_bias is not None:
+            out["logit_bias"] = self.clip.logit_bias
+        return out
 
     def after_optimizer_step(self, step: int) -> None:
         """Keep the stored temperature inside [0, log(max)] as open_clip does."""
@@ -277,8 +304,7 @@ class ClipModel(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay besides biases and norms."""
-        return {"clip.logit_scale"}
-
+        return {"clip.logit_scale", "clip.logit_bias"}
 
     # -------------------------------------------------------------------------- folder format
     def save_files(self, folder: Path, preprocess: dict[str, Any]) -> dict[str, Any]:

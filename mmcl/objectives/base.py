@@ -21,11 +21,17 @@ from mmcl.errors import ConfigError
 from mmcl.registry import model_declaration, registered
 
 # The model outputs an objective can read, by name: the key of the model's ``forward`` dict and,
-# where one key holds different things in different models, its form after a colon.
+# where one key holds different things in different models, its form after a colon. A model's
+# ``outputs`` declaration lists what it produces in every configuration, which is what the recipe
+# compares with ``needs_outputs`` at load; an output that only some configurations produce (CLIP's
+# ``logit_bias``) is named in ``needs_configured_outputs`` and checked by the objective's
+# ``check_recipe`` against the model's config.
 OUTPUTS: dict[str, str] = {
     "image_features": "[B, D] normalised image embeddings",
     "text_features": "[B, D] normalised text embeddings",
     "logit_scale": "the scalar 1/τ that multiplies the image-text similarities",
+    "logit_bias": "the learnable scalar added to the scaled image-text similarities (SigLIP); model clip "
+                  "produces it only with model.init_logit_bias set",
     "h:views": "out['h']: backbone features, one [B, F] tensor per view",
     "z:views": "out['z']: projections, one [B, D] tensor per view",
     "z:grid": "out['z']: patch embeddings [B, G, G, D] of the first view",
@@ -45,6 +51,9 @@ class Objective(nn.Module):
     data_kinds: ClassVar[frozenset[str]] = frozenset()
     #: names (keys of :data:`OUTPUTS`) of the model outputs ``forward`` reads
     needs_outputs: ClassVar[tuple[str, ...]] = ()
+    #: outputs ``forward`` also reads that a model produces only when its config says so (SigLIP's
+    #: ``logit_bias``): not in the static declarations the recipe compares, so ``check_recipe`` checks them
+    needs_configured_outputs: ClassVar[tuple[str, ...]] = ()
     #: in words, the model that fits: shown with the models that do when a recipe pairs another one
     needs_model: ClassVar[str] = ""
     #: attributes of the built model that ``setup`` reads (checked by :meth:`check_model`)

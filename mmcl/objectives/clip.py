@@ -14,6 +14,7 @@ import torch
 
 from mmcl.config import spec
 from mmcl.dist import gather_with_grad, world
+from mmcl.errors import ConfigError
 from mmcl.objectives.base import Objective
 from mmcl.objectives.infonce import symmetric_info_nce, top1
 from mmcl.objectives.tiled import tiled_info_nce, tiled_symmetric_info_nce
@@ -72,6 +73,16 @@ class ClipLoss(Objective):
 
     def __init__(self, cfg: ClipLossConfig | None = None):
         super().__init__(cfg or ClipLossConfig())
+
+    @classmethod
+    def check_recipe(cls, cfg: ClipLossConfig, recipe: Any) -> None:
+        """A model with SigLIP's logit bias does not fit: this loss never reads the bias, so its
+        parameter would get no gradient, which DDP stops on in the second step."""
+        bias = getattr(recipe.model, "init_logit_bias", None)
+        if bias is not None:
+            raise ConfigError(f"model.init_logit_bias is {bias:g}, but objective.name clip does not read the logit "
+                              "bias (its parameter would get no gradient, which stops DDP); remove "
+                              "model.init_logit_bias or use objective.name siglip")
 
     def forward(self, out: dict[str, torch.Tensor], batch: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss and metrics from the model's ``image_features``, ``text_features`` and ``logit_scale``."""
