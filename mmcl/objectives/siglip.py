@@ -1,0 +1,224 @@
+"""SigLIP: a sigmoid loss on every image-text pair (Zhai et al., 2023, "Sigmoid Loss for Language
+Image Pre-Training"), as open_clip's ``SigLipLoss``.
+
+Each pair is a binary problem of its own: logit ``z_ij = s · x_i·t_j + b`` (scale ``s`` and bias
+``b`` both learned; the paper starts them at 10 and -10), label ``y_ij = +1`` for an image and its
+own text and -1 for every other pair, loss ``-Σ_ij log σ(y_ij z_ij) / B`` over the ``B`` images.
+No softmax ties a row together, so the sum splits into blocks of texts: each process scores its
+own ``B`` images against all ``N·B`` texts of the global batch (positives only among its own
+pairs), and the processes' losses average to the loss of one process on the whole batch, as DDP
+averages their gradients.
+
+``exchange`` says how a process sees the other processes' texts:
+
+- ``gather``: all-gathered with gradient (:func:`mmcl.dist.gather_with_grad`), ``N·B`` rows;
+- ``ring``: passed around the ring of processes one block at a time (open_clip's neighbour
+  exchange): ``N - 1`` passes forward; in the backward the blocks go round again, each with the
+  gradient the processes it has passed have added to it, and the last pass brings every block's
+  gradient home. A process holds its own block and one neighbour's, never the ``N·B`` rows.
+
+The logits are recomputed in the backward instead of kept, ``chunk`` texts at a time when
+``chunk`` is set: logits memory ``B × chunk`` instead of ``B × N·B`` (``B × B`` per ring block).
+Every mode gives the same loss and gradients, to float round-off. The loss is taken in float32
+(float64 inputs stay float64) with autocast off: the sum runs over ``B × N·B`` terms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from mmcl.config import spec
+from mmcl.dist import gather_with_grad, world
+from mmcl.errors import ConfigError
+from mmcl.objectives.base import Objective
+from mmcl.registry import register
+
+
+@dataclass
+class SigLipConfig:
+    """``objective: {name: siglip, exchange: gather, chunk: null}``."""
+
+    exchange: Literal["gather", "ring"] = spec("gather", help="how each process sees the other processes' texts: "
+                                                              "all-gathered (gather), or passed around the ring of "
+                                                              "processes one block at a time (ring)")
+    chunk: int | None = spec(None, ge=1, help="score this many texts at a time (logits memory: local batch x "
+                                              "chunk); null: a whole block at once")
+
+
+def pair_labels(rows: int, cols: int, positive_from: int | None, like: torch.Tensor) -> torch.Tensor:
+    """``[rows, cols]`` of -1 with +1 at ``(i, i + positive_from)`` where that column exists: image
+    ``i``'s own text. ``positive_from=None``: another process's texts, all negatives."""
+    labels = torch.full((rows, cols), -1.0, dtype=like.dtype, device=like.device)
+    if positive_from is not None:
+        i = torch.arange(rows, device=like.device)
+        j = i + positive_from
+        here = (j >= 0) & (j < cols)
+        labels[i[here], j[here]] = 1.0
+    return labels
+
+
+def sigmoid_terms(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                  positive_from: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SigLIP on one block: ``image`` [B, D] against ``text`` [M, D], image ``i``'s positive being
+    text ``i + positive_from`` (see :func:`pair_labels`). Returns the sum over the pairs of
+    ``-log σ(y · (scale · x·t + bias))`` (differentiable; divide by the images for the loss) and,
+    for the accuracy, each image's similarity to its own text (0 when not in the block) and its
+    highest similarity to a text that is not its own (-inf when there is none)."""
+    sim = image @ text.T
+    labels = pair_labels(sim.shape[0], sim.shape[1], positive_from, sim)
+    loss = -F.logsigmoid(labels * (scale * sim + bias)).sum()
+    sim, positive = sim.detach(), labels > 0
+    own = torch.where(positive, sim, 0.0).sum(dim=1)
+    best_other = sim.masked_fill(positive, float("-inf")).amax(dim=1)
+    return loss, own, best_other
+
+
+def _column_chunks(n: int, chunk: int | None) -> list[tuple[int, int]]:
+    step = chunk or n
+    return [(start, min(start + step, n)) for start in range(0, n, step)]
+
+
+@torch.no_grad()
+def _score_block(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                 positive_from: int | None, chunk: int | None) -> tuple[torch.Tensor, ...]:
+    """:func:`sigmoid_terms` of a block, ``chunk`` texts at a time, without a graph."""
+    total, own = image.new_zeros(()), image.new_zeros(image.shape[0])
+    best_other = image.new_full((image.shape[0],), float("-inf"))
+    for start, end in _column_chunks(text.shape[0], chunk):
+        loss, o, b = sigmoid_terms(image, text[start:end], scale, bias,
+                                   None if positive_from is None else positive_from - start)
+        total, own, best_other = total + loss, own + o, torch.maximum(best_other, b)
+    return total, own, best_other
+
+
+def _block_grads(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                 positive_from: int | None, chunk: int | None, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Gradients of ``grad`` × a block's loss sum with respect to ``image``, ``text``, ``scale`` and
+    ``bias``, its logits recomputed ``chunk`` texts at a time."""
+    d_image, d_text = torch.zeros_like(image), torch.empty_like(text)
+    d_scale, d_bias = torch.zeros_like(scale), torch.zeros_like(bias)
+    with torch.enable_grad():
+        image, scale, bias = (x.detach().requires_grad_() for x in (image, scale, bias))
+        for start, end in _column_chunks(text.shape[0], chunk):
+            cols = text[start:end].detach().requires_grad_()
+            loss, _, _ = sigmoid_terms(image, cols, scale, bias,
+                                       None if positive_from is None else positive_from - start)
+            gi, gt, gs, gb = torch.autograd.grad(loss, (image, cols, scale, bias), grad_outputs=grad)
+            d_image += gi
+            d_text[start:end] = gt
+            d_scale += gs
+            d_bias += gb
+    return d_image, d_text, d_scale, d_bias
+
+
+class _GatheredSigmoidLoss(torch.autograd.Function):
+    """Loss sum of this process's images against all processes' texts (gathered, ``[N·B, D]``)."""
+
+    @staticmethod
+    def forward(ctx, image, texts, scale, bias, positive_from, chunk):  # type: ignore[override]
+        ctx.save_for_backward(image, texts, scale, bias)
+        ctx.positive_from, ctx.chunk = positive_from, chunk
+        total, own, best_other = _score_block(image, texts, scale, bias, positive_from, chunk)
+        ctx.mark_non_differentiable(own, best_other)
+        return total, own, best_other
+
+    @staticmethod
+    def backward(ctx, grad, _own, _best):  # type: ignore[override]
+        image, texts, scale, bias = ctx.saved_tensors
+        return (*_block_grads(image, texts, scale, bias, ctx.positive_from, ctx.chunk, grad), None, None)
+
+
+def _pass_right(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Send ``tensors`` to the next process of the ring (rank + 1) and receive the previous one's."""
+    rank, n = world()
+    received = [torch.empty_like(t) for t in tensors]
+    ops = [dist.P2POp(dist.isend, t.contiguous(), (rank + 1) % n, tag=k) for k, t in enumerate(tensors)]
+    ops += [dist.P2POp(dist.irecv, r, (rank - 1) % n, tag=k) for k, r in enumerate(received)]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return received
+
+
+class _RingSigmoidLoss(torch.autograd.Function):
+    """Loss sum of this process's images against all processes' texts, the text blocks passed
+    around the ring: after ``k`` passes this process holds the block of process ``rank - k``."""
+
+    @staticmethod
+    def forward(ctx, image, text, scale, bias, chunk):  # type: ignore[override]
+        ctx.save_for_backward(image, text, scale, bias)
+        ctx.chunk = chunk
+        total, own, best_other = _score_block(image, text, scale, bias, 0, chunk)  # the positives are here
+        block = text
+        for _ in range(world()[1] - 1):
+            (block,) = _pass_right(block)
+            loss, _, best = _score_block(image, block, scale, bias, None, chunk)
+            total, best_other = total + loss, torch.maximum(best_other, best)
+        ctx.mark_non_differentiable(own, best_other)
+        return total, own, best_other
+
+    @staticmethod
+    def backward(ctx, grad, _own, _best):  # type: ignore[override]
+        image, text, scale, bias = ctx.saved_tensors
+        n = world()[1]
+        d_image, d_block, d_scale, d_bias = _block_grads(image, text, scale, bias, 0, ctx.chunk, grad)
+        block = text
+        for _ in range(n - 1):
+            # a block travels with the gradient the processes it has passed gave it
+            block, d_block = _pass_right(block, d_block)
+            gi, gt, gs, gb = _block_grads(image, block, scale, bias, None, ctx.chunk, grad)
+            d_image, d_block, d_scale, d_bias = d_image + gi, d_block + gt, d_scale + gs, d_bias + gb
+        if n > 1:  # the block this process holds now belongs to the next one: its gradient goes home
+            (d_block,) = _pass_right(d_block)
+        return d_image, d_block, d_scale, d_bias, None
+
+
+@register("objective", "siglip", SigLipConfig)
+class SigLipLoss(Objective):
+    """SigLIP's sigmoid loss over the global batch (see the module docstring); metrics: the learned
+    scale and bias, and ``acc_i2t``, the share of images whose own text is their most similar.
+
+    >>> f = torch.eye(4)  # four orthogonal pairs: logit 10·1 - 5 for a pair, 10·0 - 5 for a non-pair
+    >>> loss, m = SigLipLoss()({"image_features": f, "text_features": f, "logit_scale": torch.tensor(10.),
+    ...                         "logit_bias": torch.tensor(-5.)})
+    >>> round(loss.item(), 4), float(m["acc_i2t"])  # 4 · log(1 + e^-5) per image
+    (0.0269, 1.0)
+    """
+
+    data_kinds = frozenset({"image_text"})
+    needs_outputs = ("image_features", "text_features", "logit_scale")
+    needs_configured_outputs = ("logit_bias",)
+    needs_model = "image and text towers with a logit bias, model.init_logit_bias"
+
+    def __init__(self, cfg: SigLipConfig | None = None):
+        super().__init__(cfg or SigLipConfig())
+
+    @classmethod
+    def check_recipe(cls, cfg: SigLipConfig, recipe: Any) -> None:
+        """The model must have the learnable bias (``logit_bias`` is produced only when it is set)."""
+        if getattr(recipe.model, "init_logit_bias", None) is None:
+            raise ConfigError("objective.name siglip needs the model's learnable logit bias: set "
+                              "model.init_logit_bias: -10 (the SigLIP paper's start, with model.init_logit_scale: 10)")
+
+    def forward(self, out: dict[str, torch.Tensor], batch: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss and metrics from the model's features, ``logit_scale`` and ``logit_bias``."""
+        if out.get("logit_bias") is None:
+            raise ConfigError("objective siglip reads the model output logit_bias: build the model with "
+                              "model.init_logit_bias (e.g. -10)")
+        image, text = out["image_features"], out["text_features"]
+        dtype = torch.promote_types(image.dtype, torch.float32)
+        with torch.autocast(image.device.type, enabled=False):
+            image, scale, bias = image.to(dtype), out["logit_scale"].to(dtype), out["logit_bias"].to(dtype)
+            if self.cfg.exchange == "ring":
+                total, own, best_other = _RingSigmoidLoss.apply(image, text.to(dtype), scale, bias, self.cfg.chunk)
+            else:
+                texts = gather_with_grad(text).to(dtype)
+                total, own, best_other = _GatheredSigmoidLoss.apply(image, texts, scale, bias,
+                                                                    world()[0] * image.shape[0], self.cfg.chunk)
+        metrics = {"acc_i2t": (own >= best_other).float().mean(), "logit_scale": scale.detach(),
+                   "logit_bias": bias.detach()}
+        return total / image.shape[0], metrics
