@@ -16,7 +16,7 @@ import torch
 from .launch import torchrun
 
 HERE = Path(__file__).parent
-IN_BATCH = ["clip", "simclr", "invaspread", "mocov3", "simsiam", "cpc", "cmc", "cmc_full"]
+IN_BATCH = ["clip", "siglip", "siglip_ring", "simclr", "invaspread", "mocov3", "simsiam", "cpc", "cmc", "cmc_full"]
 CPU_CASES = ["byol", "moco", "dino", "swav", "swav_queue", "instdisc", "cmc_bank", "simclr_accum", "byol_accum",
              "moco_sync_bn", "clip_grad_cache", "clip_tiled", "simclr_accum_grad_cache", *IN_BATCH]
 TOL = 1e-5
@@ -67,10 +67,24 @@ def test_in_batch_objectives_over_steps(name: str, runs: dict[int, dict[str, Any
     """Negatives (CPC: other patches; SimSiam: none) from every process's rows, gathered with
     gradient: 2 processes on half batches train as 1 process on the whole batch, step after step."""
     one, two = assert_same_run(runs, name)
-    if name == "clip":  # the temperature is learned, and learned the same
-        start, end = one["start"]["clip.logit_scale"], one["model"]["clip.logit_scale"]
-        assert (end - start).abs().item() > 100 * TOL, (start, end)
-        assert (end - two["model"]["clip.logit_scale"]).abs().item() < TOL
+    learned = {"clip": ["clip.logit_scale"], "siglip": ["clip.logit_scale", "clip.logit_bias"],
+               "siglip_ring": ["clip.logit_scale", "clip.logit_bias"]}
+    for key in learned.get(name, []):  # the temperature (and SigLIP's bias) is learned, and learned the same
+        start, end = one["start"][key], one["model"][key]
+        assert (end - start).abs().item() > 100 * TOL, (name, key, start, end)
+        assert (end - two["model"][key]).abs().item() < TOL, (name, key)
+
+
+def test_siglip_ring_trains_as_gather(runs: dict[int, dict[str, Any]]) -> None:
+    """Texts passed around the ring in chunks of 3, or all-gathered: the same losses and weights, in
+    1 process and in 2."""
+    for procs in (1, 2):
+        ring, gather = runs[procs]["siglip_ring"], runs[procs]["siglip"]
+        assert ring["losses"].keys() == gather["losses"].keys()
+        for step, loss in gather["losses"].items():
+            assert ring["losses"][step] == pytest.approx(loss, abs=TOL), (procs, step)
+        diff, where = max_diff(ring["model"], gather["model"])
+        assert diff < TOL, (procs, where, diff)
 
 
 def test_momentum_teachers_queue_and_centre_over_steps(runs: dict[int, dict[str, Any]]) -> None:

@@ -107,6 +107,11 @@ CASES = {
 CASES.update({
     # the open_clip tiny ViT and text transformer (LayerNorm), learned logit_scale, grad_clip 1.0
     "clip": Case("clip", ["eval.zeroshot_shards=null"]),
+    # SigLIP: learned scale and bias; texts all-gathered, or passed around the ring of processes in
+    # chunks of 3 (on the same batches: the two must train alike)
+    "siglip": Case("siglip", ["eval.zeroshot_shards=null"]),
+    "siglip_ring": Case("siglip", ["eval.zeroshot_shards=null", "objective.exchange=ring", "objective.chunk=3"],
+                        data_of="siglip"),
     "simclr": Case("simclr", [*GN, "model.projector={dims: [32, 16], norm: none}"]),
     "invaspread": Case("invaspread", [*GN, "model.projector={dims: [16], norm: none}"]),
     "mocov3": Case("moco_v3", [*GN, "model.projector={dims: [32, 16], norm: none}",
