@@ -15,7 +15,8 @@ averages their gradients.
 - ``ring``: passed around the ring of processes one block at a time (open_clip's neighbour
   exchange): ``N - 1`` passes forward; in the backward the blocks go round again, each with the
   gradient the processes it has passed have added to it, and the last pass brings every block's
-  gradient home. A process holds its own block and one neighbour's, never the ``N·B`` rows.
+  gradient home. A process holds its own block and the one in transit (sent on, received), never
+  the ``N·B`` rows; it sends ``N - 1`` blocks forward and ``2N - 1`` backward.
 
 The logits are recomputed in the backward instead of kept, ``chunk`` texts at a time when
 ``chunk`` is set: logits memory ``B × chunk`` instead of ``B × N·B`` (``B × B`` per ring block).
