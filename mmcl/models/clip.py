@@ -241,8 +241,14 @@ class ClipModel(nn.Module):
         keep_text = self.cfg.text_tower is None
         state = {k: v for k, v in state.items() if keep_text or not k.startswith("text.")}
         if "logit_bias" in state and self.clip.logit_bias is None:
-            raise ConfigError("model.pretrained: the weights hold a logit_bias (a SigLIP model); set "
-                              "model.init_logit_bias (the weights' value replaces it) and objective.name siglip")
+            # SigLIP weights fine-tuned with the CLIP loss: the loss, and zero-shot ranking, have no use for
+            # a bias, and a parameter no loss reads would stop DDP ("unused parameters"), so it is left out
+            import warnings
+
+            warnings.warn("model.pretrained: the weights hold a logit_bias (a SigLIP model) and model.init_logit_bias "
+                          "is not set: the bias is left out (the CLIP loss has none); to keep it, set "
+                          "model.init_logit_bias and objective.name siglip", stacklevel=2)
+            state = {k: v for k, v in state.items() if k != "logit_bias"}
         missing, unexpected = self.clip.load_state_dict(state, strict=False)
         # CLIP weights under a SigLIP model: the bias keeps its model.init_logit_bias start
         missing = [k for k in missing if k != "logit_bias"]

@@ -18,7 +18,7 @@ from .launch import torchrun
 HERE = Path(__file__).parent
 IN_BATCH = ["clip", "siglip", "siglip_ring", "simclr", "invaspread", "mocov3", "simsiam", "cpc", "cmc", "cmc_full"]
 CPU_CASES = ["byol", "moco", "dino", "swav", "swav_queue", "instdisc", "cmc_bank", "simclr_accum", "byol_accum",
-             "moco_sync_bn", "clip_grad_cache", "clip_tiled", "simclr_accum_grad_cache", *IN_BATCH]
+             "moco_sync_bn", "clip_grad_cache", "clip_tiled", "siglip_grad_cache", "simclr_accum_grad_cache", *IN_BATCH]
 TOL = 1e-5
 
 
@@ -137,11 +137,12 @@ def test_grad_accum_under_ddp(runs: dict[int, dict[str, Any]]) -> None:
 
 def test_grad_cache_under_ddp_equals_the_whole_batch(runs: dict[int, dict[str, Any]]) -> None:
     """``train.grad_cache: 3`` in 1 and 2 processes (with accumulation for SimCLR; with the CLIP loss in
-    3 x 3 blocks, ``objective.tile: 3``) trains as the same recipe without it: same losses at every
-    step, same weights."""
+    3 x 3 blocks, ``objective.tile: 3``; SigLIP around the ring in chunks of 3) trains as the same
+    recipe without it: same losses at every step, same weights."""
     # the tiled loss sums its float32 blocks in another order: 1.5e-5 after 4 steps (a wrong block,
     # a missing target term, would be off by orders of magnitude more)
     for cached, plain, tol in (("clip_grad_cache", "clip", TOL), ("clip_tiled", "clip", 3 * TOL),
+                               ("siglip_grad_cache", "siglip", 3 * TOL),
                                ("simclr_accum_grad_cache", "simclr_accum", TOL)):
         one, two = assert_same_run(runs, cached)
         for run, reference in ((one, runs[1][plain]), (two, runs[2][plain])):

@@ -93,6 +93,8 @@ CASES = {
     # gathers and DDP's single all-reduce after the last chunk; equal to "clip" and "simclr_accum"
     "clip_grad_cache": Case("clip", ["eval.zeroshot_shards=null", "train.grad_cache=3"], data_of="clip"),
     # ... and with the loss in 3 x 3 blocks (mmcl.objectives.tiled) over the gathered features
+    "siglip_grad_cache": Case("siglip", ["eval.zeroshot_shards=null", "train.grad_cache=3",
+                                         "objective.exchange=ring", "objective.chunk=3"], data_of="siglip"),
     "clip_tiled": Case("clip", ["eval.zeroshot_shards=null", "train.grad_cache=3", "objective.tile=3"],
                        data_of="clip"),
     "simclr_accum_grad_cache": Case("simclr", [*GN, "model.projector={dims: [32, 16], norm: none}",
