@@ -54,11 +54,11 @@ def test_the_shipped_recipe_pairs_siglip_with_a_biased_clip_model() -> None:
     r = load_recipe(CONFIGS / "siglip_digits.yaml")
     assert objective_class(r.objective) is SigLipLoss and r.objective.exchange == "gather"
     assert r.model.init_logit_bias == -10 and r.model.init_logit_scale == 10
-    assert load_recipe(CONFIGS / "siglip_digits.yaml", ["objective.exchange=ring", "objective.chunk=16"])
+    assert load_recipe(CONFIGS / "siglip_digits.yaml", ["objective.exchange=ring", "objective.tile=16"])
     with pytest.raises(ConfigError, match="objective.exchange"):
         load_recipe(CONFIGS / "siglip_digits.yaml", ["objective.exchange=rign"])
-    with pytest.raises(ConfigError, match="objective.chunk"):
-        load_recipe(CONFIGS / "siglip_digits.yaml", ["objective.chunk=0"])
+    with pytest.raises(ConfigError, match="objective.tile"):
+        load_recipe(CONFIGS / "siglip_digits.yaml", ["objective.tile=-1"])
 
 
 def test_logit_bias_is_a_configured_output_the_static_declaration_leaves_out() -> None:

@@ -18,8 +18,8 @@ averages their gradients.
   gradient home. A process holds its own block and the one in transit (sent on, received), never
   the ``N·B`` rows; it sends ``N - 1`` blocks forward and ``2N - 1`` backward.
 
-The logits are recomputed in the backward instead of kept, ``chunk`` texts at a time when
-``chunk`` is set: logits memory ``B × chunk`` instead of ``B × N·B`` (``B × B`` per ring block).
+The logits are recomputed in the backward instead of kept, ``tile`` texts at a time when
+``tile`` is set: logits memory ``B × tile`` instead of ``B × N·B`` (``B × B`` per ring block).
 Every mode gives the same loss and gradients, to float round-off. The loss is taken in float32
 (float64 inputs stay float64) with autocast off: the sum runs over ``B × N·B`` terms.
 """
@@ -42,13 +42,13 @@ from mmcl.registry import register
 
 @dataclass
 class SigLipConfig:
-    """``objective: {name: siglip, exchange: gather, chunk: null}``."""
+    """``objective: {name: siglip, exchange: gather, tile: 0}``."""
 
     exchange: Literal["gather", "ring"] = spec("gather", help="how each process sees the other processes' texts: "
                                                               "all-gathered (gather), or passed around the ring of "
                                                               "processes one block at a time (ring)")
-    chunk: int | None = spec(None, ge=1, help="score this many texts at a time (logits memory: local batch x "
-                                              "chunk); null: a whole block at once")
+    tile: int = spec(0, ge=0, help="score this many texts at a time (logits memory: local batch x tile), as CLIP's "
+                                   "objective.tile; 0: a whole block at once")
 
 
 def pair_labels(rows: int, cols: int, positive_from: int | None, like: torch.Tensor) -> torch.Tensor:
@@ -215,11 +215,11 @@ class SigLipLoss(Objective):
         with torch.autocast(image.device.type, enabled=False):
             image, scale, bias = image.to(dtype), out["logit_scale"].to(dtype), out["logit_bias"].to(dtype)
             if self.cfg.exchange == "ring":
-                total, own, best_other = _RingSigmoidLoss.apply(image, text.to(dtype), scale, bias, self.cfg.chunk)
+                total, own, best_other = _RingSigmoidLoss.apply(image, text.to(dtype), scale, bias, self.cfg.tile)
             else:
                 texts = gather_with_grad(text).to(dtype)
                 total, own, best_other = _GatheredSigmoidLoss.apply(image, texts, scale, bias,
-                                                                    world()[0] * image.shape[0], self.cfg.chunk)
+                                                                    world()[0] * image.shape[0], self.cfg.tile)
         metrics = {"acc_i2t": (own >= best_other).float().mean(), "logit_scale": scale.detach(),
                    "logit_bias": bias.detach()}
         return total / image.shape[0], metrics

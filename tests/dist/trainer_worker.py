@@ -94,7 +94,7 @@ CASES = {
     "clip_grad_cache": Case("clip", ["eval.zeroshot_shards=null", "train.grad_cache=3"], data_of="clip"),
     # ... and with the loss in 3 x 3 blocks (mmcl.objectives.tiled) over the gathered features
     "siglip_grad_cache": Case("siglip", ["eval.zeroshot_shards=null", "train.grad_cache=3",
-                                         "objective.exchange=ring", "objective.chunk=3"], data_of="siglip"),
+                                         "objective.exchange=ring", "objective.tile=3"], data_of="siglip"),
     "clip_tiled": Case("clip", ["eval.zeroshot_shards=null", "train.grad_cache=3", "objective.tile=3"],
                        data_of="clip"),
     "simclr_accum_grad_cache": Case("simclr", [*GN, "model.projector={dims: [32, 16], norm: none}",
@@ -112,7 +112,7 @@ CASES.update({
     # SigLIP: learned scale and bias; texts all-gathered, or passed around the ring of processes in
     # chunks of 3 (on the same batches: the two must train alike)
     "siglip": Case("siglip", ["eval.zeroshot_shards=null"]),
-    "siglip_ring": Case("siglip", ["eval.zeroshot_shards=null", "objective.exchange=ring", "objective.chunk=3"],
+    "siglip_ring": Case("siglip", ["eval.zeroshot_shards=null", "objective.exchange=ring", "objective.tile=3"],
                         data_of="siglip"),
     "simclr": Case("simclr", [*GN, "model.projector={dims: [32, 16], norm: none}"]),
     "invaspread": Case("invaspread", [*GN, "model.projector={dims: [16], norm: none}"]),

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from mmcl.errors import ConfigError
 from mmcl.objectives.siglip import SigLipConfig, SigLipLoss
 
-MODES = [SigLipConfig(), SigLipConfig(chunk=1), SigLipConfig(chunk=4), SigLipConfig(exchange="ring"),
-         SigLipConfig(exchange="ring", chunk=2)]
+MODES = [SigLipConfig(), SigLipConfig(tile=1), SigLipConfig(tile=4), SigLipConfig(exchange="ring"),
+         SigLipConfig(exchange="ring", tile=2)]
 IDS = ["gather", "gather-chunk1", "gather-chunk4", "ring", "ring-chunk2"]
 
 
