@@ -25,13 +25,26 @@ import time
 import torch
 import torch.nn.functional as F
 
+BIAS = -10.0  # SigLIP's start
+
 
 def loss_of(kind: str, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, tile: int) -> torch.Tensor:
-    """The symmetric CLIP loss: ``open_clip`` (its ClipLoss), or mmcl's with ``tile`` (0: whole matrix)."""
+    """CLIP's symmetric loss (``open_clip``: its ClipLoss; ``mmcl``: with ``tile``, 0 the whole matrix)
+    or SigLIP's sigmoid loss (``open_clip siglip``: its SigLipLoss; ``mmcl siglip``: ``objective.tile``)."""
     if kind == "open_clip":
         from open_clip.loss import ClipLoss
 
         return ClipLoss()(image, text, scale)
+    if kind == "open_clip siglip":
+        from open_clip.loss import SigLipLoss
+
+        return SigLipLoss()(image, text, scale, torch.tensor(BIAS, device=image.device))
+    if kind == "mmcl siglip":
+        from mmcl.objectives.siglip import SigLipConfig, SigLipLoss
+
+        out = {"image_features": image, "text_features": text, "logit_scale": scale,
+               "logit_bias": torch.tensor(BIAS, device=image.device)}
+        return SigLipLoss(SigLipConfig(tile=tile))(out)[0]
     from mmcl.objectives.clip import clip_loss
 
     return clip_loss(image, text, image, text, scale, 0, local_loss=False, tile=tile)[0]
@@ -42,12 +55,15 @@ def check_gradients(tile: int, device: str) -> float:
     g = torch.Generator(device=device).manual_seed(1)
     image = F.normalize(torch.randn(3 * tile, 64, device=device, generator=g), dim=-1)
     text = F.normalize(torch.randn(3 * tile, 64, device=device, generator=g), dim=-1)
-    results = []
-    for kind, t in (("open_clip", 0), ("mmcl", 0), ("mmcl", tile)):
-        leaves = [x.clone().requires_grad_() for x in (image, text, torch.tensor(50.0, device=device))]
-        loss = loss_of(kind, *leaves, t)
-        results.append([loss.detach(), *torch.autograd.grad(loss, leaves)])
-    return max((a - b).abs().max().item() for other in results[1:] for a, b in zip(results[0], other))
+    worst = 0.0
+    for family in (("open_clip", "mmcl"), ("open_clip siglip", "mmcl siglip")):
+        results = []
+        for kind, t in ((family[0], 0), (family[1], 0), (family[1], tile)):
+            leaves = [x.clone().requires_grad_() for x in (image, text, torch.tensor(10.0, device=device))]
+            loss = loss_of(kind, *leaves, t)
+            results.append([loss.detach(), *torch.autograd.grad(loss, leaves)])
+        worst = max(worst, *((a - b).abs().max().item() for other in results[1:] for a, b in zip(results[0], other)))
+    return worst
 
 
 def measure(batch: int, dim: int, tile: int, device: str, loss_too: bool = True,
@@ -56,6 +72,7 @@ def measure(batch: int, dim: int, tile: int, device: str, loss_too: bool = True,
     import open_clip.loss  # noqa: F401 (imported with or without the loss: a fair baseline of resident memory)
 
     import mmcl.objectives.clip  # noqa: F401
+    import mmcl.objectives.siglip  # noqa: F401
 
     g = torch.Generator(device=device).manual_seed(0)
     image = F.normalize(torch.randn(batch, dim, device=device, generator=g), dim=-1).requires_grad_()
@@ -94,11 +111,15 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{name}; embedding dim {args.dim}; tile {args.tile}; {args.rounds} alternating rounds, medians")
-    print(f"loss and gradients, open_clip vs mmcl whole vs mmcl tiled (batch {3 * args.tile}, float32): "
+    print(f"loss and gradients, open_clip vs mmcl whole vs mmcl tiled, CLIP and SigLIP (batch {3 * args.tile}, "
+          "float32): "
           f"largest difference {check_gradients(args.tile, device):.2e}")
-    print(f"{'batch':>7} {'loss':>16} {'peak MiB':>10} {'seconds':>9} {'memory vs open_clip':>20}")
+    print(f"{'batch':>7} {'loss':>22} {'peak MiB':>10} {'seconds':>9} {'memory vs open_clip':>20}")
     configs = {"open_clip ClipLoss": ("open_clip", 0), "mmcl whole": ("mmcl", 0),
-               f"mmcl tiles {args.tile}": ("mmcl", args.tile)}
+               f"mmcl tiles {args.tile}": ("mmcl", args.tile), "open_clip SigLipLoss": ("open_clip siglip", 0),
+               f"mmcl siglip tile {args.tile}": ("mmcl siglip", args.tile)}
+    baseline = {label: "open_clip SigLipLoss" if "siglip" in kind else "open_clip ClipLoss"
+                for label, (kind, _) in configs.items()}
     for batch in (int(b) for b in args.batches.split(",")):
         rows: dict[str, list[dict[str, float]]] = {label: [] for label in configs}
         for _ in range(args.rounds):
@@ -112,9 +133,9 @@ def main() -> None:
         peaks = {label: statistics.median(r["peak_mib"] for r in runs) for label, runs in rows.items()}
         for label, runs in rows.items():
             floor = 16 if device == "cpu" else 1  # MiB: resident-set noise on a CPU
-            ratio = peaks["open_clip ClipLoss"] / max(peaks[label], floor)
+            ratio = peaks[baseline[label]] / max(peaks[label], floor)
             ratio_text = f"{'>' if peaks[label] < floor else ''}{ratio:.1f}x"
-            print(f"{batch:>7} {label:>16} {peaks[label]:>10.0f} {statistics.median(r['seconds'] for r in runs):>9.3f}"
+            print(f"{batch:>7} {label:>22} {peaks[label]:>10.0f} {statistics.median(r['seconds'] for r in runs):>9.3f}"
                   f" {ratio_text:>20}")
 
 
