@@ -103,24 +103,40 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         return (info.id, info.num_workers) if info else (0, 1)
 
-    def _my_shards(self, worker: int, num_workers: int) -> Iterator[str]:
+    def _my_shards(self, worker: int, num_workers: int) -> Iterator[tuple[str, int, int]]:
+        """``(url, every, offset)``: the shards this worker of this process reads, keeping the samples
+        whose index in the shard is ``offset`` modulo ``every``.
+
+        Shards are dealt whole, one per slot (process x worker) in turn, as far as they go round;
+        the remainder, fewer shards than slots, is shared sample by sample: every slot reads those
+        and keeps every ``slots``-th sample. So each sample is read once per epoch and every process
+        gets the same number of samples to within one per shared shard, whatever the shard count
+        (dealing the remainder whole would give some processes a shard more per epoch, and their
+        samples would be seen more often over a run)."""
         slots = self.world_size * num_workers
         slot = self.rank * num_workers + worker
         if self.resample:
             rng = random.Random(sample_seed(self.seed, self.epoch, "resample", slot))
             while True:
-                yield rng.choice(self.urls)
+                yield rng.choice(self.urls), 1, 0
         urls = list(self.urls)
         if self.shuffle_shards:
             random.Random(sample_seed(self.seed, self.epoch, "shards")).shuffle(urls)
-        yield from urls[slot::slots]
+        whole = len(urls) // slots * slots
+        for url in urls[slot:whole:slots]:
+            yield url, 1, 0
+        for url in urls[whole:]:
+            yield url, slots, slot
 
-    def _read_shard(self, url: str, skipped: Counter[str]) -> Iterator[dict[str, Any]]:
-        """The raw samples of one shard, ``{"__key__", "__url__", ext: bytes, ...}``.
+    def _read_shard(self, url: str, skipped: Counter[str], every: int = 1,
+                    offset: int = 0) -> Iterator[dict[str, Any]]:
+        """The raw samples of one shard, ``{"__key__", "__url__", ext: bytes, ...}``: those whose
+        index is ``offset`` modulo ``every`` (a shard shared sample by sample, see :meth:`_my_shards`).
 
         A shard that cannot be opened or read to its end, or that has fewer samples than the
         manifest lists, counts one ``bad_shard`` plus the samples it lost (``bad_shard_samples``:
-        the manifest's count minus those read); the samples read before the fault are kept.
+        the manifest's count minus those read); the samples read before the fault are kept. A
+        shared shard's faults are counted by the slot with offset 0 only, so once.
         """
         failed = False
 
@@ -133,13 +149,17 @@ class ShardStream(IterableDataset):
                 failed = True
 
         def duplicate(exn: Exception) -> bool:
-            skipped[DUPLICATE_FILE] += 1
+            if not offset:  # a shared shard: counted once, by the slot with offset 0
+                skipped[DUPLICATE_FILE] += 1
             return True
 
         read = 0
         for sample in wds.tariterators.group_by_keys(files(), handler=duplicate):
             read += 1
-            yield sample
+            if (read - 1) % every == offset:
+                yield sample
+        if offset:
+            return
         lost = self.shard_samples.get(url, read) - read
         if failed or lost > 0:
             skipped[BAD_SHARD] += 1
@@ -165,7 +185,8 @@ class ShardStream(IterableDataset):
         skipped: Counter[str] = Counter()
         first_missing = 0  # samples lacking a required field before any sample had it
 
-        raw = (s for url in self._my_shards(worker, num_workers) for s in self._read_shard(url, skipped))
+        raw = (s for url, every, offset in self._my_shards(worker, num_workers)
+               for s in self._read_shard(url, skipped, every, offset))
         rng = random.Random(sample_seed(self.seed, self.epoch, "buffer", self.rank, worker))
         limit = None
         if self.resample:

@@ -211,3 +211,48 @@ def test_device_normalisation_gives_the_workers_batches_from_a_quarter_of_the_by
     for d, w in pairs:
         assert d.dtype == torch.float32 and torch.equal(d, w)
         assert d.std() > 0.1  # normalised, not the raw 0..255 values
+
+
+def equal_shards(digits_dir: Path, folder: Path, n: int, size: int = 60) -> str:
+    """``n`` shards of ``size`` digits samples each (copied from the training shards), '::'-joined."""
+    members: dict[str, list[tuple[tarfile.TarInfo, bytes]]] = {}
+    for name in ("train-000000.tar", "train-000001.tar"):
+        with tarfile.open(digits_dir / name) as tar:
+            for m in tar.getmembers():
+                members.setdefault(m.name.partition(".")[0], []).append((m, tar.extractfile(m).read()))
+    keys = list(members)[: n * size]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = folder / f"s-{i}.tar"
+        with tarfile.open(path, "w") as tar:
+            for key in keys[i * size:(i + 1) * size]:
+                for m, data in members[key]:
+                    tar.addfile(m, io.BytesIO(data))
+        paths.append(str(path))
+    return "::".join(paths)
+
+
+@pytest.mark.parametrize("n_shards", [3, 5, 7])
+def test_uneven_shard_counts_give_every_process_the_same_share(digits_dir: Path, tmp_path: Path,
+                                                               n_shards: int) -> None:
+    """2 processes x 2 workers (1 worker per process for 3 shards: no idle workers) over shard counts
+    that do not divide evenly, 60 samples a shard: in one training epoch every sample is seen once,
+    and the processes' shares differ by at most one sample per shard shared sample by sample. Shards
+    dealt whole gave 5 shards as 3 + 2 (180 against 120 samples an epoch): over a run, the smaller
+    share was seen 1.5 times as often. (Shards of different sizes still give shares as different as
+    the whole shards dealt to each process.)"""
+    pattern = equal_shards(digits_dir, tmp_path, n_shards)
+    seen: Counter[str] = Counter()
+    share = []
+    for rank in range(2):
+        loader = make_loader(cfg_for(pattern, batch_size=1, num_workers=2), train=True, rank=rank, world_size=2)
+        loader.set_epoch(1)
+        keys = collect(loader)[0]
+        seen.update(keys)
+        share.append(len(keys))
+        slots = 2 * max(1, loader.num_workers)
+        loader.close()
+    assert loader.num_workers == (1 if n_shards == 3 else 2)
+    assert set(seen.values()) == {1} and len(seen) == 60 * n_shards
+    assert abs(share[0] - share[1]) <= 2 * (n_shards % slots), (share, slots)
