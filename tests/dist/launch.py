@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (for torchrun's rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from mmcl.testing.spawn import free_port
 
 
 def torchrun(script: Path, *args: str, timeout: int = 240, nproc: int = 2, cpu: bool = True) -> str:

@@ -121,7 +121,7 @@ def test_killed_two_process_cli_run_resumes_to_the_uninterrupted_weights(digits_
 def test_torchrun_without_accelerate_cpu_flag_is_a_clear_error(digits_dir: Path, tmp_path: Path) -> None:
     """Plain torchrun on a CPU machine: Accelerate sees 1 process, torch.distributed 2, and the
     processes would train unsynchronised; both stop with the fix named instead."""
-    from .launch import free_port
+    from mmcl.testing.spawn import free_port
 
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",

@@ -12,13 +12,11 @@ other rank waiting in a collective (the group's timeout bounds that case anyway)
 from __future__ import annotations
 
 import copy
-import socket
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import mmcl.models  # noqa: F401  (registers the built-in models and objectives)
@@ -26,18 +24,12 @@ import mmcl.objectives  # noqa: F401
 from mmcl.config import from_dict
 from mmcl.dist import all_reduce_sum, gather_no_grad, gather_variable, gather_with_grad
 from mmcl.registry import build, registered
+from mmcl.testing.spawn import free_port, run_with_other_ranks
 
 N = 2  # processes
 B, D = 3, 2  # rows per process, columns: unequal, so a slice or a concatenation along the wrong dimension shows
 ENCODER = {"backbone": {"name": "cnn", "width": 4, "depth": 2, "norm": "bn"}, "projector": {"dims": [16, 8]}}
 TAU, SHUFFLE_SEED = 0.2, 3  # rank 0's permutation of the 6 images with seed 3 mixes the processes' rows
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rows_of(rank: int) -> torch.Tensor:
@@ -150,15 +142,4 @@ def other_rank(index: int, port: int) -> None:
 def test_two_processes_gather_in_rank_order_sum_gradients_and_shuffle_keys() -> None:
     """Rank 0 here, rank 1 in a started process: both check their gathers and MoCo steps."""
     port = free_port()
-    started = mp.start_processes(other_rank, args=(port,), nprocs=N - 1, join=False, start_method="spawn")
-    try:
-        check_rank(0, run_rank(0, port))
-    except BaseException:
-        for p in started.processes:  # it may wait in a collective this process left
-            if p.is_alive():
-                p.terminate()
-        raise
-    if not started.join(timeout=60):
-        for p in started.processes:
-            p.terminate()
-        raise AssertionError("rank 1 did not finish within 60 s")
+    run_with_other_ranks(lambda: check_rank(0, run_rank(0, port)), other_rank, N, port)

@@ -19,28 +19,19 @@ What each process must get, with ``L_r`` its loss (its images against every proc
 
 from __future__ import annotations
 
-import socket
-import time
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from mmcl.objectives.siglip import SigLipConfig, SigLipLoss
+from mmcl.testing.spawn import free_port, run_with_other_ranks
 
 from .test_siglip_loss import IDS, MODES, features, reference_siglip, run
 
 N, B, D = 3, 2, 4  # processes, rows per process, feature size
 SCALE, BIAS = 6.0, -2.5
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,17 +81,4 @@ def test_three_processes_share_the_global_loss_and_gradients_in_every_mode() -> 
     """Rank 0 here, ranks 1 and 2 in started processes: each checks its loss and gradients."""
     assert SigLipConfig().exchange == "gather" and {c.exchange for c in MODES} == {"gather", "ring"}
     port = free_port()
-    started = mp.start_processes(other_rank, args=(port,), nprocs=N - 1, join=False, start_method="spawn")
-    try:
-        check_rank(0, run_rank(0, port))
-    except BaseException:
-        for p in started.processes:  # they may wait in a collective this process left
-            if p.is_alive():
-                p.terminate()
-        raise
-    deadline = time.monotonic() + 60
-    while not started.join(timeout=max(0.0, deadline - time.monotonic())):  # True once both have ended well
-        if time.monotonic() >= deadline:
-            for p in started.processes:
-                p.terminate()
-            raise AssertionError("ranks 1 and 2 did not finish within 60 s")
+    run_with_other_ranks(lambda: check_rank(0, run_rank(0, port)), other_rank, N, port)
