@@ -29,7 +29,8 @@ def runs(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int
     shards = f"{digits_dir}/train-{{000000..000004}}.tar"
     out = {}
     for procs in (1, 2):
-        cases = CPU_CASES + (["shuffle_bn", "resume_plain", "resume_shuffle_bn", "resume_swav_queue", "other_world"]
+        cases = CPU_CASES + (["shuffle_bn", "resume_plain", "resume_shuffle_bn", "resume_swav_queue",
+                              "resume_resampled", "other_world"]
                              if procs == 2 else ["resume_plain"])
         torchrun(HERE / "trainer_worker.py", str(tmp / f"{procs}.pt"), str(tmp / f"runs{procs}"), shards, *cases,
                  nproc=procs, timeout=300)
@@ -182,12 +183,13 @@ def test_shuffle_bn_encodes_keys_on_a_cross_process_permutation(runs: dict[int, 
     assert any(split != own for split in found["True"]), found
 
 
-@pytest.mark.parametrize("name", ["resume_plain", "resume_shuffle_bn", "resume_swav_queue"])
+@pytest.mark.parametrize("name", ["resume_plain", "resume_shuffle_bn", "resume_swav_queue", "resume_resampled"])
 def test_two_process_resume_is_exact(name: str, runs: dict[int, dict[str, Any]]) -> None:
     """MoCo v2 with a BatchNorm encoder, without and with shuffle-BN, and SwAV with queues, on the
     real digits loader, resumed at step 3 of 6. Shuffle-BN draws its permutations from the global
     torch RNG (the loader must not shift it at a resume); SwAV's queues are each process's own
-    (each process must get its own back)."""
+    (each process must get its own back); a resampled stream (shards drawn with replacement,
+    ``data.resample``) resumed mid-epoch draws what the uninterrupted run drew."""
     r = runs[2][name]
     assert sorted(r["resumed"]) == [4, 5, 6]
     for step, loss in r["resumed"].items():

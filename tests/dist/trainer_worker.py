@@ -262,6 +262,11 @@ RESUME = {  # recipe and overrides of each resume case (BatchNorm encoders, the 
     "resume_plain": ("moco_v2_digits", ["data.batch_size=8", "objective.queue_size=32", "objective.shuffle_bn=false"]),
     "resume_shuffle_bn": ("moco_v2_digits", ["data.batch_size=8", "objective.queue_size=32",
                                              "objective.shuffle_bn=true"]),
+    # shards drawn with replacement (data.resample), 4 batches an epoch: the checkpoint at step 3 is
+    # mid-epoch, and the resumed run must draw the same shards and samples as the uninterrupted one
+    "resume_resampled": ("moco_v2_digits", ["data.batch_size=8", "objective.queue_size=32",
+                                            "objective.shuffle_bn=false", "data.resample=true",
+                                            "data.epoch_samples=64"]),
     # each process's own queue of past projections is in use when the checkpoint is taken
     "resume_swav_queue": ("swav_digits", ["data.batch_size=4", "model.projector={dims: [32, 16], norm: bn}",
                                           "objective.prototypes=10", "objective.freeze_prototypes_steps=0",
