@@ -452,6 +452,25 @@ class Trainer:
         self._bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}")
         self._window.clear()
 
+    def sizes(self) -> str:
+        """What the run's numbers mean, printed when it starts: processes, device and precision, the
+        batch per process, accumulation, samples per optimizer step, how many samples the loss sees
+        at a time (the contrastive batch: accumulation adds micro-batches, not negatives), steps, and
+        how many epochs of the training shards that is."""
+        r, acc = self.recipe, self.acc
+        b, p, a = r.data.batch_size, acc.num_processes, r.optim.grad_accum
+        step = b * p * a
+        epoch = self.loader.stream.epoch_samples if hasattr(self.loader, "stream") else None
+        cache = f", embedded {r.train.grad_cache} at a time (train.grad_cache)" if r.train.grad_cache else ""
+        lines = [f"{p} process{'es' if p > 1 else ''} on {acc.device.type}, precision {acc.mixed_precision}",
+                 f"data.batch_size {b} per process x {p} process{'es' if p > 1 else ''} x optim.grad_accum {a} = "
+                 f"{step:,} samples per optimizer step",
+                 f"the loss sees {b * p:,} samples at a time (batch per process x processes{cache})"
+                 + (": optim.grad_accum adds micro-batches, not negatives" if a > 1 else ""),
+                 f"train.steps {r.train.steps:,} = {r.train.steps * step:,} samples"
+                 + (f" = {r.train.steps * step / epoch:.1f} epochs of {epoch:,} training samples" if epoch else "")]
+        return "\n".join(f"mmcl: {line}" for line in lines)
+
     def _start(self, resume: str | None) -> tuple[int, int]:
         """Write the recipe, start the trackers and restore the checkpoint ``resume`` names, if any;
         returns the (epoch, batches read) to continue from."""
@@ -460,6 +479,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "recipe.yaml").write_text(yaml.safe_dump(recipe_dict(r), sort_keys=False))
         acc.init_trackers(r.run.name or self.out.name, config=_flat(recipe_dict(r)))
+        acc.print(self.sizes())
         if not resume:
             return 0, 0
         found = ckpt.find_checkpoint(self.out, resume, warn=acc.print)

@@ -270,3 +270,17 @@ def test_eval_options_out_of_range_are_usage_errors(task, option, value, allowed
         mmcl_main(["eval", task, "--model", "m", "--shards", "x.tar", *extra, option, value])
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"argument {option}: must be {allowed} (got {value})" in err, err
+
+
+def test_a_run_says_its_sizes_when_it_starts(digits_dir: Path, tmp_path: Path, capsys) -> None:
+    """Batch per process, accumulation, samples per step, the contrastive batch and epochs, in words."""
+    trainer = Trainer(recipe(digits_dir, tmp_path / "run", "optim.grad_accum=2", "train.steps=100",
+                             "eval.zeroshot_shards=null"))
+    trainer._start(None)
+    out = capsys.readouterr().out
+    assert "mmcl: 1 process on cpu, precision no" in out
+    assert ("mmcl: data.batch_size 32 per process x 1 process x optim.grad_accum 2 = 64 samples per optimizer "
+            "step") in out
+    assert ("mmcl: the loss sees 32 samples at a time (batch per process x processes): optim.grad_accum adds "
+            "micro-batches, not negatives") in out
+    assert "mmcl: train.steps 100 = 6,400 samples = 5.1 epochs of 1,257 training samples" in out
