@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -78,7 +79,13 @@ def loader_worker_deaths(loader: Any) -> Iterator[None]:
     except RuntimeError as e:
         if "DataLoader worker" not in str(e):
             raise
-        loader.close()
+        # another child exiting now would make torch's SIGCHLD check raise again, here, until the dead
+        # worker is unregistered: hold the signal while the loader closes
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        try:
+            loader.close()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         raise TrainingError(f"a data loader worker died ({str(e).splitlines()[0]}): usually out of memory; lower "
                             "data.num_workers or data.shuffle_buffer, then rerun with --resume latest") from None
 

@@ -137,6 +137,11 @@ class Loader:
         if self._loader is not None:
             iterator = getattr(self._loader, "_iterator", None)  # torch has no public way to stop workers
             if iterator is not None:
+                if getattr(iterator, "_worker_pids_set", False):  # first out of the SIGCHLD check: a worker
+                    from torch.utils.data._utils.signal_handling import _remove_worker_pids  # exiting now
+
+                    _remove_worker_pids(id(iterator))  # must not raise while the others are stopped
+                    iterator._worker_pids_set = False
                 iterator._shutdown_workers()
             self._loader = None
 
