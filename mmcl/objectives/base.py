@@ -108,3 +108,14 @@ class Objective(nn.Module):
         if not fits:
             return f"a model that produces {', '.join(cls.needs_outputs)} (no registered model does)"
         return " or ".join(f"model: {{name: {name}}}" for name in fits)
+
+
+class ViewObjective(Objective):
+    """Base of the objectives over per-view embeddings ``out["z"]`` of multi-view data (SimCLR, MoCo,
+    BYOL, SimSiam, InvaSpread, InstDisc, SwAV, DINO, CMC): their shared declarations, two views at
+    least unless a subclass says otherwise (InstDisc: one)."""
+
+    data_kinds = frozenset({"multi_view"})
+    needs_outputs = ("z:views",)
+    min_views = 2
+    needs_model = "an embedding per view"

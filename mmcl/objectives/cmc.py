@@ -26,7 +26,7 @@ from mmcl.config import spec
 from mmcl.dist import gather_with_grad, world
 from mmcl.errors import ConfigError
 from mmcl.objectives.bank import MemoryBank, bank_logits
-from mmcl.objectives.base import Objective
+from mmcl.objectives.base import ViewObjective
 from mmcl.objectives.clip import clip_loss
 from mmcl.objectives.infonce import embedding_std, info_nce, top1
 from mmcl.registry import register
@@ -55,13 +55,9 @@ def view_pairs(n_views: int, mode: str) -> list[tuple[int, int]]:
 
 
 @register("objective", "cmc", CMCConfig)
-class CMCLoss(Objective):
+class CMCLoss(ViewObjective):
     """Cross-view InfoNCE over the model's per-view projections ``out["z"]``."""
 
-    data_kinds = frozenset({"multi_view"})
-    needs_outputs = ("z:views",)
-    min_views = 2
-    needs_model = "an embedding per view"
     needs_model_attributes = ("embed_dim",)
 
     @classmethod

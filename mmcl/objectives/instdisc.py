@@ -21,7 +21,7 @@ from torch import nn
 from mmcl.config import spec
 from mmcl.dist import all_reduce_sum, world
 from mmcl.objectives.bank import MemoryBank, bank_logits, nce_loss
-from mmcl.objectives.base import Objective
+from mmcl.objectives.base import ViewObjective
 from mmcl.objectives.infonce import embedding_std, info_nce, top1
 from mmcl.registry import register
 
@@ -38,12 +38,10 @@ class InstDiscConfig:
 
 
 @register("objective", "instdisc", InstDiscConfig)
-class InstDiscLoss(Objective):
+class InstDiscLoss(ViewObjective):
     """Holds the memory bank (sized to the model's embeddings in :meth:`setup`)."""
 
-    data_kinds = frozenset({"multi_view"})
-    needs_outputs = ("z:views",)
-    needs_model = "an embedding per view"
+    min_views = 1  # one view against the memory bank
     needs_model_attributes = ("embed_dim",)
 
     def __init__(self, cfg: InstDiscConfig):

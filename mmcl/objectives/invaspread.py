@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from mmcl.config import spec
 from mmcl.dist import gather_with_grad, world
-from mmcl.objectives.base import Objective
+from mmcl.objectives.base import ViewObjective
 from mmcl.objectives.infonce import embedding_std, top1
 from mmcl.objectives.simclr import pair_logits
 from mmcl.registry import register
@@ -47,13 +47,9 @@ def invaspread_loss(logits: torch.Tensor, pos_idx: torch.Tensor) -> torch.Tensor
 
 
 @register("objective", "invaspread", InvaSpreadConfig)
-class InvaSpreadLoss(Objective):
+class InvaSpreadLoss(ViewObjective):
     """The loss over the first two views' normalised projections ``out["z"]``."""
 
-    data_kinds = frozenset({"multi_view"})
-    needs_outputs = ("z:views",)
-    min_views = 2
-    needs_model = "an embedding per view"
 
     def forward(self, out: dict[str, Any], batch: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         z1, z2 = (F.normalize(z, dim=-1) for z in out["z"][:2])

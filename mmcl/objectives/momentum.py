@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from mmcl.objectives.base import Objective
+from mmcl.objectives.base import ViewObjective
 
 
 def cosine_momentum(step: int, total: int, base: float) -> float:
@@ -57,7 +57,7 @@ class MomentumTarget(nn.Module):
             return self.net(*args, **kwargs)
 
 
-class MomentumObjective(Objective):
+class MomentumObjective(ViewObjective):
     """Base of objectives with a momentum target of the online model (MoCo, MoCo v3, BYOL, DINO)
     and, when their config has a ``predictor``, a trained prediction head on the online branch.
 
@@ -66,10 +66,6 @@ class MomentumObjective(Objective):
     """
 
     schedule: Literal["fixed", "cosine"] = "cosine"
-    data_kinds = frozenset({"multi_view"})
-    needs_outputs = ("z:views",)
-    min_views = 2
-    needs_model = "an embedding per view"
     needs_model_attributes = ("embed_dim",)
 
     def setup(self, model: nn.Module, total_steps: int) -> None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from mmcl.config import spec
 from mmcl.dist import gather_with_grad, world
-from mmcl.objectives.base import Objective
+from mmcl.objectives.base import ViewObjective
 from mmcl.objectives.infonce import embedding_std, info_nce, top1
 from mmcl.registry import register
 
@@ -51,13 +51,9 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, z1_all: torch.Tensor, z2_all: to
 
 
 @register("objective", "simclr", SimCLRConfig)
-class SimCLRLoss(Objective):
+class SimCLRLoss(ViewObjective):
     """NT-Xent over the first two views' projections ``out["z"]``."""
 
-    data_kinds = frozenset({"multi_view"})
-    needs_outputs = ("z:views",)
-    min_views = 2
-    needs_model = "an embedding per view"
 
     def forward(self, out: dict[str, Any], batch: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         z1, z2 = (F.normalize(z, dim=-1) for z in out["z"][:2])

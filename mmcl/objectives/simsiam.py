@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcl.models.heads import HeadConfig, build_head
-from mmcl.objectives.base import Objective
+from mmcl.objectives.base import ViewObjective
 from mmcl.objectives.infonce import embedding_std
 from mmcl.registry import register
 
@@ -33,13 +33,9 @@ def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch
 
 
 @register("objective", "simsiam", SimSiamConfig)
-class SimSiamLoss(Objective):
+class SimSiamLoss(ViewObjective):
     """Holds the predictor."""
 
-    data_kinds = frozenset({"multi_view"})
-    needs_outputs = ("z:views",)
-    min_views = 2
-    needs_model = "an embedding per view"
     needs_model_attributes = ("embed_dim",)
 
     def setup(self, model: nn.Module, total_steps: int) -> None:

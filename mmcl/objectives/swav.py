@@ -23,7 +23,7 @@ from torch import nn
 from mmcl.config import spec
 from mmcl.dist import all_reduce_sum, gather_no_grad
 from mmcl.errors import ConfigError
-from mmcl.objectives.base import Objective
+from mmcl.objectives.base import ViewObjective
 from mmcl.objectives.infonce import embedding_std
 from mmcl.registry import register
 
@@ -59,17 +59,13 @@ def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Ten
 
 
 @register("objective", "swav", SwAVConfig)
-class SwAVLoss(Objective):
+class SwAVLoss(ViewObjective):
     """Holds the prototypes (trained with the model) and the optional queue.
 
     The queue holds this process's own past projections, as in SwAV: it is listed in
     ``per_process_buffers`` so that DDP does not overwrite it with rank 0's at each forward and
     every process's queue is checkpointed."""
 
-    data_kinds = frozenset({"multi_view"})
-    needs_outputs = ("z:views",)
-    min_views = 2
-    needs_model = "an embedding per view"
     needs_model_attributes = ("embed_dim",)
     per_process_buffers = ("queue",)
 
