@@ -1,5 +1,5 @@
 """Process topology in one place: this process's rank and the world size, and the cross-process
-gathers that data, objectives and evaluation share.
+gathers (and SigLIP's ring pass) that data, objectives and evaluation share.
 
 Everything here is an identity on one process, so a loss or an evaluation runs unchanged in a
 plain Python session. ``gather_with_grad`` lets each process's loss see every negative while
@@ -87,3 +87,17 @@ def gather_variable(x: torch.Tensor) -> torch.Tensor:
     padded[: x.shape[0]] = x
     parts = gather_no_grad(padded).split(max(sizes))
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+def pass_right(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Send ``tensors`` to the next process of the ring (rank + 1) and receive the previous one's
+    (no gradient: SigLIP's ring exchange sends gradients back itself). The identity on one process."""
+    rank, n = world()
+    if n == 1:
+        return list(tensors)
+    received = [torch.empty_like(t) for t in tensors]
+    ops = [dist.P2POp(dist.isend, t.contiguous(), (rank + 1) % n, tag=k) for k, t in enumerate(tensors)]
+    ops += [dist.P2POp(dist.irecv, r, (rank - 1) % n, tag=k) for k, r in enumerate(received)]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return received

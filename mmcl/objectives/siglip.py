@@ -30,11 +30,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from mmcl.config import spec
-from mmcl.dist import gather_with_grad, world
+from mmcl.dist import gather_with_grad, pass_right, world
 from mmcl.errors import ConfigError
 from mmcl.objectives.base import Objective
 from mmcl.registry import register
@@ -134,17 +133,6 @@ class _GatheredSigmoidLoss(torch.autograd.Function):
         return (*_block_grads(image, texts, scale, bias, ctx.positive_from, ctx.chunk, grad), None, None)
 
 
-def _pass_right(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Send ``tensors`` to the next process of the ring (rank + 1) and receive the previous one's."""
-    rank, n = world()
-    received = [torch.empty_like(t) for t in tensors]
-    ops = [dist.P2POp(dist.isend, t.contiguous(), (rank + 1) % n, tag=k) for k, t in enumerate(tensors)]
-    ops += [dist.P2POp(dist.irecv, r, (rank - 1) % n, tag=k) for k, r in enumerate(received)]
-    for request in dist.batch_isend_irecv(ops):
-        request.wait()
-    return received
-
-
 class _RingSigmoidLoss(torch.autograd.Function):
     """Loss sum of this process's images against all processes' texts, the text blocks passed
     around the ring: after ``k`` passes this process holds the block of process ``rank - k``."""
@@ -156,7 +144,7 @@ class _RingSigmoidLoss(torch.autograd.Function):
         total, own, best_other = _score_block(image, text, scale, bias, 0, chunk)  # the positives are here
         block = text
         for _ in range(world()[1] - 1):
-            (block,) = _pass_right(block)
+            (block,) = pass_right(block)
             loss, _, best = _score_block(image, block, scale, bias, None, chunk)
             total, best_other = total + loss, torch.maximum(best_other, best)
         ctx.mark_non_differentiable(own, best_other)
@@ -170,11 +158,11 @@ class _RingSigmoidLoss(torch.autograd.Function):
         block = text
         for _ in range(n - 1):
             # a block travels with the gradient the processes it has passed gave it
-            block, d_block = _pass_right(block, d_block)
+            block, d_block = pass_right(block, d_block)
             gi, gt, gs, gb = _block_grads(image, block, scale, bias, None, ctx.chunk, grad)
             d_image, d_block, d_scale, d_bias = d_image + gi, d_block + gt, d_scale + gs, d_bias + gb
         if n > 1:  # the block this process holds now belongs to the next one: its gradient goes home
-            (d_block,) = _pass_right(d_block)
+            (d_block,) = pass_right(d_block)
         return d_image, d_block, d_scale, d_bias, None
 
 
