@@ -35,7 +35,8 @@ def _loaders() -> dict[str, Any]:
     return {name: builder for name, (_, builder) in registered("model").items() if hasattr(builder, "load_files")}
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` under a temporary name, then rename it into place."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -45,7 +46,7 @@ def write_card(folder: Path, config: dict[str, Any]) -> None:
     """(Re)write the model card ``README.md`` of a folder from its config."""
     from mmcl.card import render
 
-    _write_atomic(folder / "README.md", render(config))
+    write_atomic(folder / "README.md", render(config))
 
 
 def save_pretrained(model: nn.Module, path: str | Path, *, name: str, preprocess: dict[str, Any],
@@ -81,7 +82,7 @@ def record_eval(folder: str | Path, results: list[dict[str, Any]]) -> None:
     new = {key(r) for r in results}
     kept = [r for r in config["info"].get("eval") or [] if isinstance(r, dict) and "task" in r and key(r) not in new]
     config["info"]["eval"] = kept + list(results)
-    _write_atomic(folder / CONFIG, json.dumps(config, indent=2) + "\n")
+    write_atomic(folder / CONFIG, json.dumps(config, indent=2) + "\n")
     write_card(folder, config)
 
 

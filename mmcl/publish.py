@@ -9,7 +9,6 @@ module decides how they are written, so the model card (:mod:`mmcl.card`, readin
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,14 +57,13 @@ def run_info(recipe: Recipe, facts: RunFacts) -> dict[str, Any]:
 def write_final(model: nn.Module, run_dir: Path, recipe: Recipe, facts: RunFacts) -> Path:
     """Save ``RUN/final`` (atomically, see :func:`mmcl.hub.save_pretrained`) and ``RUN/summary.json``
     (the info without the recipe, which ``RUN/recipe.yaml`` already holds); returns the folder."""
-    from mmcl.hub import save_pretrained
+    from mmcl.hub import save_pretrained, write_atomic
 
     info = run_info(recipe, facts)
     final = save_pretrained(model, run_dir / "final", name=plugin_name("model", recipe.model),
                             preprocess=recipe.data.preprocess(), info=info)
-    summary, tmp = run_dir / "summary.json", run_dir / ".summary.json.tmp"
-    tmp.write_text(json.dumps({k: v for k, v in info.items() if k != "recipe"}, indent=2) + "\n")
-    os.replace(tmp, summary)
+    write_atomic(run_dir / "summary.json", json.dumps({k: v for k, v in info.items() if k != "recipe"}, indent=2)
+                 + "\n")
     return final
 
 
