@@ -16,7 +16,7 @@ import signal
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,13 @@ def loader_worker_deaths(loader: Any) -> Iterator[None]:
         # worker is unregistered: hold the signal while the loader closes
         held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
         try:
-            loader.close()
+            for _ in range(3):  # a signal that arrived before the block can still raise once mid-close
+                try:
+                    loader.close()
+                    break
+                except RuntimeError as again:
+                    if "DataLoader worker" not in str(again):
+                        raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
         raise TrainingError(f"a data loader worker died ({str(e).splitlines()[0]}): usually out of memory; lower "
@@ -510,7 +516,7 @@ class Trainer:
         samples, waited = 0, {"s": 0.0}
         evals: list[dict[str, Any]] = []
         self.model.train()
-        with loader_worker_deaths(self.loader):
+        with closing(self.loader), loader_worker_deaths(self.loader):  # workers stop when fit ends
             for epoch, batch in _timed(self.loader.forever(start_epoch), waited):
                 if epoch != current:
                     current, batches = epoch, 0
