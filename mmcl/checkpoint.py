@@ -19,9 +19,9 @@ checkpoint folder can at worst fail to load. Files a manifest does not list are 
 Every checkpoint is written under a temporary name (``.step_XXXXXXXX.partial``) and renamed into
 place when complete, so a run killed while saving leaves the previous checkpoints as they were and
 ``--resume latest`` never sees a half-written folder. Loading checks the manifest (every file
-present, of its size and hash, written by as many processes with the same batch layout): a
-checkpoint that is incomplete, altered, or from another layout is a clear error, never a silent
-inexact resume.
+present, of its size and hash): a checkpoint that is incomplete or altered is a clear error, never
+a silent inexact resume. The manifest also records the layout (processes, loader workers, batch
+size, accumulation) that the trainer compares to decide between an exact and an elastic resume.
 """
 
 from __future__ import annotations
@@ -141,6 +141,13 @@ def rng_state(device: torch.device) -> dict[str, Any]:
     return state
 
 
+def seed_all(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (a process that has no saved states)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     """Restore :func:`rng_state`."""
     random.setstate(state["python"])
@@ -220,9 +227,9 @@ def find_checkpoint(out_dir: Path, resume: str, warn: Any = print) -> Path | Non
     return None
 
 
-def verify(folder: Path, expect: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint's manifest, after checking every listed file (size and SHA-256) and that the
-    layout it was written with (``expect``: processes, batch size, accumulation) is this run's."""
+def verify(folder: Path, expect: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The checkpoint's manifest, after checking every listed file (size and SHA-256) and, if given,
+    that the values in ``expect`` are those it was written with."""
     if not is_complete(folder):
         raise CheckpointError(f"{folder} is not a complete mmcl checkpoint (no {MANIFEST}): it was interrupted "
                               "while saving or written by an older mmcl; resume from another checkpoint")
@@ -245,12 +252,10 @@ def verify(folder: Path, expect: dict[str, Any]) -> dict[str, Any]:
         if f.stat().st_size != meta["bytes"] or _sha256(f) != meta["sha256"]:
             raise CheckpointError(f"checkpoint {folder} is damaged or was altered: {name} does not match its "
                                   f"manifest (size or SHA-256); resume from another checkpoint")
-    for key, want in expect.items():
+    for key, want in (expect or {}).items():
         if manifest.get(key) != want:
-            raise CheckpointError(
-                f"checkpoint {folder} was written with {key}={manifest.get(key)} and this run has {key}={want}. "
-                "Data positions are kept per process and per batch, so resume with the same number of processes, "
-                "data.batch_size and optim.grad_accum (or start a new run from the saved weights)")
+            raise CheckpointError(f"checkpoint {folder} was written with {key}={manifest.get(key)} and this run "
+                                  f"has {key}={want}")
     return manifest
 
 
@@ -274,4 +279,4 @@ def gib(n: float) -> str:
 
 
 __all__ = ["CheckpointError", "find_checkpoint", "verify", "write_state", "read_state", "rng_state",
-           "set_rng_state", "write_manifest", "publish", "partial_path", "prune", "state_bytes", "free_bytes"]
+           "seed_all", "set_rng_state", "write_manifest", "publish", "partial_path", "prune", "state_bytes", "free_bytes"]

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from mmcl import checkpoint as ckpt
 from mmcl.data import make_loader
+from mmcl.data.stream import sample_seed
 from mmcl.dist import world
 from mmcl.errors import MmclError
 from mmcl.evaluate.run import flat_metrics
@@ -43,20 +44,33 @@ class TrainingError(MmclError):
 
 
 class TrainState:
-    """Counters saved in checkpoints: optimizer steps, data position of every process, bad steps."""
+    """Counters saved in checkpoints: optimizer steps, data position of every process, bad steps.
+
+    A process's position is ``[epoch, batches trained in it, samples given out by worker 0, 1, ...]``;
+    ``start_epoch`` is the epoch this layout (processes x workers) began reading at, and ``segments``
+    the layouts before it whose trained samples still matter (see :meth:`Trainer._resume_elsewhere`)."""
 
     def __init__(self) -> None:
         self.step = 0
-        self.positions: list[list[int]] = []  # per rank: [epoch, batches consumed in that epoch]
+        self.positions: list[list[int]] = []
         self.bad_steps = 0
+        self.start_epoch = 0
+        self.segments: list[dict[str, Any]] = []
 
     def state_dict(self) -> dict[str, Any]:
         """Plain data, saved as ``state.json`` in every checkpoint."""
-        return {"step": self.step, "positions": self.positions, "bad_steps": self.bad_steps}
+        return {"step": self.step, "positions": self.positions, "bad_steps": self.bad_steps,
+                "start_epoch": self.start_epoch, "segments": self.segments}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict`."""
+        """Restore from :meth:`state_dict` (checkpoints from before elastic resume have no segments)."""
         self.step, self.positions, self.bad_steps = state["step"], state["positions"], state["bad_steps"]
+        self.start_epoch, self.segments = state.get("start_epoch", 0), state.get("segments", [])
+
+
+def _describe(layout: dict[str, Any]) -> str:
+    """A layout as a run's log says it."""
+    return ", ".join(f"{k}={v}" for k, v in layout.items())
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
@@ -283,9 +297,12 @@ class Trainer:
         return {"rng": ckpt.rng_state(self.acc.device), "buffers": self._per_process_buffers()}
 
     def _layout(self) -> dict[str, int]:
-        """What a checkpoint's data positions depend on: resuming needs the same values."""
+        """What a checkpoint's per-process batch counts depend on: with the same values each process
+        fast-forwards its own stream (exact); with others the resume is elastic (:meth:`_resume_elsewhere`)."""
         r = self.recipe
-        return {"processes": self.acc.num_processes, "batch_size": r.data.batch_size, "grad_accum": r.optim.grad_accum}
+        workers = self.loader.stream.num_workers if hasattr(self.loader, "stream") else 1
+        return {"processes": self.acc.num_processes, "workers": workers, "batch_size": r.data.batch_size,
+                "grad_accum": r.optim.grad_accum}
 
     def _fail_together(self, error: str | None, partial: Path) -> None:
         """Raise on every process if any failed (so none waits forever), removing the partial folder."""
@@ -299,7 +316,10 @@ class Trainer:
         """Save model, objective, optimizer, scheduler, RNG and data position of every process as
         safetensors + JSON under a temporary name, then rename it into place (see :mod:`mmcl.checkpoint`)."""
         acc = self.acc
-        self.state.positions = acc.gather(torch.tensor([[epoch, batches]], device=acc.device)).tolist()
+        pulled = self.loader.pulled() if hasattr(self.loader, "pulled") else []
+        self.state.positions = acc.gather(torch.tensor([[epoch, batches, *pulled]], device=acc.device)).tolist()
+        oldest = min(p[0] for p in self.state.positions)  # earlier layouts' samples of past epochs no longer matter
+        self.state.segments = [s for s in self.state.segments if max(p[0] for p in s["positions"]) >= oldest]
         self._settle_votes()
         folder = self.out / "checkpoints"
         final = folder / f"step_{self.state.step:08d}"
@@ -344,7 +364,8 @@ class Trainer:
         """Restore everything :meth:`save_checkpoint` saved; returns this process's (epoch, batches read).
         Only the files the verified manifest lists are read, and only as safetensors and JSON."""
         acc = self.acc
-        listed = ckpt.verify(folder, self._layout())["files"]
+        manifest = ckpt.verify(folder)
+        listed = manifest["files"]
         ignored = sorted(p.name for p in folder.iterdir() if p.name not in listed and p.name != ckpt.MANIFEST)
         if ignored:
             acc.print(f"ignoring files in {folder} that its manifest does not list: {', '.join(ignored)}")
@@ -355,13 +376,49 @@ class Trainer:
         if acc.scaler is not None and "scaler.safetensors" in listed:
             acc.scaler.load_state_dict(ckpt.read_state(folder / "scaler.safetensors"))
         self.state.load_state_dict(json.loads((folder / ckpt.STATE).read_text()))
-        own = ckpt.read_state(folder / f"process_{acc.process_index}.safetensors")
-        buffers = self._per_process_buffers()
-        for name, value in own["buffers"].items():
-            buffers[name].copy_(value)
-        ckpt.set_rng_state(own["rng"], acc.device)
-        epoch, batches = self.state.positions[acc.process_index]
+        layout = self._layout()
+        written = {k: manifest.get(k, layout[k] if k == "workers" else None) for k in layout}  # older: no workers
+        own = f"process_{acc.process_index}.safetensors"
+        if own in listed:  # a process the writing run did not have keeps the objective's and its generators
+            state = ckpt.read_state(folder / own)
+            buffers = self._per_process_buffers()
+            for name, value in state["buffers"].items():
+                buffers[name].copy_(value)
+            ckpt.set_rng_state(state["rng"], acc.device)
+        else:
+            ckpt.seed_all(sample_seed(self.recipe.run.seed, self.state.step, acc.process_index))
+        if written != layout:
+            return self._resume_elsewhere(folder, written, layout)
+        epoch, batches = self.state.positions[acc.process_index][:2]
+        if self.state.segments:  # this layout began after an elastic resume: leave out what came before
+            self.loader.stream.exclude_trained(self.state.segments, min(p[0] for p in self.state.positions))
         return epoch, batches
+
+    def _resume_elsewhere(self, folder: Path, written: dict[str, Any], layout: dict[str, Any]) -> tuple[int, int]:
+        """Resume a checkpoint written with other processes, loader workers, batch size or accumulation
+        (a job back on another number of GPUs): every process starts at the oldest epoch any writing
+        process was in, and leaves out the samples the writing run (and the layouts before it) had
+        trained on, found by replaying its streams from the positions it saved. The rest of the epoch
+        thus covers exactly the samples not yet seen, but in another order than an uninterrupted run:
+        close, not bit-identical. A resampled stream has no samples "not yet seen": it draws afresh."""
+        state, stream = self.state, getattr(self.loader, "stream", None)
+        if stream is None or any(len(p) != 2 + written["workers"] for p in state.positions):
+            raise ckpt.CheckpointError(
+                f"checkpoint {folder} was written with {_describe(written)} and this run has {_describe(layout)}, "
+                "and it does not record where each loader worker stood (written by an older mmcl), so it can only "
+                "resume on the same layout")
+        epoch = min(p[0] for p in state.positions)
+        segment = {"processes": written["processes"], "workers": written["workers"], "start_epoch": state.start_epoch,
+                   "positions": state.positions}
+        state.segments, state.start_epoch = ([] if stream.resample else [*state.segments, segment]), epoch
+        t = time.perf_counter()
+        left_out = stream.exclude_trained(state.segments, epoch)
+        self.acc.print(f"elastic resume: {folder.name} was written with {_describe(written)}, this run has "
+                       f"{_describe(layout)}; epoch {epoch} goes on "
+                       + ("with fresh draws (data.resample)" if stream.resample else
+                          f"without the {left_out:,} samples already trained (found in "
+                          f"{time.perf_counter() - t:.1f} s by replaying the streams that read them)"))
+        return epoch, 0
 
     def evaluate(self) -> list[dict[str, Any]]:
         """Zero-shot and retrieval on the recipe's eval shards (every process takes part)."""

@@ -85,13 +85,15 @@ class DataConfig:
 
 
 class Loader:
-    """Iterate batches epoch after epoch; keeps the counts of skipped samples by reason."""
+    """Iterate batches epoch after epoch; keeps the counts of skipped samples by reason, and where
+    each worker's stream stands in the epoch (:meth:`pulled`)."""
 
     def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool = False,
                  normalize: Normalize | None = None):
         self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
         self.normalize = normalize  # None: the workers normalise
         self.skipped: Counter[str] = Counter()
+        self._pulled: dict[int, int] = {}  # worker -> samples its stream gave out up to the last batch yielded
         self._loader: DataLoader | None = None
 
     @property
@@ -102,6 +104,13 @@ class Loader:
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch: reshuffles shards, the buffer and augmentations."""
         self.stream.set_epoch(epoch)
+        self._pulled = {}
+
+    def pulled(self) -> list[int]:
+        """Samples each worker's stream has given out this epoch up to the last batch this loader
+        yielded (skipped ones included): with the epoch, the position a checkpoint keeps that does
+        not depend on the process and worker counts (see :meth:`ShardStream.trained_samples`)."""
+        return [self._pulled.get(w, 0) for w in range(self.stream.num_workers)]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self._loader is None:  # workers persist across epochs; the epoch reaches them through shared memory
@@ -114,6 +123,9 @@ class Loader:
                                       generator=torch.Generator().manual_seed(self.stream.seed))
         for batch in self._loader:
             self.skipped.update(batch.pop("skipped", {}))
+            if "cursor" in batch:
+                worker, pulled = batch.pop("cursor")
+                self._pulled[worker] = pulled
             if not batch.pop("empty", False):
                 yield batch
 

@@ -19,10 +19,11 @@ each batch carries the counts of what was skipped since the previous batch under
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import random
 import zlib
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -45,6 +46,12 @@ class Skip(Exception):
 def sample_seed(*parts: Any) -> int:
     """A stable 31-bit seed from any printable parts (same on every machine and Python)."""
     return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
+def sample_id(sample: dict[str, Any]) -> str:
+    """A raw sample's name across runs: its shard's file name and its key (keys alone may repeat
+    between shards)."""
+    return f"{sample['__url__'].rsplit('/', 1)[-1]}/{sample['__key__']}"
 
 
 class ShardStream(IterableDataset):
@@ -88,6 +95,9 @@ class ShardStream(IterableDataset):
         self.num_workers = max(1, num_workers)
         # Shared with (persistent, forked) DataLoader workers, so set_epoch reaches them.
         self._epoch = multiprocessing.Value("i", 0)
+        # epoch -> ids of samples trained before an elastic resume (see :meth:`exclude_trained`); set
+        # before the workers start, which take a copy
+        self.exclude: dict[int, set[str]] = {}
 
     @property
     def epoch(self) -> int:
@@ -103,9 +113,9 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         return (info.id, info.num_workers) if info else (0, 1)
 
-    def _my_shards(self, worker: int, num_workers: int) -> Iterator[tuple[str, int, int]]:
-        """``(url, every, offset)``: the shards this worker of this process reads, keeping the samples
-        whose index in the shard is ``offset`` modulo ``every``.
+    def _my_shards(self, slot: int, slots: int, epoch: int) -> Iterator[tuple[str, int, int]]:
+        """``(url, every, offset)``: the shards that ``slot`` of ``slots`` (process x worker) reads in
+        ``epoch``, keeping the samples whose index in the shard is ``offset`` modulo ``every``.
 
         Shards are dealt whole, one per slot (process x worker) in turn, as far as they go round;
         the remainder, fewer shards than slots, is shared sample by sample: every slot reads those
@@ -113,15 +123,13 @@ class ShardStream(IterableDataset):
         gets the same number of samples to within one per shared shard, whatever the shard count
         (dealing the remainder whole would give some processes a shard more per epoch, and their
         samples would be seen more often over a run)."""
-        slots = self.world_size * num_workers
-        slot = self.rank * num_workers + worker
         if self.resample:
-            rng = random.Random(sample_seed(self.seed, self.epoch, "resample", slot))
+            rng = random.Random(sample_seed(self.seed, epoch, "resample", slot))
             while True:
                 yield rng.choice(self.urls), 1, 0
         urls = list(self.urls)
         if self.shuffle_shards:
-            random.Random(sample_seed(self.seed, self.epoch, "shards")).shuffle(urls)
+            random.Random(sample_seed(self.seed, epoch, "shards")).shuffle(urls)
         whole = len(urls) // slots * slots
         for url in urls[slot:whole:slots]:
             yield url, 1, 0
@@ -180,22 +188,59 @@ class ShardStream(IterableDataset):
         rng.shuffle(buf)
         yield from buf
 
+    def _slot_samples(self, rank: int, worker: int, world_size: int, num_workers: int, epoch: int,
+                      skipped: Counter[str]) -> Iterator[dict[str, Any]]:
+        """The raw samples one process's worker reads in ``epoch``, in the order its shuffle buffer
+        gives them out, less those :attr:`exclude` lists for the epoch. A function of its arguments
+        and the stream's seed only, so a checkpoint can replay another layout's order."""
+        done = self.exclude.get(epoch)
+        raw = (s for url, every, offset in self._my_shards(rank * num_workers + worker, world_size * num_workers, epoch)
+               for s in self._read_shard(url, skipped, every, offset) if not done or sample_id(s) not in done)
+        return self._shuffled(raw, random.Random(sample_seed(self.seed, epoch, "buffer", rank, worker)))
+
+    def trained_samples(self, segment: dict[str, Any], from_epoch: int) -> dict[int, set[str]]:
+        """Epoch -> ids of the samples a run laid out as ``segment`` took from its streams in the
+        epochs from ``from_epoch`` on: ``segment`` has that run's ``processes`` and ``workers``, the
+        ``start_epoch`` it began reading at, and each process's ``positions`` as checkpoints store
+        them (``[epoch, batches, pulled by worker 0, worker 1, ...]``: samples each worker had
+        given out up to its last batch trained). Earlier epochs of a process were read whole.
+
+        Replays those streams (reading the shards' bytes, decoding nothing) under the current
+        :attr:`exclude`, which must be what it was for that run."""
+        out: dict[int, set[str]] = defaultdict(set)
+        world_size, num_workers = segment["processes"], segment["workers"]
+        for rank, (epoch, _, *pulled) in enumerate(segment["positions"]):
+            for e in range(max(from_epoch, segment["start_epoch"]), epoch + 1):
+                for worker in range(num_workers):
+                    samples = self._slot_samples(rank, worker, world_size, num_workers, e, Counter())
+                    taken = itertools.islice(samples, pulled[worker]) if e == epoch else samples
+                    out[e].update(sample_id(s) for s in taken)
+        return dict(out)
+
+    def exclude_trained(self, segments: list[dict[str, Any]], from_epoch: int) -> int:
+        """Leave out of the epochs from ``from_epoch`` on the samples that the runs ``segments``
+        (oldest first, see :meth:`trained_samples`) trained on, each replayed under what its
+        predecessors excluded; returns how many samples are left out. An elastic resume: the rest
+        of an epoch interrupted on one layout is read on another without seeing a sample twice."""
+        self.exclude = {}
+        for segment in segments:
+            for epoch, ids in self.trained_samples(segment, from_epoch).items():
+                self.exclude.setdefault(epoch, set()).update(ids)
+        return sum(len(ids) for ids in self.exclude.values())
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, num_workers = self._worker()
         skipped: Counter[str] = Counter()
         first_missing = 0  # samples lacking a required field before any sample had it
-
-        raw = (s for url, every, offset in self._my_shards(worker, num_workers)
-               for s in self._read_shard(url, skipped, every, offset))
-        rng = random.Random(sample_seed(self.seed, self.epoch, "buffer", self.rank, worker))
         limit = None
         if self.resample:
             slots = self.world_size * num_workers
             limit = -(-self.epoch_samples // (slots * self.batch_size))  # batches per worker
         batch: list[dict[str, Any]] = []
-        produced = 0
+        produced = pulled = 0
         seen_required = False
-        for sample in self._shuffled(raw, rng):
+        for sample in self._slot_samples(self.rank, worker, self.world_size, num_workers, self.epoch, skipped):
+            pulled += 1  # the position a checkpoint keeps (a batch's "cursor"): samples given out so far
             missing = {reason: "/".join(g) for reason, g in self.required.items() if not any(f in sample for f in g)}
             if missing:
                 skipped[next(iter(missing))] += 1
@@ -215,17 +260,18 @@ class ShardStream(IterableDataset):
                 continue
             batch.append(item)
             if len(batch) == self.batch_size:
-                yield self._collate(batch, skipped)
+                yield self._collate(batch, skipped, (worker, pulled))
                 batch, produced = [], produced + 1
                 if limit is not None and produced >= limit:
                     return
         if batch and not self.drop_last:
-            yield self._collate(batch, skipped)
+            yield self._collate(batch, skipped, (worker, pulled))
         elif skipped:
             yield {"skipped": dict(skipped), "empty": True}
 
-    def _collate(self, items: list[dict[str, Any]], skipped: Counter[str]) -> dict[str, Any]:
+    def _collate(self, items: list[dict[str, Any]], skipped: Counter[str], cursor: tuple[int, int]) -> dict[str, Any]:
         out = self.collate_fn(items)
         out["skipped"] = dict(skipped)
+        out["cursor"] = cursor  # (worker, samples it has given out this epoch)
         skipped.clear()
         return out

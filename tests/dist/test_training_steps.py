@@ -30,8 +30,8 @@ def runs(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int
     out = {}
     for procs in (1, 2):
         cases = CPU_CASES + (["shuffle_bn", "resume_plain", "resume_shuffle_bn", "resume_swav_queue",
-                              "resume_resampled", "other_world"]
-                             if procs == 2 else ["resume_plain"])
+                              "resume_resampled"]
+                             if procs == 2 else [])
         torchrun(HERE / "trainer_worker.py", str(tmp / f"{procs}.pt"), str(tmp / f"runs{procs}"), shards, *cases,
                  nproc=procs, timeout=300)
         out[procs] = torch.load(tmp / f"{procs}.pt")
@@ -194,11 +194,3 @@ def test_two_process_resume_is_exact(name: str, runs: dict[int, dict[str, Any]])
     assert sorted(r["resumed"]) == [4, 5, 6]
     for step, loss in r["resumed"].items():
         assert loss == pytest.approx(r["full"][step], abs=1e-6), (step, r)
-
-
-def test_resume_with_another_process_count_is_a_clear_error(runs: dict[int, dict[str, Any]]) -> None:
-    """A 1-process checkpoint resumed by 2 processes (which crashed with IndexError) stops on every
-    process with an error naming both counts; rank 0 reports it (and every rank reached it, or the
-    launch would not have finished)."""
-    error = runs[2]["other_world"]["error"]
-    assert error and "was written with processes=1 and this run has processes=2" in error, error

@@ -142,6 +142,9 @@ class FixedStream:
         for batch in self.batches:
             yield start_epoch, batch
 
+    def close(self) -> None:
+        """No workers to stop."""
+
     def prepare(self, batch: dict[str, Any], device: Any, memory_format: Any = None) -> dict[str, Any]:
         """The batches are float already (as with ``data.normalize: workers``): only moved."""
         from mmcl.data.loader import to_device
@@ -298,22 +301,6 @@ def resume_case(name: str, runs: Path, shards: str) -> dict[str, Any]:
     return {"full": losses[0], "resumed": losses[1]}
 
 
-def other_world_case(runs: Path, shards: str) -> dict[str, Any]:
-    """Resume, with this launch's process count, the checkpoint that the 1-process launch wrote in
-    ``resume_plain`` (sibling folder ``runs1``): every process must stop with the layout error."""
-    from mmcl.checkpoint import CheckpointError
-
-    config, extra = RESUME["resume_plain"]
-    src = runs.parent / "runs1" / "resume_plain" / "full" / "checkpoints" / "step_00000003"
-    recipe = load_recipe(ROOT / "configs" / f"{config}.yaml",
-                         [f"data.train_shards={shards}", f"run.output_dir={runs / 'other_world'}", *SMALL, *extra])
-    try:
-        Trainer(recipe).fit(resume=str(src))
-    except CheckpointError as e:
-        return {"error": str(e)}
-    return {"error": None}
-
-
 def shuffle_bn_partitions() -> dict[str, Any]:
     """MoCo's keys with a BatchNorm key encoder, 2 processes of 4 rows. For each of 3 global
     batches, the partition of the 8 rows into BatchNorm batches that reproduces every process's
@@ -373,8 +360,6 @@ def main(out_path: str, runs: str, shards: str, *names: str) -> None:
     for name in names or CASES:
         if name == "shuffle_bn":
             results[name] = shuffle_bn_partitions()
-        elif name == "other_world":
-            results[name] = other_world_case(Path(runs), shards)
         elif name.startswith("resume_"):
             results[name] = resume_case(name, Path(runs), shards)
         else:

@@ -1,0 +1,93 @@
+"""Elastic resume in one process: a checkpoint resumed with other loader workers or another batch
+size goes on with exactly the samples of the epoch not yet trained (the 2 <-> 1 process cases are
+in ``tests/dist/test_elastic.py``)."""
+
+from __future__ import annotations
+
+import tarfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import mmcl.models  # noqa: F401  (registers the built-in models and objectives)
+import mmcl.objectives  # noqa: F401
+from mmcl.recipe import load_recipe
+from mmcl.testing.trace import record_trained
+from mmcl.train import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARDS = "train-{000000..000001}.tar"  # 2 shards, 512 samples: an epoch is 32 steps of 16
+
+
+def recipe(digits_dir: Path, out: Path, *extra: str):
+    return load_recipe(ROOT / "configs" / "simclr_digits.yaml", [
+        f"data.train_shards={digits_dir}/{SHARDS}", f"run.output_dir={out}", "data.batch_size=16",
+        "data.num_workers=2", "data.shuffle_buffer=64", "train.log_every=100", "train.progress=false",
+        "optim.warmup_steps=1", "model.backbone.width=8", "model.backbone.depth=2", "eval.knn_train_shards=null",
+        "eval.knn_shards=[]", "eval.linear=false", *extra])
+
+
+def all_keys(digits_dir: Path) -> set[str]:
+    keys = set()
+    for shard in sorted(digits_dir.glob("train-00000[01].tar")):
+        with tarfile.open(shard) as tar:
+            keys |= {m.name.split(".")[0] for m in tar.getmembers()}
+    return keys
+
+
+def run(digits_dir: Path, out: Path, steps: int, *extra: str, resume: str | None = None) -> tuple[Trainer, Any]:
+    trainer = Trainer(recipe(digits_dir, out, f"train.steps={steps}", *extra))
+    log = record_trained(trainer)
+    trainer.fit(resume=resume)
+    return trainer, log
+
+
+@pytest.mark.parametrize("change", [["data.num_workers=0"], ["data.batch_size=24", "data.num_workers=1"]])
+def test_elastic_resume_trains_each_sample_of_the_epoch_once(digits_dir: Path, tmp_path: Path, change: list[str],
+                                                             capsys) -> None:
+    """Interrupted at step 10 of the first epoch (2 workers, batches of 16), resumed with no worker
+    or with batches of 24 and 1 worker, to the end of the epoch: every sample of the epoch trained
+    once, except at most a batch's worth per worker stream dropped at its end (as the uninterrupted
+    run drops), and none twice."""
+    every = all_keys(digits_dir)
+    out = tmp_path / "run"
+    _, before = run(digits_dir, out, 10, "train.save_every=10")
+    assert len(before) == 160 and {e for e, _ in before} == {0}
+    trainer, after = run(digits_dir, out, 40, *change, "train.save_every=0", resume="latest")
+    said = capsys.readouterr().out
+    assert "elastic resume" in said and "without the 160 samples already trained" in said, said
+    epoch0 = [k for _, k in before] + [k for e, k in after if e == 0]
+    assert max(Counter(epoch0).values()) == 1  # nothing twice
+    assert set(epoch0) <= every
+    batch, workers = trainer.recipe.data.batch_size, trainer.loader.stream.num_workers
+    assert len(every) - len(epoch0) < batch * workers  # only the streams' last partial batches dropped
+    assert any(e == 1 for e, _ in after)  # and the next epoch began, reading everything again
+    assert trainer.state.segments == [] and trainer.state.start_epoch == 0
+
+
+def test_elastic_resume_without_worker_positions_is_a_clear_error(digits_dir: Path, tmp_path: Path) -> None:
+    """A checkpoint from before elastic resume (positions without the workers' counts) resumes on its
+    own layout only, and says so."""
+    import json
+
+    from mmcl import checkpoint as ckpt
+
+    out = tmp_path / "run"
+    run(digits_dir, out, 2, "train.save_every=2")
+    folder = out / "checkpoints" / "step_00000002"
+    state = json.loads((folder / "state.json").read_text())
+    state["positions"] = [p[:2] for p in state["positions"]]
+    for key in ("segments", "start_epoch"):
+        del state[key]
+    (folder / "state.json").write_text(json.dumps(state))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["workers"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "manifest.json").unlink()
+    ckpt.write_manifest(folder, {k: v for k, v in manifest.items() if k not in ("files", "format", "version")})
+    _, same = run(digits_dir, out, 3, resume="latest")  # the same layout resumes as before: it reads
+    assert len(same) == 3 * 16  # its first 2 batches again (fast-forward), then trains on the third
+    with pytest.raises(ckpt.CheckpointError, match="does not record where each loader worker stood"):
+        run(digits_dir, tmp_path / "other", 3, "data.batch_size=8", resume=str(folder))
