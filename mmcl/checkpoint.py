@@ -278,5 +278,5 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
-__all__ = ["CheckpointError", "find_checkpoint", "verify", "write_state", "read_state", "rng_state",
-           "seed_all", "set_rng_state", "write_manifest", "publish", "partial_path", "prune", "state_bytes", "free_bytes"]
+__all__ = ["CheckpointError", "find_checkpoint", "verify", "write_state", "read_state", "rng_state", "seed_all",
+           "set_rng_state", "write_manifest", "publish", "partial_path", "prune", "state_bytes", "free_bytes"]
