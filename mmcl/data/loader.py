@@ -231,12 +231,12 @@ def make_loader(cfg: DataConfig, shards: str | None = None, *, train: bool = Tru
         required = ({f"{MISSING_IMAGE}:{f}": (f,) for f in cfg.view_fields} if cfg.view_fields
                     else {MISSING_IMAGE: tuple(cfg.image_keys)})
     policy = cfg.read_policy()
-    epoch_samples = cfg.epoch_samples or count_samples(urls)
+    epoch_samples = cfg.epoch_samples or count_samples(urls, policy=policy)
     stream = ShardStream(
         urls, sample_fn, functools.partial(collate, tokenizer=tokenizer),
         batch_size=batch_size or cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer if train else 0,
         shuffle_shards=train, resample=cfg.resample and train, epoch_samples=epoch_samples,
-        drop_last=train, seed=seed, required=required, shard_samples=samples_per_shard(urls), rank=rank,
+        drop_last=train, seed=seed, required=required, shard_samples=samples_per_shard(urls, policy), rank=rank,
         world_size=world_size, num_workers=workers, remote=policy)
     on_device = Normalize(mean, std, cfg.colour) if cfg.normalize == "device" else None
     return Loader(stream, workers, pin_memory=torch.cuda.is_available(), normalize=on_device)
