@@ -223,6 +223,8 @@ RECIPE_CASES = [
     ("data.std=[0.5, 0, 0.5]", r"data.std: got \[0.5, 0.0, 0.5\], allowed: a list, each > 0"),
     ("data.mean=[0.5, 0.5]", r"data.mean and data.std need one value per channel each, got 2 and 3"),
     ("data.image_keys=[]", r"data.image_keys: must not be empty"),
+    ("data.timeout=5", r"unknown key 'data.timeout'; did you mean 'timeout_s'"),
+    ("data.shard_deadline_s=0", r"data.shard_deadline_s: got 0.0, allowed: > 0"),
     ("data.text_key=''", r"data.text_key: must not be empty"),
     ("data.multi_crop={global_scale: [0.9, 0.2]}", r"data.multi_crop.global_scale: got \[0.9, 0.2\], allowed: "
                                                    r"2 values, each > 0 and <= 1, the first <= the second"),
@@ -258,7 +260,8 @@ def test_values_at_the_edge_of_their_range_are_accepted() -> None:
 
     edges = ["optim.betas=[0, 0.999]", "optim.weight_decay=0", "optim.warmup_steps=2000", "train.steps=1",
              "run.seed=4294967295", "data.transform_args={flip: 0, blur: 1, crop_scale: [1, 1], scale: [0.8, 1.1]}",
-             "data.multi_crop={global_scale: [0.14, 1.0], local_scale: [0.05, 0.14]}", "data.num_workers=0"]
+             "data.multi_crop={global_scale: [0.14, 1.0], local_scale: [0.05, 0.14]}", "data.num_workers=0",
+             "data.retries=0", "data.shard_deadline_s=null"]
     r = from_dict(RealRecipe, apply_overrides(copy.deepcopy(MINIMAL), edges))
     assert r.optim.betas == [0.0, 0.999] and r.optim.warmup_steps > r.train.steps  # an all-warmup smoke run
 

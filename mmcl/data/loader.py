@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmcl.config import spec
+from mmcl.data.remote import ReadPolicy, check_backends
 from mmcl.data.samples import IMAGE_KEYS, MISSING_CAPTION, MISSING_IMAGE, collate, image_text_sample, multi_view_sample
 from mmcl.data.shards import count_samples, expand_shards, samples_per_shard
 from mmcl.data.stream import ShardStream
@@ -72,11 +73,21 @@ class DataConfig:
     normalize: Literal["device", "workers"] = spec(
         "device", help="where uint8 images become normalised floats: on the device, batch by batch (a quarter of "
                        "the bytes to pin and copy, and no float work in the workers), or in the loader's workers")
+    retries: int = spec(3, ge=0, help="remote shards: times one shard is asked for again after a dropped connection, "
+                                      "a stall or HTTP 5xx/429 (counted shard_retry:<cause>) before it is skipped")
+    timeout_s: float = spec(60.0, gt=0, help="remote shards: seconds without a byte before a connect or read "
+                                             "counts as stalled")
+    shard_deadline_s: float | None = spec(3600.0, gt=0, help="remote shards: seconds one shard may spend waiting "
+                                                             "for the network, retries included (null: no limit)")
 
     def validate(self) -> None:
         """Multi-crop views are crops of one image field."""
         if self.multi_crop and self.view_fields:
             raise ConfigError("data.multi_crop and data.view_fields cannot be combined")
+
+    def read_policy(self) -> ReadPolicy:
+        """The time-outs and retries remote shards are read with."""
+        return ReadPolicy(retries=self.retries, timeout_s=self.timeout_s, deadline_s=self.shard_deadline_s)
 
     def preprocess(self) -> dict[str, Any]:
         """Image size and normalisation as saved with a model (and read back by evaluation)."""
@@ -210,6 +221,7 @@ def make_loader(cfg: DataConfig, shards: str | None = None, *, train: bool = Tru
     per process; ``train=False`` reads every sample exactly once, in order, without augmentation.
     """
     urls = expand_shards(shards or cfg.train_shards)
+    check_backends(urls)
     r, w = world(launcher=True)
     rank, world_size = (r if rank is None else rank), (w if world_size is None else world_size)
     if train and not cfg.resample and len(urls) < world_size:
@@ -230,12 +242,13 @@ def make_loader(cfg: DataConfig, shards: str | None = None, *, train: bool = Tru
         sample_fn = multi_view_sample(tfs, fields, cfg.max_pixels)
         required = ({f"{MISSING_IMAGE}:{f}": (f,) for f in cfg.view_fields} if cfg.view_fields
                     else {MISSING_IMAGE: tuple(cfg.image_keys)})
-    epoch_samples = cfg.epoch_samples or count_samples(urls)
+    policy = cfg.read_policy()
+    epoch_samples = cfg.epoch_samples or count_samples(urls, policy=policy)
     stream = ShardStream(
         urls, sample_fn, functools.partial(collate, tokenizer=tokenizer),
         batch_size=batch_size or cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer if train else 0,
         shuffle_shards=train, resample=cfg.resample and train, epoch_samples=epoch_samples,
-        drop_last=train, seed=seed, required=required, shard_samples=samples_per_shard(urls), rank=rank,
-        world_size=world_size, num_workers=workers)
+        drop_last=train, seed=seed, required=required, shard_samples=samples_per_shard(urls, policy), rank=rank,
+        world_size=world_size, num_workers=workers, remote=policy)
     on_device = Normalize(mean, std, cfg.colour) if cfg.normalize == "device" else None
     return Loader(stream, workers, pin_memory=torch.cuda.is_available(), normalize=on_device)

@@ -9,13 +9,14 @@ from typing import Any
 
 import braceexpand
 
+from mmcl.data.remote import HTTP_SCHEMES, ReadPolicy, beside, read_small, scheme
 from mmcl.errors import DataError
 
 MANIFEST = "manifest.json"
 
 
 def is_remote(url: str) -> bool:
-    """True for ``pipe:`` commands and URLs with a scheme (read through webdataset's gopen)."""
+    """True for ``pipe:`` commands and URLs with a scheme (read through :mod:`mmcl.data.remote`)."""
     return url.startswith("pipe:") or "://" in url
 
 
@@ -46,8 +47,9 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     return urls
 
 
-def find_manifest(urls: list[str]) -> dict[str, Any] | None:
-    """The ``manifest.json`` beside the first local shard, if there is one."""
+def find_manifest(urls: list[str], policy: ReadPolicy | None = None) -> dict[str, Any] | None:
+    """The ``manifest.json`` beside the first local or ``http(s)://`` shard, if there is one (a
+    remote one fetched with ``policy``'s time-out and retries, best effort: None if it fails)."""
     for url in urls:
         if not is_remote(url):
             path = Path(url).parent / MANIFEST
@@ -57,7 +59,19 @@ def find_manifest(urls: list[str]) -> dict[str, Any] | None:
                 except (OSError, json.JSONDecodeError):
                     return None
             return None
+        if scheme(url) in HTTP_SCHEMES:
+            data = read_small(beside(url, MANIFEST), policy)
+            try:
+                manifest = json.loads(data) if data is not None else None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return None
+            return manifest if isinstance(manifest, dict) else None
     return None
+
+
+def shard_name(url: str) -> str:
+    """The file name of a shard as ``manifest.json`` lists it (an http(s) URL's query left out)."""
+    return Path(url.split("?", 1)[0]).name if scheme(url) in HTTP_SCHEMES else Path(url).name
 
 
 def shard_sizes(manifest: dict[str, Any] | None) -> dict[str, int]:
@@ -67,25 +81,27 @@ def shard_sizes(manifest: dict[str, Any] | None) -> dict[str, int]:
     return {s["name"]: s["samples"] for split in manifest.get("splits", {}).values() for s in split["shards"]}
 
 
-def samples_per_shard(urls: list[str]) -> dict[str, int]:
-    """URL -> samples in that shard, for local shards named in the ``manifest.json`` beside them."""
+def samples_per_shard(urls: list[str], policy: ReadPolicy | None = None) -> dict[str, int]:
+    """URL -> samples in that shard, for local and http(s) shards named in the ``manifest.json``
+    beside them."""
     sizes: dict[str, dict[str, int]] = {}  # folder -> its manifest's shard sizes
     out = {}
     for url in urls:
-        if is_remote(url):
+        if is_remote(url) and scheme(url) not in HTTP_SCHEMES:
             continue
-        folder = str(Path(url).parent)
+        folder = beside(url, MANIFEST) if is_remote(url) else str(Path(url).parent)
         if folder not in sizes:
-            sizes[folder] = shard_sizes(find_manifest([url]))
-        if Path(url).name in sizes[folder]:
-            out[url] = sizes[folder][Path(url).name]
+            sizes[folder] = shard_sizes(find_manifest([url], policy))
+        if shard_name(url) in sizes[folder]:
+            out[url] = sizes[folder][shard_name(url)]
     return out
 
 
-def count_samples(urls: list[str], manifest: dict[str, Any] | None = None) -> int | None:
+def count_samples(urls: list[str], manifest: dict[str, Any] | None = None,
+                  policy: ReadPolicy | None = None) -> int | None:
     """Total samples in ``urls`` according to the manifest, or None if any shard is unknown."""
-    sizes = shard_sizes(manifest if manifest is not None else find_manifest(urls))
-    names = [Path(u).name for u in urls]
+    sizes = shard_sizes(manifest if manifest is not None else find_manifest(urls, policy))
+    names = [shard_name(u) for u in urls]
     if not sizes or any(n not in sizes for n in names):
         return None
     return sum(sizes[n] for n in names)
@@ -96,7 +112,7 @@ def class_names(urls: list[str]) -> list[str] | None:
     manifest = find_manifest(urls)
     if not manifest:
         return None
-    names = {Path(u).name for u in urls}
+    names = {shard_name(u) for u in urls}
     for split in manifest.get("splits", {}).values():
         if names & {s["name"] for s in split["shards"]} and split.get("class_names"):
             return list(split["class_names"])
@@ -113,7 +129,7 @@ def describe(spec: str) -> dict[str, Any]:
     manifest = find_manifest(urls)
     name = str(spec)
     if manifest:
-        files = {Path(u).name for u in urls}
+        files = {shard_name(u) for u in urls}
         source = (manifest.get("source") or {}).get("type") or Path(urls[0]).parent.name
         for split, info in manifest.get("splits", {}).items():
             if files <= {s["name"] for s in info["shards"]}:

@@ -9,9 +9,15 @@ Bad data never stops the stream: an unreadable or truncated shard, a bad sample 
 each batch carries the counts of what was skipped since the previous batch under
 ``batch["skipped"]``, so the trainer can report them. Shard-level reasons:
 
-- ``bad_shard``: a shard that cannot be opened or read to its end (truncated, not a tar), or
-  that holds fewer samples than ``manifest.json`` lists (a tar cut at a member boundary reads
-  as a whole, shorter tar); once per shard. The samples read before the fault are kept.
+- ``bad_shard``: a shard that cannot be opened or read to its end (truncated, not a tar; a
+  remote one after its retries), or that holds fewer samples than ``manifest.json`` lists (a tar
+  cut at a member boundary reads as a whole, shorter tar); once per shard. The samples read
+  before the fault are kept.
+- ``shard_retry:<cause>``: a remote shard asked for again after a fault that may pass, once per
+  retry (see :mod:`mmcl.data.remote`): ``dropped`` (connection refused, reset or closed before
+  the end), ``stalled`` (no byte for ``data.timeout_s``), ``http_503``, ``http_429``, ... The read
+  continues where it stopped, so no sample is read twice; a shard read sample by sample by
+  several workers counts each reader's retries.
 - ``bad_shard_samples``: the samples such a shard lost: the manifest's count minus those read.
 - ``duplicate_file``: a second file with the same name in one sample (the first is kept).
 - the ``required`` reasons, e.g. ``missing_image``, ``missing_caption``: a missing field.
@@ -30,6 +36,7 @@ from typing import Any
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
+from mmcl.data.remote import ReadPolicy, open_shard
 from mmcl.dist import world
 from mmcl.errors import DataError
 
@@ -73,6 +80,7 @@ class ShardStream(IterableDataset):
             counted skip, but a stream whose first samples all lack it is a user error.
         shard_samples: URL -> samples in that shard (from ``manifest.json``), to count the
             samples a truncated shard lost.
+        remote: time-outs and retries for remote shards (default :class:`ReadPolicy`'s).
         rank, world_size: this process's place; default from :func:`mmcl.dist.world` (``launcher=True``).
     """
 
@@ -80,7 +88,8 @@ class ShardStream(IterableDataset):
                  shuffle_buffer: int = 0, shuffle_shards: bool = False, resample: bool = False,
                  epoch_samples: int | None = None, drop_last: bool = False, seed: int = 0,
                  required: dict[str, tuple[str, ...]] | None = None, shard_samples: dict[str, int] | None = None,
-                 rank: int | None = None, world_size: int | None = None, num_workers: int = 0):
+                 rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
+                 remote: ReadPolicy | None = None):
         super().__init__()
         if resample and not epoch_samples:
             raise DataError("resampling needs the epoch length: set data.epoch_samples or add a manifest.json")
@@ -90,6 +99,7 @@ class ShardStream(IterableDataset):
         self.resample, self.epoch_samples, self.drop_last, self.seed = resample, epoch_samples, drop_last, seed
         self.required = dict(required or {})
         self.shard_samples = dict(shard_samples or {})
+        self.remote = remote or ReadPolicy()
         self.rank = r if rank is None else rank
         self.world_size = w if world_size is None else world_size
         self.num_workers = max(1, num_workers)
@@ -151,8 +161,9 @@ class ShardStream(IterableDataset):
         def files() -> Iterator[dict[str, Any]]:
             nonlocal failed
             try:
-                for f in wds.tariterators.tar_file_iterator(wds.gopen(url)):
-                    yield {**f, "__url__": url}
+                with open_shard(url, self.remote, skipped) as stream:
+                    for f in wds.tariterators.tar_file_iterator(stream):
+                        yield {**f, "__url__": url}
             except Exception:  # a truncated tar, not a tar, an unreachable URL, a failed pipe: all one fault
                 failed = True
 
