@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from mmcl import checkpoint as ckpt
 from mmcl.data import make_loader
-from mmcl.data.stream import sample_seed
+from mmcl.data.stream import WorkerPositions, sample_seed
 from mmcl.dist import world
 from mmcl.errors import MmclError
 from mmcl.evaluate.run import flat_metrics
@@ -46,9 +46,10 @@ class TrainingError(MmclError):
 class TrainState:
     """Counters saved in checkpoints: optimizer steps, data position of every process, bad steps.
 
-    A process's position is ``[epoch, batches trained in it, samples given out by worker 0, 1, ...]``;
-    ``start_epoch`` is the epoch this layout (processes x workers) began reading at, and ``segments``
-    the layouts before it whose trained samples still matter (see :meth:`Trainer._resume_elsewhere`)."""
+    A process's position is ``[epoch, batches trained in it, *WorkerPositions.to_list()]`` (where each
+    loader worker's stream stands); ``start_epoch`` is the epoch this layout (processes x workers)
+    began reading at, and ``segments`` the layouts before it whose trained samples still matter (see
+    :meth:`Trainer._resume_elsewhere`); ``skipped`` the samples skipped so far, by reason."""
 
     def __init__(self) -> None:
         self.step = 0
@@ -56,16 +57,18 @@ class TrainState:
         self.bad_steps = 0
         self.start_epoch = 0
         self.segments: list[dict[str, Any]] = []
+        self.skipped: dict[str, int] = {}
 
     def state_dict(self) -> dict[str, Any]:
         """Plain data, saved as ``state.json`` in every checkpoint."""
         return {"step": self.step, "positions": self.positions, "bad_steps": self.bad_steps,
-                "start_epoch": self.start_epoch, "segments": self.segments}
+                "start_epoch": self.start_epoch, "segments": self.segments, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict` (checkpoints from before elastic resume have no segments)."""
+        """Restore from :meth:`state_dict` (older checkpoints have no segments nor skip counts)."""
         self.step, self.positions, self.bad_steps = state["step"], state["positions"], state["bad_steps"]
         self.start_epoch, self.segments = state.get("start_epoch", 0), state.get("segments", [])
+        self.skipped = state.get("skipped", {})
 
 
 def _describe(layout: dict[str, Any]) -> str:
@@ -316,8 +319,9 @@ class Trainer:
         """Save model, objective, optimizer, scheduler, RNG and data position of every process as
         safetensors + JSON under a temporary name, then rename it into place (see :mod:`mmcl.checkpoint`)."""
         acc = self.acc
-        pulled = self.loader.pulled() if hasattr(self.loader, "pulled") else []
-        self.state.positions = acc.gather(torch.tensor([[epoch, batches, *pulled]], device=acc.device)).tolist()
+        workers = self.loader.position().to_list() if hasattr(self.loader, "position") else []
+        self.state.positions = acc.gather(torch.tensor([[epoch, batches, *workers]], device=acc.device)).tolist()
+        self.state.skipped = self._skip_counts()
         oldest = min(p[0] for p in self.state.positions)  # earlier layouts' samples of past epochs no longer matter
         self.state.segments = [s for s in self.state.segments if max(p[0] for p in s["positions"]) >= oldest]
         self._settle_votes()
@@ -360,9 +364,11 @@ class Trainer:
                          f"{ckpt.gib(free)} are free. The earlier checkpoints are unchanged")
         self._fail_together(error, partial)
 
-    def load_checkpoint(self, folder: Path) -> tuple[int, int]:
-        """Restore everything :meth:`save_checkpoint` saved; returns this process's (epoch, batches read).
-        Only the files the verified manifest lists are read, and only as safetensors and JSON."""
+    def load_checkpoint(self, folder: Path) -> tuple[int, int, int]:
+        """Restore everything :meth:`save_checkpoint` saved; returns this process's (epoch, batches
+        trained in it, batches to read again to get there: 0 but for checkpoints of older mmcl, which
+        do not say where each loader worker stood). Only the files the verified manifest lists are
+        read, and only as safetensors and JSON."""
         acc = self.acc
         manifest = ckpt.verify(folder)
         listed = manifest["files"]
@@ -387,14 +393,20 @@ class Trainer:
             ckpt.set_rng_state(state["rng"], acc.device)
         else:
             ckpt.seed_all(sample_seed(self.recipe.run.seed, self.state.step, acc.process_index))
+        if acc.is_main_process:  # the run's totals go on (every process's counts are summed when reported)
+            self.loader.skipped.update(self.state.skipped)
         if written != layout:
             return self._resume_elsewhere(folder, written, layout)
-        epoch, batches = self.state.positions[acc.process_index][:2]
+        epoch, batches, *workers = self.state.positions[acc.process_index]
         if self.state.segments:  # this layout began after an elastic resume: leave out what came before
             self.loader.stream.exclude_trained(self.state.segments, min(p[0] for p in self.state.positions))
-        return epoch, batches
+        if not workers:
+            return epoch, batches, batches
+        self.loader.resume_at(WorkerPositions.from_list(epoch, workers, layout["workers"]))
+        return epoch, batches, 0
 
-    def _resume_elsewhere(self, folder: Path, written: dict[str, Any], layout: dict[str, Any]) -> tuple[int, int]:
+    def _resume_elsewhere(self, folder: Path, written: dict[str, Any],
+                          layout: dict[str, Any]) -> tuple[int, int, int]:
         """Resume a checkpoint written with other processes, loader workers, batch size or accumulation
         (a job back on another number of GPUs): every process starts at the oldest epoch any writing
         process was in, and leaves out the samples the writing run (and the layouts before it) had
@@ -402,7 +414,7 @@ class Trainer:
         thus covers exactly the samples not yet seen, but in another order than an uninterrupted run:
         close, not bit-identical. A resampled stream has no samples "not yet seen": it draws afresh."""
         state, stream = self.state, getattr(self.loader, "stream", None)
-        if stream is None or any(len(p) != 2 + written["workers"] for p in state.positions):
+        if stream is None or any(len(p) != 3 + 2 * written["workers"] for p in state.positions):
             raise ckpt.CheckpointError(
                 f"checkpoint {folder} was written with {_describe(written)} and this run has {_describe(layout)}, "
                 "and it does not record where each loader worker stood (written by an older mmcl), so it can only "
@@ -418,7 +430,7 @@ class Trainer:
                        + ("with fresh draws (data.resample)" if stream.resample else
                           f"without the {left_out:,} samples already trained (found in "
                           f"{time.perf_counter() - t:.1f} s by replaying the streams that read them)"))
-        return epoch, 0
+        return epoch, 0, 0
 
     def evaluate(self) -> list[dict[str, Any]]:
         """Zero-shot and retrieval on the recipe's eval shards (every process takes part)."""
@@ -541,9 +553,9 @@ class Trainer:
                  + (f" = {r.train.steps * step / epoch:.1f} epochs of {epoch:,} training samples" if epoch else "")]
         return "\n".join(f"mmcl: {line}" for line in lines)
 
-    def _start(self, resume: str | None) -> tuple[int, int]:
+    def _start(self, resume: str | None) -> tuple[int, int, int]:
         """Write the recipe, start the trackers and restore the checkpoint ``resume`` names, if any;
-        returns the (epoch, batches read) to continue from."""
+        returns the (epoch, batches trained in it, batches to read again) to continue from."""
         r, acc = self.recipe, self.acc
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -551,11 +563,11 @@ class Trainer:
         acc.init_trackers(r.run.name or self.out.name, config=_flat(recipe_dict(r)))
         acc.print(self.sizes())
         if not resume:
-            return 0, 0
+            return 0, 0, 0
         found = ckpt.find_checkpoint(self.out, resume, warn=acc.print)
         if found is None:
             acc.print(f"no checkpoint in {self.out / 'checkpoints'}; starting from scratch")
-            return 0, 0
+            return 0, 0, 0
         position = self.load_checkpoint(found)
         acc.print(f"resumed from {found} at step {self.state.step}")
         return position
@@ -563,12 +575,12 @@ class Trainer:
     def fit(self, resume: str | None = None) -> Path:
         """Train to ``train.steps`` optimizer steps; returns ``RUN/final``."""
         r, acc = self.recipe, self.acc
-        start_epoch, skip = self._start(resume)
+        start_epoch, done, read_again = self._start(resume)
         if self.state.step >= r.train.steps:
             return self._finish(time.perf_counter(), {})
         self._bar = tqdm(total=r.train.steps, initial=self.state.step, desc="train", dynamic_ncols=True,
                          disable=not (acc.is_main_process and r.train.progress))
-        epoch, batches, current = start_epoch, 0, start_epoch
+        epoch, batches, current = start_epoch, done - read_again, start_epoch
         t0 = t_log = time.perf_counter()
         samples, waited = 0, {"s": 0.0}
         evals: list[dict[str, Any]] = []
@@ -578,8 +590,8 @@ class Trainer:
                 if epoch != current:
                     current, batches = epoch, 0
                 batches += 1
-                if epoch == start_epoch and batches <= skip:
-                    continue  # fast-forward to where the checkpoint stopped reading
+                if epoch == start_epoch and batches <= done:
+                    continue  # a checkpoint of an older mmcl: read again up to where it stopped
                 samples += len(batch["key"]) * acc.num_processes
                 if not self.train_step(self.loader.prepare(batch, acc.device, self.memory_format)):
                     continue  # mid-accumulation, or a skipped step

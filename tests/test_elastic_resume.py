@@ -91,3 +91,18 @@ def test_elastic_resume_without_worker_positions_is_a_clear_error(digits_dir: Pa
     assert len(same) == 3 * 16  # its first 2 batches again (fast-forward), then trains on the third
     with pytest.raises(ckpt.CheckpointError, match="does not record where each loader worker stood"):
         run(digits_dir, tmp_path / "other", 3, "data.batch_size=8", resume=str(folder))
+
+
+@pytest.mark.parametrize("stop", [7, 8])
+def test_exact_resume_goes_on_without_reading_batches_again(digits_dir: Path, tmp_path: Path, stop: int) -> None:
+    """On its own layout (2 workers), a run resumed at step 7 or 8 trains on the very samples, in the
+    very order, of the uninterrupted run, and the trainer takes no batch twice: each worker reads past
+    what it had given out without decoding it, and the workers take turns from the one after the last
+    to make a batch (after step 7 that is worker 1, not the DataLoader's first)."""
+    _, whole = run(digits_dir, tmp_path / "whole", 20, "train.save_every=0")
+    out = tmp_path / "run"
+    run(digits_dir, out, stop, f"train.save_every={stop}")
+    trainer, rest = run(digits_dir, out, 20, "train.save_every=0", resume="latest")
+    assert len(rest) == (20 - stop) * 16  # nothing read again through the trainer
+    assert rest == whole[stop * 16:]
+    assert trainer.loader.position().last == 19 % 2  # the workers' turns continued

@@ -15,7 +15,7 @@ from mmcl.config import spec
 from mmcl.data.remote import ReadPolicy, check_backends
 from mmcl.data.samples import IMAGE_KEYS, MISSING_CAPTION, MISSING_IMAGE, collate, image_text_sample, multi_view_sample
 from mmcl.data.shards import count_samples, expand_shards, samples_per_shard
-from mmcl.data.stream import ShardStream
+from mmcl.data.stream import ShardStream, WorkerPositions
 from mmcl.data.transforms import OPENAI_MEAN, OPENAI_STD, Normalize, build_transform
 from mmcl.decode import MAX_PIXELS
 from mmcl.dist import world
@@ -97,14 +97,15 @@ class DataConfig:
 
 class Loader:
     """Iterate batches epoch after epoch; keeps the counts of skipped samples by reason, and where
-    each worker's stream stands in the epoch (:meth:`pulled`)."""
+    each worker's stream stands in the epoch (:meth:`position`)."""
 
     def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool = False,
                  normalize: Normalize | None = None):
         self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
         self.normalize = normalize  # None: the workers normalise
         self.skipped: Counter[str] = Counter()
-        self._pulled: dict[int, int] = {}  # worker -> samples its stream gave out up to the last batch yielded
+        self._at: dict[int, tuple[int, int]] = {}  # worker -> (samples given out, batches) at the last batch yielded
+        self._last = -1  # the worker of the last batch yielded
         self._loader: DataLoader | None = None
 
     @property
@@ -115,13 +116,24 @@ class Loader:
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch: reshuffles shards, the buffer and augmentations."""
         self.stream.set_epoch(epoch)
-        self._pulled = {}
+        at = self.stream.resume_from
+        if at is not None and at.epoch == epoch:
+            self._at, self._last = {w: (p, b) for w, (p, b) in enumerate(zip(at.pulled, at.batches))}, at.last
+        else:
+            self._at, self._last = {}, -1
 
-    def pulled(self) -> list[int]:
-        """Samples each worker's stream has given out this epoch up to the last batch this loader
-        yielded (skipped ones included): with the epoch, the position a checkpoint keeps that does
-        not depend on the process and worker counts (see :meth:`ShardStream.trained_samples`)."""
-        return [self._pulled.get(w, 0) for w in range(self.stream.num_workers)]
+    def position(self) -> WorkerPositions:
+        """Where each worker's stream stands in the current epoch after the last batch this loader
+        yielded: what a checkpoint keeps, for an exact resume (:meth:`resume_at`) or an elastic one
+        (:meth:`ShardStream.trained_samples`)."""
+        k = range(self.stream.num_workers)
+        return WorkerPositions(self.stream.epoch, self._last, tuple(self._at.get(w, (0, 0))[0] for w in k),
+                               tuple(self._at.get(w, (0, 0))[1] for w in k))
+
+    def resume_at(self, position: WorkerPositions) -> None:
+        """Continue exactly from ``position`` (saved by this layout), reading past what was trained
+        without decoding it (:meth:`ShardStream.resume_at`). Call before iterating."""
+        self.stream.resume_at(position)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self._loader is None:  # workers persist across epochs; the epoch reaches them through shared memory
@@ -135,8 +147,8 @@ class Loader:
         for batch in self._loader:
             self.skipped.update(batch.pop("skipped", {}))
             if "cursor" in batch:
-                worker, pulled = batch.pop("cursor")
-                self._pulled[worker] = pulled
+                worker, pulled, batches = batch.pop("cursor")
+                self._at[worker], self._last = (pulled, batches), worker
             if not batch.pop("empty", False):
                 yield batch
 

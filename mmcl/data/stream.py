@@ -25,12 +25,14 @@ each batch carries the counts of what was skipped since the previous batch under
 
 from __future__ import annotations
 
+import collections
 import itertools
 import multiprocessing
 import random
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import webdataset as wds
@@ -44,6 +46,30 @@ BAD_SHARD, BAD_SHARD_SAMPLES, DUPLICATE_FILE = "bad_shard", "bad_shard_samples",
 
 SampleFn = Callable[[dict[str, Any], int], "dict[str, Any] | str"]
 CollateFn = Callable[[list[dict[str, Any]]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class WorkerPositions:
+    """Where each loader worker's stream of one process stood in ``epoch`` after the last batch
+    trained: the samples it had given out (``pulled``, skipped ones included) and the batches it
+    had made, by worker, and which worker made the last batch (``last``). Saved in checkpoints as
+    one list of ints (:meth:`to_list`), after the epoch and the process's batch count."""
+
+    epoch: int
+    last: int
+    pulled: tuple[int, ...]
+    batches: tuple[int, ...]
+
+    def to_list(self) -> list[int]:
+        """``[last, pulled by worker 0, 1, ..., batches by worker 0, 1, ...]``."""
+        return [self.last, *self.pulled, *self.batches]
+
+    @classmethod
+    def from_list(cls, epoch: int, values: list[int], num_workers: int) -> WorkerPositions:
+        """Inverse of :meth:`to_list`."""
+        if len(values) != 1 + 2 * num_workers:
+            raise ValueError(f"a position of {num_workers} workers has {1 + 2 * num_workers} values, not {len(values)}")
+        return cls(epoch, values[0], tuple(values[1:1 + num_workers]), tuple(values[1 + num_workers:]))
 
 
 class Skip(Exception):
@@ -105,9 +131,10 @@ class ShardStream(IterableDataset):
         self.num_workers = max(1, num_workers)
         # Shared with (persistent, forked) DataLoader workers, so set_epoch reaches them.
         self._epoch = multiprocessing.Value("i", 0)
-        # epoch -> ids of samples trained before an elastic resume (see :meth:`exclude_trained`); set
-        # before the workers start, which take a copy
+        # epoch -> ids of samples trained before an elastic resume (see :meth:`exclude_trained`), and
+        # where an exact resume starts (see :meth:`resume_at`); set before the workers start, which copy them
         self.exclude: dict[int, set[str]] = {}
+        self.resume_from: WorkerPositions | None = None
 
     @property
     def epoch(self) -> int:
@@ -213,14 +240,15 @@ class ShardStream(IterableDataset):
         """Epoch -> ids of the samples a run laid out as ``segment`` took from its streams in the
         epochs from ``from_epoch`` on: ``segment`` has that run's ``processes`` and ``workers``, the
         ``start_epoch`` it began reading at, and each process's ``positions`` as checkpoints store
-        them (``[epoch, batches, pulled by worker 0, worker 1, ...]``: samples each worker had
-        given out up to its last batch trained). Earlier epochs of a process were read whole.
+        them (``[epoch, batches, *WorkerPositions.to_list()]``: the samples each worker had given out
+        up to its last batch trained). Earlier epochs of a process were read whole.
 
         Replays those streams (reading the shards' bytes, decoding nothing) under the current
         :attr:`exclude`, which must be what it was for that run."""
         out: dict[int, set[str]] = defaultdict(set)
         world_size, num_workers = segment["processes"], segment["workers"]
-        for rank, (epoch, _, *pulled) in enumerate(segment["positions"]):
+        for rank, (epoch, _, *rest) in enumerate(segment["positions"]):
+            pulled = WorkerPositions.from_list(epoch, rest, num_workers).pulled
             for e in range(max(from_epoch, segment["start_epoch"]), epoch + 1):
                 for worker in range(num_workers):
                     samples = self._slot_samples(rank, worker, world_size, num_workers, e, Counter())
@@ -239,8 +267,16 @@ class ShardStream(IterableDataset):
                 self.exclude.setdefault(epoch, set()).update(ids)
         return sum(len(ids) for ids in self.exclude.values())
 
+    def resume_at(self, position: WorkerPositions) -> None:
+        """Start ``position.epoch`` where a checkpoint of the same layout left it, exactly: each worker
+        reads past the samples its stream had given out without decoding them (so the shuffle buffer
+        and its generator are where they were), and the workers take turns from the one after the
+        last to make a batch, as they would have. Call before the loader's workers start."""
+        self.resume_from = position
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, num_workers = self._worker()
+        epoch = self.epoch
         skipped: Counter[str] = Counter()
         first_missing = 0  # samples lacking a required field before any sample had it
         limit = None
@@ -249,8 +285,17 @@ class ShardStream(IterableDataset):
             limit = -(-self.epoch_samples // (slots * self.batch_size))  # batches per worker
         batch: list[dict[str, Any]] = []
         produced = pulled = 0
-        seen_required = False
-        for sample in self._slot_samples(self.rank, worker, self.world_size, num_workers, self.epoch, skipped):
+        at = self.resume_from if self.resume_from is not None and self.resume_from.epoch == epoch else None
+        if at is not None:  # the DataLoader starts its turns at worker 0: it serves the stream after the last
+            worker = (worker + at.last + 1) % num_workers
+            pulled, produced = at.pulled[worker], at.batches[worker]
+        samples = self._slot_samples(self.rank, worker, self.world_size, num_workers, epoch, skipped)
+        collections.deque(itertools.islice(samples, pulled), maxlen=0)  # read, neither decoded nor augmented
+        skipped.clear()  # counted before the checkpoint
+        seen_required = pulled > 0
+        if limit is not None and produced >= limit:
+            return
+        for sample in samples:
             pulled += 1  # the position a checkpoint keeps (a batch's "cursor"): samples given out so far
             missing = {reason: "/".join(g) for reason, g in self.required.items() if not any(f in sample for f in g)}
             if missing:
@@ -265,24 +310,25 @@ class ShardStream(IterableDataset):
                 continue
             seen_required = True
             try:
-                item = self.sample_fn(sample, sample_seed(self.seed, self.epoch, sample["__key__"]))
+                item = self.sample_fn(sample, sample_seed(self.seed, epoch, sample["__key__"]))
             except Skip as e:
                 skipped[str(e)] += 1
                 continue
             batch.append(item)
             if len(batch) == self.batch_size:
-                yield self._collate(batch, skipped, (worker, pulled))
+                yield self._collate(batch, skipped, (worker, pulled, produced + 1))
                 batch, produced = [], produced + 1
                 if limit is not None and produced >= limit:
                     return
         if batch and not self.drop_last:
-            yield self._collate(batch, skipped, (worker, pulled))
+            yield self._collate(batch, skipped, (worker, pulled, produced + 1))
         elif skipped:
             yield {"skipped": dict(skipped), "empty": True}
 
-    def _collate(self, items: list[dict[str, Any]], skipped: Counter[str], cursor: tuple[int, int]) -> dict[str, Any]:
+    def _collate(self, items: list[dict[str, Any]], skipped: Counter[str],
+                 cursor: tuple[int, int, int]) -> dict[str, Any]:
         out = self.collate_fn(items)
         out["skipped"] = dict(skipped)
-        out["cursor"] = cursor  # (worker, samples it has given out this epoch)
+        out["cursor"] = cursor  # (worker, samples it has given out this epoch, batches it has made)
         skipped.clear()
         return out
