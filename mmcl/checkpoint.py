@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from mmcl.errors import MmclError
+from mmcl.files import share_as_umask
 
 FORMAT = "mmcl-checkpoint"
 VERSION = 1
@@ -199,7 +200,9 @@ def write_manifest(folder: Path, info: dict[str, Any]) -> None:
 
 
 def publish(partial: Path, final: Path) -> None:
-    """Rename a complete checkpoint into place (replacing an older one of the same step)."""
+    """Rename a complete checkpoint into place (replacing an older one of the same step), readable
+    as the user's umask says (safetensors writes its files 0600)."""
+    share_as_umask(partial)
     if final.exists():
         shutil.rmtree(final)
     os.replace(partial, final)

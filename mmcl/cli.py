@@ -68,12 +68,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from mmcl.evaluate.run import result_lines
     from mmcl.recipe import load_recipe
     from mmcl.train import Trainer
 
     recipe = load_recipe(args.config, args.overrides)
     trainer = Trainer(recipe)
     final = trainer.fit(args.resume)
+    for line in result_lines(trainer.final_evals):
+        trainer.acc.print(line)
     trainer.acc.print(f"final model: {final}")
     return 0
 

@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from mmcl.errors import MmclError
+from mmcl.files import share_as_umask
 
 CONFIG = "mmcl_config.json"
 FORMAT = "mmcl-model/1"
@@ -61,6 +62,7 @@ def save_pretrained(model: nn.Module, path: str | Path, *, name: str, preprocess
                   "preprocess": preprocess, "info": info}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         write_card(tmp, config)
+        share_as_umask(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -33,6 +33,7 @@ from mmcl.dist import world
 from mmcl.errors import MmclError
 from mmcl.evaluate.run import flat_metrics
 from mmcl.gradcache import grad_cache_step
+from mmcl.hub import write_atomic
 from mmcl.optim import build_optimizer
 from mmcl.publish import RunFacts, push_final, write_final
 from mmcl.recipe import Recipe, device_vote_obstacle, recipe_dict
@@ -132,6 +133,7 @@ class Trainer:
     def __init__(self, recipe: Recipe):
         self.recipe = r = recipe
         self.out = Path(r.run.output_dir)
+        self.final_evals: list[dict[str, Any]] = []  # the evaluations of the final model (after fit)
         trackers = []
         try:
             import tensorboard  # noqa: F401
@@ -560,17 +562,35 @@ class Trainer:
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "recipe.yaml").write_text(yaml.safe_dump(recipe_dict(r), sort_keys=False))
-        acc.init_trackers(r.run.name or self.out.name, config=_flat(recipe_dict(r)))
         acc.print(self.sizes())
-        if not resume:
-            return 0, 0, 0
-        found = ckpt.find_checkpoint(self.out, resume, warn=acc.print)
-        if found is None:
+        found = ckpt.find_checkpoint(self.out, resume, warn=acc.print) if resume else None
+        if resume and found is None:
             acc.print(f"no checkpoint in {self.out / 'checkpoints'}; starting from scratch")
-            return 0, 0, 0
-        position = self.load_checkpoint(found)
-        acc.print(f"resumed from {found} at step {self.state.step}")
+        position = self.load_checkpoint(found) if found else (0, 0, 0)
+        self._forget_after(self.state.step)
+        # TensorBoard drops what the interrupted run logged after the checkpoint, as metrics.jsonl does
+        acc.init_trackers(r.run.name or self.out.name, config=_flat(recipe_dict(r)),
+                          init_kwargs={"tensorboard": {"purge_step": self.state.step + 1}} if found else {})
+        if found:
+            acc.print(f"resumed from {found} at step {self.state.step}")
         return position
+
+    def _forget_after(self, step: int) -> None:
+        """Drop from ``metrics.jsonl`` what a run logged after ``step`` (the checkpoint it resumes
+        from), so that every step is logged once."""
+        path = self.out / "metrics.jsonl"
+        if not (self.acc.is_main_process and path.is_file()):
+            return
+        def step_of(line: str) -> int | None:
+            try:
+                return json.loads(line).get("step", 0)
+            except ValueError:  # a line torn by the kill that interrupted the run
+                return None
+
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if (at := step_of(line)) is not None and at <= step]
+        if len(kept) != len(lines):
+            write_atomic(path, "".join(f"{line}\n" for line in kept))
 
     def fit(self, resume: str | None = None) -> Path:
         """Train to ``train.steps`` optimizer steps; returns ``RUN/final``."""
@@ -617,6 +637,7 @@ class Trainer:
         if r.eval.requested():
             evals = self.evaluate()
             self._log({"step": self.state.step, **flat_metrics(evals)})
+        self.final_evals = evals
         final = self.out / "final"
         self._settle_votes()
         self._check_finite_weights(str(final))

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first. A module may import its own package's modules and anything in a lower layer.
 LAYERS: list[tuple[str, ...]] = [
-    ("mmcl", "mmcl.errors", "mmcl.dist", "mmcl.decode", "mmcl.prompts", "mmcl.argtypes", "mmcl.testing"),
+    ("mmcl", "mmcl.errors", "mmcl.dist", "mmcl.decode", "mmcl.prompts", "mmcl.argtypes", "mmcl.testing",
+     "mmcl.files"),
     ("mmcl.registry",),  # plugins by name; imports no plugin
     ("mmcl.config",),  # the typed schema and YAML
     ("mmcl.data",),

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,9 +51,15 @@ def test_resumed_run_matches_uninterrupted_run(digits_dir: Path, tmp_path: Path)
     # simulate a run killed after step 3: keep only that checkpoint and the log up to it
     part = tmp_path / "part"
     shutil.copytree(full / "checkpoints" / "step_00000003", part / "checkpoints" / "step_00000003")
+    shutil.copy(full / "metrics.jsonl", part / "metrics.jsonl")  # it had logged beyond its checkpoint,
+    with open(part / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')  # and was killed mid-line
     Trainer(recipe(digits_dir, part, "train.save_every=3")).fit(resume="latest")
     resumed = losses(part)
-    assert sorted(resumed) == [4, 5, 6]
+    rows = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["step"] for r in rows if "loss" in r]
+    assert logged == [1, 2, 3, 4, 5, 6]  # each step once (the interrupted run's 4 to 7 are gone)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     for step in (4, 5, 6):
         assert resumed[step] == pytest.approx(reference[step], abs=1e-6)
     # the final model round-trips with identical outputs, and open_clip loads it unchanged
@@ -284,3 +292,28 @@ def test_a_run_says_its_sizes_when_it_starts(digits_dir: Path, tmp_path: Path, c
     assert ("mmcl: the loss sees 32 samples at a time (batch per process x processes): optim.grad_accum adds "
             "micro-batches, not negatives") in out
     assert "mmcl: train.steps 100 = 6,400 samples = 5.1 epochs of 1,257 training samples" in out
+
+
+def test_train_prints_its_final_evaluation_and_writes_a_readable_model(digits_dir: Path, tmp_path: Path,
+                                                                      capsys) -> None:
+    """``mmcl train`` ends with the final model's evaluation, as ``mmcl eval`` prints it, and its
+    ``final/`` folder has the permissions of the user's umask (it was 0700: private to its writer)."""
+    old = os.umask(0o022)
+    try:
+        code = mmcl_main(["train", "--config", str(ROOT / "configs" / "clip_digits.yaml"),
+                          "--set", f"data.train_shards={digits_dir}/train-{{000000..000004}}.tar",
+                          "--set", f"eval.zeroshot_shards={digits_dir}/test-{{000000..000001}}.tar",
+                          "--set", f"run.output_dir={tmp_path / 'run'}", "--set", "train.steps=2",
+                          "--set", "train.progress=false", "--set", "data.batch_size=32",
+                          "--set", "data.num_workers=0"])
+    finally:
+        os.umask(old)
+    out = capsys.readouterr().out
+    assert code == 0
+    assert re.search(r"zeroshot top1 \d\.\d{3}, top5 \d\.\d{3} on digits/test \(360 samples\)", out), out
+    final = tmp_path / "run" / "final"
+    assert stat.S_IMODE(final.stat().st_mode) == 0o755
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in final.iterdir())
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
+    assert stat.S_IMODE(checkpoint.stat().st_mode) == 0o755
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in checkpoint.iterdir())

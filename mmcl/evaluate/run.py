@@ -88,6 +88,18 @@ def result(task: str, shards: str, metrics: dict[str, float], **extra: Any) -> d
     return {"task": task, "dataset": describe(shards), "metrics": {k: float(v) for k, v in metrics.items()}, **extra}
 
 
+def result_lines(results: list[dict[str, Any]]) -> list[str]:
+    """Results as ``mmcl eval`` prints them: ``zeroshot top1: 0.986 on digits/test (360 samples)``."""
+    lines = []
+    for r in results:
+        d = r["dataset"]
+        metrics = ", ".join(f"{k} {v:.3f}" for k, v in r["metrics"].items())
+        lines.append(f"{r['task']} {metrics} on {d['name']} ({d.get('samples') or '?'} samples)")
+        if r.get("skipped"):
+            lines.append(f"  skipped samples: {r['skipped']}")
+    return lines
+
+
 def flat_metrics(results: list[dict[str, Any]]) -> dict[str, float]:
     """``{"zeroshot/top1": ..., "retrieval/image_to_text_R@1": ...}`` for logging; a task run on
     several datasets is keyed by dataset too (``knn/digits/test-shifted/top1``)."""

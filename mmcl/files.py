@@ -1,0 +1,26 @@
+"""File-system details every writer of run outputs shares."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def umask() -> int:
+    """The process's umask (reading it means setting it: it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_as_umask(folder: Path) -> None:
+    """Give ``folder`` and the files in it the permissions the user's umask gives any new file.
+
+    ``tempfile.mkdtemp`` makes folders private (0700) and safetensors writes its files 0600: left so,
+    a model or checkpoint written under a temporary name and renamed into place could not be read by
+    the rest of a group sharing a cluster."""
+    mask = umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for f in folder.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o666 & ~mask)
