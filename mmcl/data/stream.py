@@ -25,7 +25,6 @@ each batch carries the counts of what was skipped since the previous batch under
 
 from __future__ import annotations
 
-import collections
 import itertools
 import multiprocessing
 import random
@@ -39,6 +38,8 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mmcl.data.remote import ReadPolicy, open_shard
+from mmcl.data.seek import read_members, scan_tar, shuffle_state
+from mmcl.data.shards import is_remote
 from mmcl.dist import world
 from mmcl.errors import DataError
 
@@ -212,11 +213,13 @@ class ShardStream(IterableDataset):
         if lost > 0:
             skipped[BAD_SHARD_SAMPLES] += lost
 
-    def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
+    def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random,
+                  buf: list[dict[str, Any]] | None = None) -> Iterator[dict[str, Any]]:
+        """``samples`` through the shuffle buffer (which may start filled, see :mod:`mmcl.data.seek`)."""
         if self.shuffle_buffer <= 1:
             yield from samples
             return
-        buf: list[dict[str, Any]] = []
+        buf = buf or []
         for s in samples:
             buf.append(s)
             if len(buf) >= self.shuffle_buffer:
@@ -231,10 +234,57 @@ class ShardStream(IterableDataset):
         """The raw samples one process's worker reads in ``epoch``, in the order its shuffle buffer
         gives them out, less those :attr:`exclude` lists for the epoch. A function of its arguments
         and the stream's seed only, so a checkpoint can replay another layout's order."""
-        done = self.exclude.get(epoch)
-        raw = (s for url, every, offset in self._my_shards(rank * num_workers + worker, world_size * num_workers, epoch)
-               for s in self._read_shard(url, skipped, every, offset) if not done or sample_id(s) not in done)
+        shards = self._my_shards(rank * num_workers + worker, world_size * num_workers, epoch)
+        raw = self._raw(shards, epoch, skipped)
         return self._shuffled(raw, random.Random(sample_seed(self.seed, epoch, "buffer", rank, worker)))
+
+    def _raw(self, shards: Iterator[tuple[str, int, int]], epoch: int,
+             skipped: Counter[str]) -> Iterator[dict[str, Any]]:
+        """The samples of ``shards`` (from :meth:`_my_shards`) less those :attr:`exclude` lists for ``epoch``."""
+        done = self.exclude.get(epoch)
+        return (s for url, every, offset in shards for s in self._read_shard(url, skipped, every, offset)
+                if not done or sample_id(s) not in done)
+
+    def _slot_samples_after(self, rank: int, worker: int, world_size: int, num_workers: int, epoch: int,
+                            skipped: Counter[str], given: int) -> Iterator[dict[str, Any]]:
+        """What :meth:`_slot_samples` gives after its first ``given`` samples, without reading the
+        shards those came from (see :mod:`mmcl.data.seek`): the shuffle buffer is rebuilt from the
+        data of the samples still in it, read where they lie, and its generator set where it was.
+        Local uncompressed shards are scanned for headers; from the first that is not, the stream is
+        read on (not decoded). A position within the stream's final shuffle (the shards had run out)
+        is reached by replaying the whole stream."""
+        rng = random.Random(sample_seed(self.seed, epoch, "buffer", rank, worker))
+        buffered, taken = shuffle_state(given, self.shuffle_buffer, rng)
+        wanted, found = set(buffered), {}
+        done = self.exclude.get(epoch)
+        shards = self._my_shards(rank * num_workers + worker, world_size * num_workers, epoch)
+        number = 0  # samples of the stream before the current shard
+        for url, every, offset in shards:
+            files = None if is_remote(url) else scan_tar(url)
+            if files is not None:
+                grouped = wds.tariterators.group_by_keys(files, handler=lambda exn: True)
+                samples = [s for i, s in enumerate(grouped)
+                           if i % every == offset and (not done or sample_id(s) not in done)]
+                if number + len(samples) <= taken:  # wholly read before the position
+                    for i, s in enumerate(samples, number):
+                        if i in wanted:
+                            found[i] = read_members(url, s)
+                    number += len(samples)
+                    continue
+            # the position is in this shard, or it cannot be scanned: read on from its start
+            raw = self._raw(itertools.chain([(url, every, offset)], shards), epoch, skipped)
+            for i in range(number, taken):
+                s = next(raw, None)
+                if s is None:
+                    break
+                if i in wanted:
+                    found[i] = s
+            else:
+                return self._shuffled(raw, rng, [found[i] for i in buffered])
+            break
+        # the stream ended before the position: its last samples were given out in a final shuffle
+        return itertools.islice(self._slot_samples(rank, worker, world_size, num_workers, epoch, skipped),
+                                given, None)
 
     def trained_samples(self, segment: dict[str, Any], from_epoch: int) -> dict[int, set[str]]:
         """Epoch -> ids of the samples a run laid out as ``segment`` took from its streams in the
@@ -289,9 +339,11 @@ class ShardStream(IterableDataset):
         if at is not None:  # the DataLoader starts its turns at worker 0: it serves the stream after the last
             worker = (worker + at.last + 1) % num_workers
             pulled, produced = at.pulled[worker], at.batches[worker]
-        samples = self._slot_samples(self.rank, worker, self.world_size, num_workers, epoch, skipped)
-        collections.deque(itertools.islice(samples, pulled), maxlen=0)  # read, neither decoded nor augmented
-        skipped.clear()  # counted before the checkpoint
+        if pulled:  # where the checkpoint left it, the samples before neither read again nor decoded
+            samples = self._slot_samples_after(self.rank, worker, self.world_size, num_workers, epoch, skipped,
+                                               pulled)
+        else:
+            samples = self._slot_samples(self.rank, worker, self.world_size, num_workers, epoch, skipped)
         seen_required = pulled > 0
         if limit is not None and produced >= limit:
             return
