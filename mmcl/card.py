@@ -12,7 +12,8 @@ import yaml
 
 TASK_TYPES = {"zeroshot": "zero-shot-image-classification", "retrieval": "image-text-retrieval",
               "knn": "image-classification", "linear": "image-classification"}
-LABELS = {"wall_s": "training time (s)", "lr": "learning rate", "global_batch": "global batch size",
+LABELS = {"wall_s": "training time (s)", "lr": "learning rate", "global_batch": "samples per optimizer step",
+          "contrastive_batch": "samples per loss (contrastive batch)",
           "bad_steps": "skipped non-finite steps"}
 TASK_NAMES = {"zeroshot": "zero-shot classification", "retrieval": "image-text retrieval",
               "knn": "kNN classification (frozen features)", "linear": "linear probe (frozen features)"}

@@ -47,6 +47,28 @@ def split(x: Nested, start: int, end: int, n: int) -> Nested:
     return x
 
 
+def concat(batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """One batch of the samples of ``batches`` (the inverse of :func:`split`): per-sample tensors and
+    lists joined, containers member by member, anything else taken from the first."""
+    sizes = [batch_size(b) for b in batches]
+
+    def join(parts: list[Nested]) -> Nested:
+        first = parts[0]
+        if isinstance(first, torch.Tensor):
+            batched = first.dim() and all(p.shape[0] == n for p, n in zip(parts, sizes))
+            return torch.cat(parts) if batched else first
+        if isinstance(first, dict):
+            return {k: join([p[k] for p in parts]) for k in first}
+        if isinstance(first, (list, tuple)):
+            if all(len(p) == n for p, n in zip(parts, sizes)) and not any(
+                    isinstance(v, (torch.Tensor, list, tuple, dict)) for v in first):
+                return type(first)(v for p in parts for v in p)
+            return type(first)(join(list(vs)) for vs in zip(*parts))
+        return first
+
+    return join(batches)
+
+
 def _leaves(x: Nested) -> Iterator[torch.Tensor]:
     """The tensors of a nested output, in a fixed order."""
     if isinstance(x, torch.Tensor):

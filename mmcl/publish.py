@@ -18,7 +18,7 @@ from torch import nn
 
 from mmcl.data import class_names, count_samples, expand_shards
 from mmcl.errors import MmclError
-from mmcl.recipe import Recipe, recipe_dict
+from mmcl.recipe import Recipe, merged_micro_batches, recipe_dict
 from mmcl.registry import plugin_name
 
 
@@ -45,6 +45,7 @@ def run_info(recipe: Recipe, facts: RunFacts) -> dict[str, Any]:
         "objective": plugin_name("objective", r.objective),
         "recipe": recipe_dict(r),
         "train": {"steps": f.steps, "global_batch": r.data.batch_size * f.processes * r.optim.grad_accum,
+                  "contrastive_batch": r.data.batch_size * f.processes * merged_micro_batches(r),
                   "processes": f.processes, "wall_s": round(f.wall_s, 1), "mixed_precision": f.mixed_precision,
                   "bad_steps": f.bad_steps, "lr": r.optim.lr, "weight_decay": r.optim.weight_decay,
                   "warmup_steps": r.optim.warmup_steps, "schedule": r.optim.schedule},

@@ -253,6 +253,13 @@ def check_contract(recipe: Recipe) -> None:
         raise C.ConfigError(f"model.name {m} reads data.kind {_kinds(model_kinds)}, but data.kind is {kind}")
 
 
+def merged_micro_batches(recipe: Recipe) -> int:
+    """How many micro-batches each optimizer step merges into one contrastive batch: ``optim.grad_accum``
+    for an objective whose loss couples the samples of a batch (:attr:`Objective.couples_batch`),
+    else 1 (plain accumulation)."""
+    return recipe.optim.grad_accum if objective_class(recipe.objective).couples_batch else 1
+
+
 def device_vote_obstacle(recipe: Recipe, fp16_scaler: bool = False) -> str | None:
     """Why the bad-step vote cannot stay on the device for ``recipe`` (``train.vote``), or None: the
     optimizer must skip a step by itself (fused AdamW/SGD told ``found_inf``), fp16's grad scaler

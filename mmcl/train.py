@@ -32,12 +32,12 @@ from mmcl.data.stream import WorkerPositions, sample_seed
 from mmcl.dist import world
 from mmcl.errors import MmclError
 from mmcl.evaluate.run import flat_metrics
-from mmcl.gradcache import grad_cache_step
+from mmcl.gradcache import concat, grad_cache_step
 from mmcl.hub import write_atomic
 from mmcl.optim import build_optimizer
 from mmcl.publish import RunFacts, push_final, write_final
-from mmcl.recipe import Recipe, device_vote_obstacle, recipe_dict
-from mmcl.registry import build
+from mmcl.recipe import Recipe, device_vote_obstacle, merged_micro_batches, recipe_dict
+from mmcl.registry import build, plugin_name
 
 
 class TrainingError(MmclError):
@@ -142,7 +142,12 @@ class Trainer:
         except ImportError:
             pass
         precision = None if r.train.mixed_precision == "auto" else r.train.mixed_precision
-        self.acc = Accelerator(gradient_accumulation_steps=r.optim.grad_accum, log_with=trackers or None,
+        # an objective whose loss couples a batch's samples gets the accumulated batch as one contrastive
+        # batch, embedded data.batch_size (or train.grad_cache) samples at a time; others accumulate
+        self.merge = merged_micro_batches(r)
+        self.chunk = r.train.grad_cache or (r.data.batch_size if self.merge > 1 else 0)
+        self.acc = Accelerator(gradient_accumulation_steps=r.optim.grad_accum // self.merge,
+                               log_with=trackers or None,
                                project_dir=str(self.out), mixed_precision=precision,
                                dynamo_backend="inductor" if r.train.compile else None)
         set_seed(r.run.seed)
@@ -505,7 +510,7 @@ class Trainer:
         (:mod:`mmcl.gradcache`). A non-finite loss gives non-finite gradients, which the vote skips."""
         acc = self.acc
         backward = lambda loss: acc.backward(loss.float())  # noqa: E731
-        chunk = self.recipe.train.grad_cache
+        chunk = self.chunk
         if chunk:  # DDP's own no_sync: Accelerate's is a no-op for a DDP model of one process
             loss, metrics = grad_cache_step(self.model, self.objective, batch, chunk, device=acc.device,
                                             autocast=acc.autocast, backward=backward,
@@ -539,18 +544,24 @@ class Trainer:
     def sizes(self) -> str:
         """What the run's numbers mean, printed when it starts: processes, device and precision, the
         batch per process, accumulation, samples per optimizer step, how many samples the loss sees
-        at a time (the contrastive batch: accumulation adds micro-batches, not negatives), steps, and
-        how many epochs of the training shards that is."""
+        at a time (the contrastive batch), steps, and how many epochs of the training shards that is."""
         r, acc = self.recipe, self.acc
         b, p, a = r.data.batch_size, acc.num_processes, r.optim.grad_accum
-        step = b * p * a
+        step, loss = b * p * a, b * p * self.merge
         epoch = self.loader.stream.epoch_samples if hasattr(self.loader, "stream") else None
-        cache = f", embedded {r.train.grad_cache} at a time (train.grad_cache)" if r.train.grad_cache else ""
-        lines = [f"{p} process{'es' if p > 1 else ''} on {acc.device.type}, precision {acc.mixed_precision}",
-                 f"data.batch_size {b} per process x {p} process{'es' if p > 1 else ''} x optim.grad_accum {a} = "
-                 f"{step:,} samples per optimizer step",
-                 f"the loss sees {b * p:,} samples at a time (batch per process x processes{cache})"
-                 + (": optim.grad_accum adds micro-batches, not negatives" if a > 1 else ""),
+        procs, objective = f"{p} process{'es' if p > 1 else ''}", plugin_name("objective", r.objective)
+        if self.merge > 1:
+            how = (f"batch per process x processes x optim.grad_accum: the micro-batches are one contrastive batch, "
+                   f"embedded {self.chunk} at a time")
+        else:
+            how = "batch per process x processes" + (
+                f", embedded {self.chunk} at a time (train.grad_cache)" if self.chunk else "") + (
+                f"; optim.grad_accum adds micro-batches, not negatives: {objective}'s loss is per sample"
+                if a > 1 else "")
+        lines = [f"{procs} on {acc.device.type}, precision {acc.mixed_precision}",
+                 f"data.batch_size {b} per process x {procs} x optim.grad_accum {a} = {step:,} samples per "
+                 "optimizer step",
+                 f"the loss sees {loss:,} samples at a time ({how})",
                  f"train.steps {r.train.steps:,} = {r.train.steps * step:,} samples"
                  + (f" = {r.train.steps * step / epoch:.1f} epochs of {epoch:,} training samples" if epoch else "")]
         return "\n".join(f"mmcl: {line}" for line in lines)
@@ -603,6 +614,7 @@ class Trainer:
         epoch, batches, current = start_epoch, done - read_again, start_epoch
         t0 = t_log = time.perf_counter()
         samples, waited = 0, {"s": 0.0}
+        merging: list[dict[str, Any]] = []
         evals: list[dict[str, Any]] = []
         self.model.train()
         with closing(self.loader), loader_worker_deaths(self.loader):  # workers stop when fit ends
@@ -613,7 +625,13 @@ class Trainer:
                 if epoch == start_epoch and batches <= done:
                     continue  # a checkpoint of an older mmcl: read again up to where it stopped
                 samples += len(batch["key"]) * acc.num_processes
-                if not self.train_step(self.loader.prepare(batch, acc.device, self.memory_format)):
+                batch = self.loader.prepare(batch, acc.device, self.memory_format)
+                if self.merge > 1:  # optim.grad_accum micro-batches make one contrastive batch
+                    merging.append(batch)
+                    if len(merging) < self.merge:
+                        continue
+                    batch, merging = concat(merging), []
+                if not self.train_step(batch):
                     continue  # mid-accumulation, or a skipped step
                 step = self.state.step
                 self._bar.update(1)

@@ -4,6 +4,8 @@ processes, and accumulation under DDP: tests/dist/test_training_steps.py.)"""
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -168,3 +170,51 @@ def test_trainer_with_grad_cache_trains_as_without(digits_dir: Path, tmp_path: P
 def test_grad_cache_must_be_below_the_batch(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"train.grad_cache \(64\) must be below data.batch_size \(64\)"):
         load_recipe(ROOT / "configs" / "clip_digits.yaml", ["data.batch_size=64", "train.grad_cache=64"])
+
+
+@pytest.mark.parametrize("objective, extra", [
+    ("clip", ["eval.zeroshot_shards=null"]),
+    ("simclr", ["model.backbone.norm=gn", "model.backbone.width=8", "model.backbone.depth=2",  # no BatchNorm:
+                "model.projector={dims: [32, 16], norm: none}", "eval.knn_train_shards=null",  # its statistics
+                "eval.knn_shards=[]", "eval.linear=false"]),  # would be per embedded chunk
+])
+def test_accumulated_micro_batches_are_one_contrastive_batch(digits_dir: Path, tmp_path: Path, objective: str,
+                                                             extra: list[str]) -> None:
+    """``data.batch_size: 8`` with ``optim.grad_accum: 2`` trains as ``data.batch_size: 16``: the
+    loss sees the 16 samples of a step together (its first value near ln 16 for CLIP, not ln 8, as
+    plain accumulation gave), and losses and weights over 3 steps equal to 1e-5. One loader process:
+    the same samples in the same order either way."""
+    def run(out: str, *more: str) -> tuple[dict[int, float], Trainer, str]:
+        t = Trainer(load_recipe(ROOT / "configs" / f"{objective}_digits.yaml", [
+            f"data.train_shards={digits_dir}/train-{{000000..000004}}.tar", f"run.output_dir={tmp_path / out}",
+            "data.num_workers=0", "data.shuffle_buffer=32", "train.steps=3", "train.log_every=1",
+            "train.save_every=0", "optim.warmup_steps=1", "train.progress=false", *extra, *more]))
+        said = t.sizes()
+        t.fit()
+        rows = [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}, t, said
+
+    whole, big, _ = run("whole", "data.batch_size=16")
+    merged, small, said = run("merged", "data.batch_size=8", "optim.grad_accum=2")
+    assert "the loss sees 16 samples at a time" in said and "one contrastive batch" in said
+    if objective == "clip":
+        assert abs(whole[1] - math.log(16)) < 0.3
+    assert sorted(merged) == [1, 2, 3]
+    for step, loss in whole.items():
+        assert merged[step] == pytest.approx(loss, abs=1e-5), (whole, merged)
+    a, b = big.unwrapped.state_dict(), small.unwrapped.state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    summary = json.loads((tmp_path / "merged" / "summary.json").read_text())
+    assert summary["train"]["global_batch"] == summary["train"]["contrastive_batch"] == 16
+
+
+def test_a_per_sample_objective_accumulates_micro_batches(digits_dir: Path) -> None:
+    """BYOL's loss is per sample: accumulation adds micro-batches, and the run says so."""
+    from mmcl.recipe import merged_micro_batches
+
+    r = load_recipe(ROOT / "configs" / "byol_digits.yaml", [f"data.train_shards={digits_dir}/train-000000.tar",
+                                                           "optim.grad_accum=4"])
+    assert merged_micro_batches(r) == 1
+    r = load_recipe(ROOT / "configs" / "clip_digits.yaml", [f"data.train_shards={digits_dir}/train-000000.tar",
+                                                           "optim.grad_accum=4"])
+    assert merged_micro_batches(r) == 4

@@ -289,8 +289,8 @@ def test_a_run_says_its_sizes_when_it_starts(digits_dir: Path, tmp_path: Path, c
     assert "mmcl: 1 process on cpu, precision no" in out
     assert ("mmcl: data.batch_size 32 per process x 1 process x optim.grad_accum 2 = 64 samples per optimizer "
             "step") in out
-    assert ("mmcl: the loss sees 32 samples at a time (batch per process x processes): optim.grad_accum adds "
-            "micro-batches, not negatives") in out
+    assert ("mmcl: the loss sees 64 samples at a time (batch per process x processes x optim.grad_accum: the "
+            "micro-batches are one contrastive batch, embedded 32 at a time)") in out
     assert "mmcl: train.steps 100 = 6,400 samples = 5.1 epochs of 1,257 training samples" in out
 
 

@@ -62,6 +62,12 @@ class Objective(nn.Module):
     #: the model config's ``output_views(data)``)
     min_views: ClassVar[int] = 1
     per_process_buffers: ClassVar[tuple[str, ...]] = ()
+    #: whether the loss of a sample depends on the other samples of its batch (negatives, a batch
+    #: normaliser such as Sinkhorn or a centre): then ``optim.grad_accum`` merges its micro-batches into
+    #: one contrastive batch (gradient caching, :mod:`mmcl.gradcache`), since accumulating separate
+    #: micro-batches would train on smaller batches than the recipe says. False: a per-sample loss
+    #: (against a momentum target, a queue or a memory bank), for which plain accumulation is exact
+    couples_batch: ClassVar[bool] = True
 
     def __init__(self, cfg: Any):
         super().__init__()

@@ -37,6 +37,8 @@ def byol_loss(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 class BYOLLoss(MomentumObjective):
     """Holds the predictor (trained) and the momentum target."""
 
+    couples_batch = False  # each sample's prediction against its momentum target: accumulation is exact
+
     def forward(self, out: dict[str, Any], batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         p1, p2 = (self.predictor(z) for z in out["z"][:2])
         t1, t2 = self.target({"views": batch["views"][:2]})["z"]

@@ -41,6 +41,8 @@ class InstDiscConfig:
 class InstDiscLoss(ViewObjective):
     """Holds the memory bank (sized to the model's embeddings in :meth:`setup`)."""
 
+    couples_batch = False  # each sample against the memory bank; accumulating, micro-batches update it in turn
+
     min_views = 1  # one view against the memory bank
     needs_model_attributes = ("embed_dim",)
 

@@ -67,6 +67,8 @@ class MoCoLoss(MomentumObjective):
     """MoCo v1 and v2 (they differ in the recipe only): holds the momentum encoder and the queue,
     built with :meth:`setup` once the model exists."""
 
+    couples_batch = False  # each query against its key and the queue; accumulating, micro-batches queue in turn
+
     schedule = "fixed"
 
     def setup(self, model: nn.Module, total_steps: int) -> None:

@@ -36,6 +36,8 @@ def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch
 class SimSiamLoss(ViewObjective):
     """Holds the predictor."""
 
+    couples_batch = False  # each sample against its own stop-gradient target: accumulation is exact
+
     needs_model_attributes = ("embed_dim",)
 
     def setup(self, model: nn.Module, total_steps: int) -> None:
