@@ -80,6 +80,9 @@ class TrainConfig:
                      "possible)")
     grad_cache: int = spec(0, ge=0, help="0: off. N: gradient caching (mmcl.gradcache): the model sees N samples "
                                          "at a time, the loss the whole batch; one more forward pass per step")
+    fsdp: bool = spec(False, help="shard the model's weights, gradients and optimizer state over the processes "
+                                  "(FSDP2 through Accelerate, mmcl.fsdp; GPU processes): for towers that do not fit "
+                                  "one GPU. Checkpoints and final/ stay unsharded, as a DDP run writes them")
 
 
 @dataclass
@@ -206,6 +209,13 @@ class Recipe:
             check_model(self)
         objective_class(self.objective).check_recipe(self.objective, self)
         check_views(self)
+        if self.train.fsdp and self.eval.requested():
+            raise C.ConfigError("train.fsdp: evaluation during training (eval.*) is not supported with a sharded model "
+                                "(each process evaluates its own share of the data, and a sharded forward pass needs "
+                                "every process); unset the eval shards and evaluate RUN/final with `mmcl eval`")
+        if self.train.fsdp and self.train.sync_bn:
+            raise C.ConfigError("train.fsdp does not keep BatchNorm statistics (train.sync_bn); use towers without "
+                                "BatchNorm, or set train.fsdp: false")
         if self.train.vote == "device" and (why := device_vote_obstacle(self)):
             raise C.ConfigError(f"train.vote: device is not possible here: {why}; set train.vote: auto")
 

@@ -32,6 +32,8 @@ from mmcl.data.stream import WorkerPositions, sample_seed
 from mmcl.dist import world
 from mmcl.errors import MmclError
 from mmcl.evaluate.run import flat_metrics
+from mmcl.fsdp import Sharded, check_launch, local
+from mmcl.fsdp import plugin as fsdp_plugin
 from mmcl.gradcache import concat, grad_cache_step
 from mmcl.hub import write_atomic
 from mmcl.optim import build_optimizer
@@ -149,9 +151,11 @@ class Trainer:
         self.acc = Accelerator(gradient_accumulation_steps=r.optim.grad_accum // self.merge,
                                log_with=trackers or None,
                                project_dir=str(self.out), mixed_precision=precision,
-                               dynamo_backend="inductor" if r.train.compile else None)
+                               dynamo_backend="inductor" if r.train.compile else None,
+                               fsdp_plugin=fsdp_plugin() if r.train.fsdp else None)
         set_seed(r.run.seed)
         self._check_topology()
+        check_launch(self.acc, r.train.fsdp)
         self.model = build("model", r.model)
         if r.train.sync_bn and self.acc.num_processes > 1:
             if self.acc.device.type == "cpu":
@@ -166,6 +170,8 @@ class Trainer:
         tokenizer = self.model.tokenizer() if r.data.kind == "image_text" else None
         self.loader = make_loader(r.data, tokenizer=tokenizer, seed=r.run.seed)
         trains_objective = any(p.requires_grad for p in self.objective.parameters())
+        # train.fsdp: checks the objective and model, keeps an unsharded copy on the meta device for final/
+        self.sharded = Sharded(self.acc, self.model, self.objective) if r.train.fsdp else None
         self.optimizer = build_optimizer(r.optim, [self.model, self.objective])
         o = r.optim
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -249,7 +255,7 @@ class Trainer:
         """Refuse to write non-finite weights anywhere (every process votes). Checked: the model's
         whole state and the objective's parameters (its buffers may hold NaN as "not yet set")."""
         tensors = [*self.unwrapped.state_dict().values(), *self.acc.unwrap_model(self.objective).parameters()]
-        tensors = [t for t in tensors if t.is_floating_point()]
+        tensors = [local(t) for t in tensors if t.is_floating_point()]  # FSDP: this process's shards
         finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all() if tensors else torch.tensor(True)
         if self._any(~finite):
             raise TrainingError(f"the weights became NaN or inf by step {self.state.step}; not writing them to "
@@ -291,12 +297,24 @@ class Trainer:
     def _clip_gradients(self) -> torch.Tensor:
         """Global gradient norm (after un-scaling, before clipping), clipping to ``optim.grad_clip`` if set."""
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        return self.acc.clip_grad_norm_(params, self.recipe.optim.grad_clip or float("inf")).detach()
+        if self.sharded:  # Accelerate clips a sharded model's gradients when given its parameters, in its order
+            params = list(self.model.parameters())
+        return local(self.acc.clip_grad_norm_(params, self.recipe.optim.grad_clip or float("inf"))).detach()
 
     def _checkpoint_states(self) -> dict[str, Any]:
-        """The states saved once per checkpoint (by the main process), by file name."""
-        states = {f"{name}.safetensors": m.state_dict() for name, m in self._modules().items()}
-        states["optimizer.safetensors"] = self.optimizer.state_dict()
+        """The states saved once per checkpoint, by file name, on the main process ({} on the others).
+        Every process calls it: under ``train.fsdp`` the full states are gathered from every process."""
+        gathered: dict[str, Any] = {}
+        if self.sharded:
+            gathered = {"model.safetensors": self.sharded.model_state(self.unwrapped),
+                        "optimizer.safetensors": self.sharded.optimizer_state(self.unwrapped, self.optimizer.optimizer)}
+        if not self.acc.is_main_process:
+            return {}
+        states = {f"{name}.safetensors": m.state_dict() for name, m in self._modules().items()
+                  if f"{name}.safetensors" not in gathered}
+        if not gathered:
+            states["optimizer.safetensors"] = self.optimizer.state_dict()
+        states.update(gathered)
         states["scheduler.safetensors"] = self.scheduler.state_dict()
         if self.acc.scaler is not None:
             states["scaler.safetensors"] = self.acc.scaler.state_dict()
@@ -336,7 +354,7 @@ class Trainer:
         final = folder / f"step_{self.state.step:08d}"
         self._check_finite_weights(str(final))
         partial = ckpt.partial_path(final)
-        states = self._checkpoint_states() if acc.is_main_process else {}
+        states = self._checkpoint_states()
         need = sum(ckpt.state_bytes(s) for s in states.values()) + (1 << 20) * acc.num_processes
         error = None
         if acc.is_main_process:
@@ -382,9 +400,16 @@ class Trainer:
         ignored = sorted(p.name for p in folder.iterdir() if p.name not in listed and p.name != ckpt.MANIFEST)
         if ignored:
             acc.print(f"ignoring files in {folder} that its manifest does not list: {', '.join(ignored)}")
+        if self.sharded:  # the main process reads the full states, each process gets its shards from it
+            main = acc.is_main_process
+            self.sharded.load_model(self.unwrapped, ckpt.read_state(folder / "model.safetensors") if main else None)
+            self.sharded.load_optimizer(self.unwrapped, self.optimizer.optimizer,
+                                        ckpt.read_state(folder / "optimizer.safetensors") if main else None)
         for name, module in self._modules().items():
-            module.load_state_dict(ckpt.read_state(folder / f"{name}.safetensors"), strict=True)
-        self.optimizer.load_state_dict(ckpt.read_state(folder / "optimizer.safetensors"))
+            if not (self.sharded and name == "model"):
+                module.load_state_dict(ckpt.read_state(folder / f"{name}.safetensors"), strict=True)
+        if not self.sharded:
+            self.optimizer.load_state_dict(ckpt.read_state(folder / "optimizer.safetensors"))
         self.scheduler.load_state_dict(ckpt.read_state(folder / "scheduler.safetensors"))
         if acc.scaler is not None and "scaler.safetensors" in listed:
             acc.scaler.load_state_dict(ckpt.read_state(folder / "scaler.safetensors"))
@@ -462,7 +487,8 @@ class Trainer:
         host can queue the next step's work while the device computes.
         """
         acc = self.acc
-        with acc.accumulate(self.model, self.objective):
+        # FSDP: the objective holds no parameters, and Accelerate would ask it to stop syncing them
+        with acc.accumulate(*([self.model] if self.sharded else [self.model, self.objective])):
             loss, metrics = self._forward_backward(batch)
             self._pending.append({"loss": loss.detach(), **metrics})
             if not acc.sync_gradients:
@@ -660,13 +686,14 @@ class Trainer:
         self._settle_votes()
         self._check_finite_weights(str(final))
         skipped = self._skip_counts()  # a collective: every process takes part
+        model = self.sharded.full_model(self.unwrapped) if self.sharded else self.unwrapped  # also a collective
         error = None
         if acc.is_main_process:
             facts = RunFacts(run_name=r.run.name or self.out.name, steps=self.state.step,
                              processes=acc.num_processes, wall_s=wall, mixed_precision=acc.mixed_precision,
                              bad_steps=self.state.bad_steps, evals=evals, skipped=skipped)
             try:
-                write_final(self.unwrapped, self.out, r, facts)
+                write_final(model, self.out, r, facts)
             except Exception as e:  # noqa: BLE001 (a full disk: every process must stop, none wait)
                 error = (f"could not write the final model to {final}: {e}. The last checkpoint is whole: free "
                          "some space and rerun with --resume latest")

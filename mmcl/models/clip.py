@@ -308,6 +308,16 @@ class ClipModel(nn.Module):
         with torch.no_grad():
             self.clip.logit_scale.clamp_(0, math.log(self.cfg.max_logit_scale))
 
+    def fsdp_units(self) -> list[str]:
+        """Class names of the blocks ``train.fsdp`` shards one by one (each gathered only for its own forward
+        and backward): open_clip's transformer blocks (image and text towers), timm's ViT blocks, and a
+        Hugging Face text tower's layers (its ``_no_split_modules``)."""
+        present = {type(m).__name__ for m in self.modules()}
+        names = present & {"ResidualAttentionBlock", "Block"}
+        if isinstance(self.clip.text, HFTextTower):
+            names |= present & set(getattr(self.clip.text.transformer, "_no_split_modules", None) or [])
+        return sorted(names)
+
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay besides biases and norms."""
         return {"clip.logit_scale", "clip.logit_bias"}

@@ -208,6 +208,8 @@ class SigLipLoss(Objective):
                 texts = gather_with_grad(text).to(dtype)
                 total, own, best_other = _GatheredSigmoidLoss.apply(image, texts, scale, bias,
                                                                     world()[0] * image.shape[0], self.cfg.tile)
+        # a copy of the bias, which is the model's parameter: under train.fsdp its gathered storage is freed once
+        # the step's backward is done, and the metric is read when the logging window closes
         metrics = {"acc_i2t": (own >= best_other).float().mean(), "logit_scale": scale.detach(),
-                   "logit_bias": bias.detach()}
+                   "logit_bias": bias.detach().clone()}
         return total / image.shape[0], metrics
