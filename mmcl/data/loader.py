@@ -144,11 +144,21 @@ class Loader:
                                       pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
                                       prefetch_factor=4 if self.num_workers else None,
                                       generator=torch.Generator().manual_seed(self.stream.seed))
-        for batch in self._loader:
+        batches = iter(self._loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except (EOFError, ConnectionError) as e:
+                # a worker killed while it sent a batch breaks the pipe before torch sees it dead: reported
+                # as torch reports a worker's death, so the trainer says what happened
+                raise RuntimeError(f"DataLoader worker exited unexpectedly while sending a batch "
+                                   f"({type(e).__name__})") from e
             self.skipped.update(batch.pop("skipped", {}))
             if "cursor" in batch:
-                worker, pulled, batches = batch.pop("cursor")
-                self._at[worker], self._last = (pulled, batches), worker
+                worker, pulled, made = batch.pop("cursor")
+                self._at[worker], self._last = (pulled, made), worker
             if not batch.pop("empty", False):
                 yield batch
 
