@@ -41,6 +41,10 @@ def metadata(config: dict[str, Any]) -> dict[str, Any]:
     else:
         meta["pipeline_tag"] = "image-feature-extraction"
     meta["tags"] = sorted(tags)
+    base = sorted({s.removeprefix("hf-hub:") for s in (info.get("starts_from") or {}).values()
+                   if s.startswith("hf-hub:")})
+    if base:  # fine-tuned from models on the Hub
+        meta["base_model"] = base[0] if len(base) == 1 else base
     results = [{"task": {"type": TASK_TYPES.get(r["task"], r["task"]), "name": TASK_NAMES.get(r["task"], r["task"])},
                 "dataset": {"name": r["dataset"]["name"], "type": r["dataset"]["name"].split("/")[0],
                             "split": r["dataset"]["name"].split("/")[-1]},
@@ -113,6 +117,8 @@ def render(config: dict[str, Any], repo_id: str | None = None) -> str:
     train = info.get("train") or {}
     if train:
         lines += ["", "## Training", "", f"- objective: `{objective}`"]
+        starts = info.get("starts_from") or {}
+        lines += [f"- {tower} tower started from: {source}" for tower, source in starts.items()]
         lines += [f"- {LABELS.get(k, k.replace('_', ' '))}: {v}" for k, v in train.items()]
     data = info.get("data") or {}
     if data:

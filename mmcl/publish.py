@@ -61,6 +61,8 @@ def write_final(model: nn.Module, run_dir: Path, recipe: Recipe, facts: RunFacts
     from mmcl.hub import save_pretrained, write_atomic
 
     info = run_info(recipe, facts)
+    if hasattr(model, "starts_from"):
+        info["starts_from"] = model.starts_from()
     final = save_pretrained(model, run_dir / "final", name=plugin_name("model", recipe.model),
                             preprocess=recipe.data.preprocess(), info=info)
     write_atomic(run_dir / "summary.json", json.dumps({k: v for k, v in info.items() if k != "recipe"}, indent=2)

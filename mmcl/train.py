@@ -600,6 +600,9 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "recipe.yaml").write_text(yaml.safe_dump(recipe_dict(r), sort_keys=False))
         acc.print(self.sizes())
+        if hasattr(self.unwrapped, "starts_from"):
+            acc.print("mmcl: " + ", ".join(f"{tower} tower from {source}"
+                                           for tower, source in self.unwrapped.starts_from().items()))
         found = ckpt.find_checkpoint(self.out, resume, warn=acc.print) if resume else None
         if resume and found is None:
             acc.print(f"no checkpoint in {self.out / 'checkpoints'}; starting from scratch")

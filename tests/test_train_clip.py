@@ -317,3 +317,24 @@ def test_train_prints_its_final_evaluation_and_writes_a_readable_model(digits_di
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
     assert stat.S_IMODE(checkpoint.stat().st_mode) == 0o755
     assert all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in checkpoint.iterdir())
+
+
+def test_a_saved_open_clip_folder_starts_from_its_weights(digits_dir: Path, tmp_path: Path, capsys) -> None:
+    """``model.open_clip_model: local-dir:PATH`` loads the folder's weights as open_clip's
+    ``create_model`` does (it took the architecture and started from random weights), and the run
+    and the card say where each tower started."""
+    first = tmp_path / "first"
+    Trainer(recipe(digits_dir, first, "train.steps=2", "eval.zeroshot_shards=null")).fit()
+    saved = from_pretrained(first / "final").state_dict()
+    r = recipe(digits_dir, tmp_path / "second", "model.open_clip_config=null", "train.steps=1",
+               f"model.open_clip_model=local-dir:{first / 'final'}", "eval.zeroshot_shards=null")
+    trainer = Trainer(r)
+    start = trainer.unwrapped.state_dict()
+    assert saved.keys() == start.keys() and all(torch.equal(saved[k], start[k]) for k in saved)
+    trainer.fit()
+    said = capsys.readouterr().out
+    assert f"image tower from local-dir:{first / 'final'}, text tower from local-dir:" in said, said
+    card = (tmp_path / "second" / "final" / "README.md").read_text()
+    assert f"- image tower started from: local-dir:{first / 'final'}" in card
+    scratch = (first / "final" / "README.md").read_text()
+    assert "- image tower started from: scratch" in scratch

@@ -70,6 +70,12 @@ class ClipModelConfig:
                               f"({self.max_logit_scale})")
 
 
+def is_saved_open_clip(name: str | None) -> bool:
+    """A saved open_clip model (``local-dir:PATH``, ``hf-hub:ORG/NAME``): an architecture *and* its
+    weights, as ``open_clip.create_model`` takes it (a bare name such as ViT-B-32 is an architecture)."""
+    return bool(name) and name.startswith(("local-dir:", "hf-hub:"))
+
+
 def resolve_path(path: str) -> str:
     """Resolve ``package:NAME/sub`` to the folder inside an installed Python package."""
     if not path.startswith("package:"):
@@ -215,15 +221,30 @@ class ClipModel(nn.Module):
                                   "towers; set it to 0")
             model_cfg = {**model_cfg, "vision_cfg": {**model_cfg["vision_cfg"], "patch_dropout": cfg.patch_dropout}}
         model = cls(model_cfg, cfg, hf_text, tok_path)
-        if cfg.pretrained:
+        if cfg.pretrained or is_saved_open_clip(cfg.open_clip_model):  # open_clip loads a folder's weights too
             model.load_open_clip_pretrained(cfg)
         if cfg.grad_checkpointing:
             model.clip.set_grad_checkpointing(True)
         return model
 
+    def starts_from(self) -> dict[str, str]:
+        """Where each tower's weights start: ``scratch`` (random initialisation), or the open_clip
+        weights (``model.pretrained``: a tag or a file, or a ``local-dir:``/``hf-hub:`` model), or the
+        Hugging Face text tower's folder. Said when a run starts and recorded in the model card."""
+        cfg = self.cfg
+        if cfg.pretrained:
+            source = f"{cfg.open_clip_model or cfg.open_clip_config} pretrained={cfg.pretrained}"
+        elif is_saved_open_clip(cfg.open_clip_model):
+            source = cfg.open_clip_model
+        else:
+            source = "scratch"
+        text = f"{cfg.text_tower.path} (transformers)" if cfg.text_tower is not None else source
+        return {"image": source, "text": text}
+
     def load_open_clip_pretrained(self, cfg: ClipModelConfig) -> None:
-        """Load open_clip weights (a tag such as 'openai' or a checkpoint file) into the towers (and the
-        temperature, and the bias when both the weights and the model have one)."""
+        """Load open_clip weights (a tag such as 'openai' or a checkpoint file, or those of a saved
+        ``local-dir:``/``hf-hub:`` model) into the towers (and the temperature, and the bias when both
+        the weights and the model have one)."""
         import open_clip
 
         name = cfg.open_clip_model or "custom"
