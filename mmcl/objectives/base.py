@@ -83,7 +83,14 @@ class Objective(nn.Module):
     @classmethod
     def check_recipe(cls, cfg: Any, recipe: Any) -> None:
         """Checks of the validated config ``cfg`` against the rest of ``recipe`` beyond the declared
-        contract, raising :class:`ConfigError` naming the keys that disagree. Nothing by default."""
+        contract, raising :class:`ConfigError` naming the keys that disagree. By default: a
+        ``predictor`` (BYOL, SimSiam, MoCo v3) maps the model's embeddings to embeddings compared
+        with the model's, so its last width must be theirs (it was a shape error at step 1)."""
+        predictor = getattr(cfg, "predictor", None)
+        width = getattr(recipe.model, "embedding_width", lambda: None)()
+        if predictor is not None and width is not None and predictor.dims[-1] != width:
+            raise ConfigError(f"objective.predictor.dims ends with {predictor.dims[-1]} but the model's embeddings "
+                              f"are {width} wide (model.projector.dims); end objective.predictor.dims with {width}")
 
     @classmethod
     def check_model(cls, model: Any) -> None:
