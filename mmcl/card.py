@@ -28,32 +28,41 @@ def _results(config: dict[str, Any]) -> list[dict[str, Any]]:
     return [r for r in config.get("info", {}).get("eval") or [] if isinstance(r, dict) and "task" in r]
 
 
+def _metric_type(name: str) -> str:
+    """The Hub's metric type of one of mmcl's metrics (top1 and top5 are accuracies, R@k recalls)."""
+    return "accuracy" if name.startswith("top") else "recall" if "R@" in name else name
+
+
 def metadata(config: dict[str, Any]) -> dict[str, Any]:
-    """The YAML front matter: library, license, tags, pipeline tag and ``model-index``."""
+    """The YAML front matter, built with huggingface_hub's ``ModelCardData`` and ``EvalResult`` so the
+    Hub reads it: library, license (``hub.license``), tags, pipeline tag, ``base_model`` (towers that
+    started from Hub weights), ``datasets`` (a training set prepared from a Hub dataset) and the
+    evaluation results as ``model-index``."""
+    from huggingface_hub import EvalResult, ModelCardData
+
     info = config.get("info", {})
     objective = info.get("objective", config["model_name"])
     tags = {"contrastive-learning", "mmcl", objective, config["model_name"]}
-    meta: dict[str, Any] = {"library_name": "open_clip" if is_open_clip(config) else "mmcl",
-                            "license": info.get("license", "apache-2.0")}
-    if config["model_name"] == "clip":
-        meta["pipeline_tag"] = "zero-shot-image-classification"
+    clip = config["model_name"] == "clip"
+    if clip:
         tags.add("zero-shot-image-classification")
-    else:
-        meta["pipeline_tag"] = "image-feature-extraction"
-    meta["tags"] = sorted(tags)
     base = sorted({s.removeprefix("hf-hub:") for s in (info.get("starts_from") or {}).values()
                    if s.startswith("hf-hub:")})
-    if base:  # fine-tuned from models on the Hub
-        meta["base_model"] = base[0] if len(base) == 1 else base
-    results = [{"task": {"type": TASK_TYPES.get(r["task"], r["task"]), "name": TASK_NAMES.get(r["task"], r["task"])},
-                "dataset": {"name": r["dataset"]["name"], "type": r["dataset"]["name"].split("/")[0],
-                            "split": r["dataset"]["name"].split("/")[-1]},
-                "metrics": [{"type": k, "value": round(float(v), 4), "name": f"{r['task']} {k}"}
-                            for k, v in r["metrics"].items()]}
-               for r in _results(config)]
-    if results:
-        meta["model-index"] = [{"name": info.get("run_name", "mmcl-model"), "results": results}]
-    return meta
+    source = (info.get("data") or {}).get("source") or {}
+    results = [EvalResult(task_type=TASK_TYPES.get(r["task"], r["task"]),
+                          task_name=TASK_NAMES.get(r["task"], r["task"]),
+                          dataset_type=r["dataset"]["name"].split("/")[0], dataset_name=r["dataset"]["name"],
+                          dataset_split=r["dataset"]["name"].split("/")[-1], metric_type=_metric_type(k),
+                          metric_name=f"{r['task']} {k}", metric_value=round(float(v), 4))
+               for r in _results(config) for k, v in r["metrics"].items()]
+    data = ModelCardData(library_name="open_clip" if is_open_clip(config) else "mmcl",
+                         license=info.get("license", "apache-2.0"),
+                         pipeline_tag="zero-shot-image-classification" if clip else "image-feature-extraction",
+                         tags=sorted(tags), base_model=(base[0] if len(base) == 1 else base) or None,
+                         datasets=[source["name"]] if source.get("type") == "hf" else None,
+                         model_name=info.get("run_name", "mmcl-model") if results else None,
+                         eval_results=results or None)
+    return data.to_dict()
 
 
 def _architecture(config: dict[str, Any]) -> list[str]:

@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from mmcl.data import class_names, count_samples, expand_shards
+from mmcl.data.shards import find_manifest
 from mmcl.errors import MmclError
 from mmcl.recipe import Recipe, merged_micro_batches, recipe_dict
 from mmcl.registry import plugin_name
@@ -42,6 +43,7 @@ def run_info(recipe: Recipe, facts: RunFacts) -> dict[str, Any]:
     urls = expand_shards(r.data.train_shards)
     return {
         "run_name": f.run_name,
+        "license": r.hub.license,
         "objective": plugin_name("objective", r.objective),
         "recipe": recipe_dict(r),
         "train": {"steps": f.steps, "global_batch": r.data.batch_size * f.processes * r.optim.grad_accum,
@@ -50,6 +52,7 @@ def run_info(recipe: Recipe, facts: RunFacts) -> dict[str, Any]:
                   "bad_steps": f.bad_steps, "lr": r.optim.lr, "weight_decay": r.optim.weight_decay,
                   "warmup_steps": r.optim.warmup_steps, "schedule": r.optim.schedule},
         "data": {"train_shards": r.data.train_shards, "train_samples": count_samples(urls),
+                 "source": (find_manifest(urls) or {}).get("source"),
                  "class_names": class_names(urls), "skipped": f.skipped},
         "eval": f.evals,
     }

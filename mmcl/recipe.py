@@ -128,6 +128,7 @@ class HubConfig:
     repo_id: str | None = spec(None, help="org/name")
     private: bool = True
     revision: str | None = spec(None, help="branch to push to (created if missing); default main")
+    license: str = spec("apache-2.0", help="the model card's license (a Hub license id, e.g. mit, cc-by-4.0, other)")
 
     def validate(self) -> None:
         """``push`` needs a repo id of the form org/name."""

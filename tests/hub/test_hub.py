@@ -67,8 +67,11 @@ def test_card_metadata_parses_and_tracks_the_latest_results(folder: Path, digits
     assert meta["library_name"] == "open_clip" and meta["pipeline_tag"] == "zero-shot-image-classification"
     assert {"clip", "contrastive-learning", "mmcl"} <= set(meta["tags"]) and meta["license"] == "apache-2.0"
     name, results = model_index_to_eval_results(meta["model-index"])
-    assert name == "tiny-test" and {(r.dataset_name, r.metric_type, r.metric_value) for r in results} == {
-        ("digits/val", "top1", 0.5), ("digits/val", "top5", 0.9)}
+    assert name == "tiny-test" and {(r.task_type, r.dataset_name, r.dataset_split, r.metric_type, r.metric_name,
+                                     r.metric_value) for r in results} == {
+        ("zero-shot-image-classification", "digits/val", "val", "accuracy", "zeroshot top1", 0.5),
+        ("zero-shot-image-classification", "digits/val", "val", "accuracy", "zeroshot top5", 0.9)}
+    assert card.data.eval_results == results  # what the Hub reads from the card
     # a new result on another split is added, a repeated one replaces the old figures
     record_eval(folder, [result("zeroshot", f"{digits_dir}/test-{{000000..000001}}.tar", {"top1": 0.75, "top5": 1})])
     record_eval(folder, [result("zeroshot", f"{digits_dir}/val-000000.tar", {"top1": 0.625, "top5": 1})])
@@ -164,3 +167,19 @@ def test_training_pushes_when_the_recipe_asks(digits_dir: Path, hub: HubStandIn,
     with pytest.raises(MmclError, match=r"no write access(.|\n)*saved in .*mmcl push --model") as e:
         Trainer(recipe(tmp_path / "denied", "bob/run")).fit()
     assert (tmp_path / "denied" / "final" / "open_clip_model.safetensors").is_file() and TOKEN not in str(e.value)
+
+
+def test_card_names_the_base_model_the_dataset_and_the_license() -> None:
+    """``base_model`` for towers that started from Hub weights, ``datasets`` for shards prepared from a
+    Hub dataset, ``license`` from ``hub.license``: as huggingface_hub parses them."""
+    from huggingface_hub import ModelCard
+
+    from mmcl.card import render
+
+    config = {"model_name": "clip", "model_cfg": {}, "info": {
+        "run_name": "ft", "objective": "clip", "license": "mit",
+        "starts_from": {"image": "hf-hub:lab/base-clip", "text": "hf-hub:lab/base-clip"},
+        "data": {"source": {"type": "hf", "name": "lab/pairs"}, "train_samples": 10}}}
+    data = ModelCard(render(config)).data
+    assert data.base_model == "lab/base-clip" and data.datasets == ["lab/pairs"] and data.license == "mit"
+    assert "model-index" not in data.to_dict()  # no results yet
