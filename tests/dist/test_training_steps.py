@@ -46,7 +46,8 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[fl
     return diffs.get(worst, 0.0), worst
 
 
-def assert_same_run(runs: dict[int, dict[str, Any]], name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def assert_same_run(runs: dict[int, dict[str, Any]], name: str,
+                    tol: float = TOL) -> tuple[dict[str, Any], dict[str, Any]]:
     """Same loss at every step and the same final model and objective state (1 vs 2 processes),
     after training that moved the weights well beyond the tolerance."""
     one, two = runs[1][name], runs[2][name]
@@ -54,10 +55,10 @@ def assert_same_run(runs: dict[int, dict[str, Any]], name: str) -> tuple[dict[st
     assert sorted(one["losses"]) == sorted(two["losses"]) == list(range(1, len(one["losses"]) + 1)), name
     assert len(one["losses"]) >= 3, name
     for step, loss in one["losses"].items():
-        assert two["losses"][step] == pytest.approx(loss, abs=TOL), (name, step, one["losses"], two["losses"])
+        assert two["losses"][step] == pytest.approx(loss, abs=tol), (name, step, one["losses"], two["losses"])
     for part in ("model", "objective"):
         diff, where = max_diff(one[part], two[part])
-        assert diff < TOL, (name, part, where, diff)
+        assert diff < tol, (name, part, where, diff)
     moved, _ = max_diff(one["start"], one["model"])
     assert moved > 100 * TOL, (name, moved)
     return one, two
@@ -130,10 +131,12 @@ def test_memory_banks_by_loss_over_steps(runs: dict[int, dict[str, Any]]) -> Non
 
 
 def test_grad_accum_under_ddp(runs: dict[int, dict[str, Any]]) -> None:
-    # 2 processes x 2 micro-batches of 4 = 1 process x 2 micro-batches of 8 (SimCLR, negatives
-    # gathered per micro-step) = ... and, without in-batch negatives, 1 process on all 16 rows (BYOL)
-    for name in ("simclr_accum", "byol_accum"):
-        assert_same_run(runs, name)
+    # 2 processes x 2 micro-batches of 4 = 1 process x 2 micro-batches of 8 (SimCLR: the micro-batches
+    # are one contrastive batch of 16, whose rows the 2 processes gather in another order: each
+    # process's micro-batches in turn; float32 sums in another order, 1.8e-5 after 3 steps) ... and,
+    # without in-batch negatives, 1 process on all 16 rows (BYOL)
+    assert_same_run(runs, "simclr_accum", tol=3 * TOL)
+    assert_same_run(runs, "byol_accum")
 
 
 def test_grad_cache_under_ddp_equals_the_whole_batch(runs: dict[int, dict[str, Any]]) -> None:
@@ -145,7 +148,7 @@ def test_grad_cache_under_ddp_equals_the_whole_batch(runs: dict[int, dict[str, A
     for cached, plain, tol in (("clip_grad_cache", "clip", TOL), ("clip_tiled", "clip", 3 * TOL),
                                ("siglip_grad_cache", "siglip", 3 * TOL),
                                ("simclr_accum_grad_cache", "simclr_accum", TOL)):
-        one, two = assert_same_run(runs, cached)
+        one, two = assert_same_run(runs, cached, tol)
         for run, reference in ((one, runs[1][plain]), (two, runs[2][plain])):
             for step, loss in reference["losses"].items():
                 assert run["losses"][step] == pytest.approx(loss, abs=tol), (cached, step)
