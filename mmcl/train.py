@@ -590,6 +590,12 @@ class Trainer:
                  f"the loss sees {loss:,} samples at a time ({how})",
                  f"train.steps {r.train.steps:,} = {r.train.steps * step:,} samples"
                  + (f" = {r.train.steps * step / epoch:.1f} epochs of {epoch:,} training samples" if epoch else "")]
+        stream = getattr(self.loader, "stream", None)
+        shares = stream.epoch_shares(stream.num_workers) if stream is not None else None
+        if shares and min(shares) and max(shares) > 1.01 * min(shares):
+            lines.append(f"shards of unequal sizes: the processes read {min(shares):,} to {max(shares):,} samples an "
+                         f"epoch, so over a run the smaller shares are seen up to {max(shares) / min(shares):.2f}x as "
+                         "often (data.resample: true draws shards with replacement instead)")
         return "\n".join(f"mmcl: {line}" for line in lines)
 
     def _start(self, resume: str | None) -> tuple[int, int, int]:

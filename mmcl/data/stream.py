@@ -169,10 +169,37 @@ class ShardStream(IterableDataset):
         if self.shuffle_shards:
             random.Random(sample_seed(self.seed, epoch, "shards")).shuffle(urls)
         whole = len(urls) // slots * slots
-        for url in urls[slot:whole:slots]:
+        for url in self._dealt(urls[:whole], slots)[slot]:
             yield url, 1, 0
         for url in urls[whole:]:
             yield url, slots, slot
+
+    def _dealt(self, urls: list[str], slots: int) -> list[list[str]]:
+        """``urls`` dealt whole to ``slots``: each shard, largest first (in the given order among equal
+        sizes), to the slot with the fewest samples so far, when ``manifest.json`` gives every size;
+        so shards of unequal sizes give shares within one shard of each other. Shards of one size (or
+        of unknown sizes) go round in the given order."""
+        sizes = self.shard_samples
+        known = all(u in sizes for u in urls)
+        load, out = [0] * slots, [[] for _ in range(slots)]
+        for i, url in enumerate(sorted(urls, key=lambda u: -sizes[u]) if known else urls):
+            s = min(range(slots), key=load.__getitem__) if known else i % slots
+            load[s] += sizes[url] if known else 0
+            out[s].append(url)
+        return out
+
+    def epoch_shares(self, num_workers: int) -> list[int] | None:
+        """Samples each process reads in an epoch (from the manifest's sizes; None if unknown or
+        resampled): what the run says when shards of unequal sizes leave the shares unequal."""
+        if self.resample or not all(u in self.shard_samples for u in self.urls):
+            return None
+        slots = self.world_size * num_workers
+        whole = len(self.urls) // slots * slots
+        urls = sorted(self.urls)  # the shares do not depend on the epoch's order but for ties
+        per_slot = [sum(self.shard_samples[u] for u in dealt) for dealt in self._dealt(urls[:whole], slots)]
+        shared = sum(self.shard_samples[u] for u in urls[whole:]) / slots
+        return [round(sum(per_slot[r * num_workers:(r + 1) * num_workers]) + shared * num_workers)
+                for r in range(self.world_size)]
 
     def _read_shard(self, url: str, skipped: Counter[str], every: int = 1,
                     offset: int = 0) -> Iterator[dict[str, Any]]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import itertools
+import json
 import shutil
 import tarfile
 from collections import Counter
@@ -215,21 +217,30 @@ def test_device_normalisation_gives_the_workers_batches_from_a_quarter_of_the_by
 
 def equal_shards(digits_dir: Path, folder: Path, n: int, size: int = 60) -> str:
     """``n`` shards of ``size`` digits samples each (copied from the training shards), '::'-joined."""
+    return sized_shards(digits_dir, folder, [size] * n)
+
+
+def sized_shards(digits_dir: Path, folder: Path, sizes: list[int], manifest: bool = False) -> str:
+    """Shards of the given numbers of digits samples (copied from the training shards), '::'-joined;
+    with ``manifest``, a ``manifest.json`` beside them listing their sizes."""
     members: dict[str, list[tuple[tarfile.TarInfo, bytes]]] = {}
-    for name in ("train-000000.tar", "train-000001.tar"):
+    for name in ("train-000000.tar", "train-000001.tar", "train-000002.tar"):
         with tarfile.open(digits_dir / name) as tar:
             for m in tar.getmembers():
                 members.setdefault(m.name.partition(".")[0], []).append((m, tar.extractfile(m).read()))
-    keys = list(members)[: n * size]
+    keys = iter(list(members)[: sum(sizes)])
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i in range(n):
+    for i, size in enumerate(sizes):
         path = folder / f"s-{i}.tar"
         with tarfile.open(path, "w") as tar:
-            for key in keys[i * size:(i + 1) * size]:
+            for key in itertools.islice(keys, size):
                 for m, data in members[key]:
                     tar.addfile(m, io.BytesIO(data))
         paths.append(str(path))
+    if manifest:
+        shards = [{"name": Path(p).name, "samples": n} for p, n in zip(paths, sizes)]
+        (folder / "manifest.json").write_text(json.dumps({"splits": {"train": {"shards": shards}}}))
     return "::".join(paths)
 
 
@@ -256,3 +267,40 @@ def test_uneven_shard_counts_give_every_process_the_same_share(digits_dir: Path,
     assert loader.num_workers == (1 if n_shards == 3 else 2)
     assert set(seen.values()) == {1} and len(seen) == 60 * n_shards
     assert abs(share[0] - share[1]) <= 2 * (n_shards % slots), (share, slots)
+
+
+def test_shards_of_unequal_sizes_are_dealt_by_size(digits_dir: Path, tmp_path: Path) -> None:
+    """Shards of 40, 40, 200, 40, 40, 40 samples on 2 processes (1 worker each): dealt in turn, a
+    process could get 40 + 200 + 40 against 120 (2.3x as often seen over a run); dealt largest first
+    to the smaller share, 200 against 200. Every sample is still read once per epoch."""
+    pattern = sized_shards(digits_dir, tmp_path, [40, 40, 200, 40, 40, 40], manifest=True)
+    seen: Counter[str] = Counter()
+    shares = []
+    for rank in range(2):
+        loader = make_loader(cfg_for(pattern, batch_size=1, num_workers=1), train=True, rank=rank, world_size=2)
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            keys = collect(loader)[0]
+            seen.update(keys)
+            shares.append(len(keys))
+        assert loader.stream.epoch_shares(1) == [200, 200]
+        loader.close()
+    assert set(seen.values()) == {2} and len(seen) == 400
+    assert shares == [200, 200, 200, 200]
+
+
+def test_the_run_says_when_shard_sizes_leave_the_shares_unequal(digits_dir: Path, tmp_path: Path) -> None:
+    """300 + 100 samples on 2 processes cannot be shared evenly by whole shards: the shares are 300
+    and 100 samples an epoch, which the stream reports (and the trainer says at the start)."""
+    from mmcl.recipe import load_recipe
+    from mmcl.train import Trainer
+
+    pattern = sized_shards(digits_dir, tmp_path, [300, 100], manifest=True)
+    loader = make_loader(cfg_for(pattern, batch_size=1, num_workers=1), train=True, rank=0, world_size=2)
+    assert loader.stream.epoch_shares(1) == [300, 100]
+    root = Path(__file__).resolve().parents[2]
+    trainer = Trainer(load_recipe(root / "configs" / "simclr_digits.yaml", [
+        f"data.train_shards={pattern}", f"run.output_dir={tmp_path / 'run'}", "data.num_workers=0"]))
+    trainer.loader = loader  # as process 0 of 2 sees it
+    assert ("mmcl: shards of unequal sizes: the processes read 100 to 300 samples an epoch, so over a run the "
+            "smaller shares are seen up to 3.00x as often") in trainer.sizes()
