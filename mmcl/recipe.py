@@ -80,9 +80,39 @@ class TrainConfig:
                      "possible)")
     grad_cache: int = spec(0, ge=0, help="0: off. N: gradient caching (mmcl.gradcache): the model sees N samples "
                                          "at a time, the loss the whole batch; one more forward pass per step")
+    trackers: list[str] | None = spec(None, help="experiment trackers the logs also go to, through Accelerate "
+                                                 "(tensorboard, wandb, mlflow, aim, comet_ml, clearml, dvclive, "
+                                                 "swanlab, trackio), with the recipe as the run's config; null: "
+                                                 "tensorboard if installed; []: none")
+
+    def validate(self) -> None:
+        """Tracker names Accelerate knows, whose package is installed (a missing one would fail when the
+        run starts, after the model is built)."""
+        import importlib.util
+
+        for name in self.trackers or []:
+            if name not in TRACKERS:
+                raise C.ConfigError(f"train.trackers: unknown tracker {name!r}; choose from {', '.join(TRACKERS)}")
+            if importlib.util.find_spec(TRACKERS[name]) is None:
+                raise C.ConfigError(f"train.trackers names {name}, which is not installed: pip install "
+                                    f"{TRACKERS[name].replace('_', '-')}")
+
+    def tracker_names(self) -> list[str]:
+        """The trackers to start: ``trackers``, or tensorboard if it is installed and none are named."""
+        if self.trackers is not None:
+            return list(self.trackers)
+        import importlib.util
+
+        return ["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else []
     fsdp: bool = spec(False, help="shard the model's weights, gradients and optimizer state over the processes "
                                   "(FSDP2 through Accelerate, mmcl.fsdp; GPU processes): for towers that do not fit "
                                   "one GPU. Checkpoints and final/ stay unsharded, as a DDP run writes them")
+
+
+# Accelerate's trackers, by the name a recipe gives, and the package each needs
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim",
+            "comet_ml": "comet_ml", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
+            "trackio": "trackio"}
 
 
 @dataclass

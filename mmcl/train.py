@@ -136,13 +136,7 @@ class Trainer:
         self.recipe = r = recipe
         self.out = Path(r.run.output_dir)
         self.final_evals: list[dict[str, Any]] = []  # the evaluations of the final model (after fit)
-        trackers = []
-        try:
-            import tensorboard  # noqa: F401
-
-            trackers.append("tensorboard")
-        except ImportError:
-            pass
+        trackers = r.train.tracker_names()
         precision = None if r.train.mixed_precision == "auto" else r.train.mixed_precision
         # an objective whose loss couples a batch's samples gets the accumulated batch as one contrastive
         # batch, embedded data.batch_size (or train.grad_cache) samples at a time; others accumulate
@@ -615,8 +609,10 @@ class Trainer:
         position = self.load_checkpoint(found) if found else (0, 0, 0)
         self._forget_after(self.state.step)
         # TensorBoard drops what the interrupted run logged after the checkpoint, as metrics.jsonl does
-        acc.init_trackers(r.run.name or self.out.name, config=_flat(recipe_dict(r)),
-                          init_kwargs={"tensorboard": {"purge_step": self.state.step + 1}} if found else {})
+        kwargs: dict[str, dict[str, Any]] = {"wandb": {"dir": str(self.out)}}  # its files in the run, not the cwd
+        if found:
+            kwargs["tensorboard"] = {"purge_step": self.state.step + 1}
+        acc.init_trackers(r.run.name or self.out.name, config=_flat(recipe_dict(r)), init_kwargs=kwargs)
         if found:
             acc.print(f"resumed from {found} at step {self.state.step}")
         return position

@@ -338,3 +338,43 @@ def test_a_saved_open_clip_folder_starts_from_its_weights(digits_dir: Path, tmp_
     assert f"- image tower started from: local-dir:{first / 'final'}" in card
     scratch = (first / "final" / "README.md").read_text()
     assert "- image tower started from: scratch" in scratch
+
+
+def test_trackers_get_the_logs_and_the_recipe(digits_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """``train.trackers: [tensorboard, wandb]`` (wandb offline): both get every logged step, and wandb
+    the recipe as its run's config, in the run folder."""
+    wandb = pytest.importorskip("wandb", reason="wandb is in the dev extra")
+    logged: list[dict] = []  # what Accelerate hands to wandb (the offline record is compressed)
+    real_log = wandb.sdk.wandb_run.Run.log
+
+    def log(self, data, *args, **kwargs):  # noqa: ANN001, ANN202
+        logged.append({**data, "_at": kwargs.get("step")})
+        return real_log(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", log)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    trainer = Trainer(recipe(digits_dir, run, "train.steps=2", "eval.zeroshot_shards=null", "data.num_workers=0",
+                             "train.trackers=[tensorboard, wandb]", "optim.lr=0.00123"))
+    trainer.fit()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next(run.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]
+    wandb_run = trainer.acc.get_tracker("wandb", unwrap=True)
+    assert wandb_run.config["optim.lr"] == 0.00123 and wandb_run.config["train.steps"] == 2
+    losses = {json.loads(line)["step"]: json.loads(line).get("loss") for line in (run / "metrics.jsonl").open()}
+    assert [(r["_at"], r["loss"]) for r in logged if "loss" in r] == [(1, losses[1]), (2, losses[2])]
+    assert next((run / "wandb").glob("offline-run-*/run-*.wandb")).stat().st_size > 0  # what `wandb sync` uploads
+
+
+@pytest.mark.parametrize("trackers, message", [
+    ("[tensorbord]", "train.trackers: unknown tracker 'tensorbord'; choose from tensorboard, wandb"),
+    ("[aim]", "train.trackers names aim, which is not installed: pip install aim"),
+])
+def test_unknown_or_missing_trackers_are_refused_at_load(digits_dir: Path, tmp_path: Path, trackers: str,
+                                                         message: str) -> None:
+    with pytest.raises(MmclError, match=re.escape(message)):
+        recipe(digits_dir, tmp_path / "run", f"train.trackers={trackers}")
