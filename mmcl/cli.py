@@ -64,6 +64,13 @@ def parser() -> argparse.ArgumentParser:
     vis.add_argument("--public", dest="private", action="store_false", help="create the repo public")
     p.add_argument("--revision", default=None, help="branch to push to (created if missing)")
     p.add_argument("--commit-message", default=None)
+
+    p = sub.add_parser("merge", help="WiSE-FT: interpolate a fine-tuned model's weights with its zero-shot start")
+    p.add_argument("--fine-tuned", required=True, help="model folder (RUN/final) or Hub repo id")
+    p.add_argument("--zero-shot", default=None,
+                   help="model folder or Hub repo id (default: the weights the fine-tuned run started from)")
+    p.add_argument("--alpha", type=float, default=0.5, help="0: the zero-shot model, 1: the fine-tuned one")
+    p.add_argument("--out", required=True, type=Path, help="folder to write the merged model to")
     return ap
 
 
@@ -182,8 +189,16 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from mmcl.merge import merge
+
+    out = merge(args.fine_tuned, args.out, args.alpha, args.zero_shot)
+    print(f"merged model (alpha {args.alpha}): {out}; evaluate it with mmcl eval")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
-    return {"train": _train, "eval": _eval, "push": _push}[args.command](args)
+    return {"train": _train, "eval": _eval, "push": _push, "merge": _merge}[args.command](args)
 
 
 def main(argv: list[str] | None = None) -> int:

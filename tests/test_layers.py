@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mmcl.objectives",),
     ("mmcl.recipe", "mmcl.card", "mmcl.optim", "mmcl.gradcache", "mmcl.checkpoint", "mmcl.fsdp"),
     ("mmcl.hub",),
-    ("mmcl.publish",),
+    ("mmcl.publish", "mmcl.merge"),
     ("mmcl.train",),
     ("mmcl.cli",),
     ("mmcl.__main__",),

@@ -378,3 +378,29 @@ def test_unknown_or_missing_trackers_are_refused_at_load(digits_dir: Path, tmp_p
                                                          message: str) -> None:
     with pytest.raises(MmclError, match=re.escape(message)):
         recipe(digits_dir, tmp_path / "run", f"train.trackers={trackers}")
+
+
+def test_merge_interpolates_a_fine_tuned_model_with_its_start(digits_dir: Path, tmp_path: Path, capsys) -> None:
+    """WiSE-FT: a run started from a saved model (``local-dir:``) and fine-tuned, merged at alpha 0.25
+    with the weights it started from (by default, rebuilt from its recipe, or named), is 0.75 x start
+    + 0.25 x fine-tuned, loads like any model folder, and its card says so; a run from scratch has no
+    start to merge with."""
+    start = tmp_path / "start"
+    Trainer(recipe(digits_dir, start, "train.steps=2", "eval.zeroshot_shards=null")).fit()
+    tuned = tmp_path / "tuned"
+    Trainer(recipe(digits_dir, tuned, "train.steps=2", "eval.zeroshot_shards=null", "model.open_clip_config=null",
+                   f"model.open_clip_model=local-dir:{start / 'final'}", "optim.lr=0.01")).fit()
+    a, b = (from_pretrained(run / "final").state_dict() for run in (start, tuned))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-3
+    for zero_shot in ([], ["--zero-shot", str(start / "final")]):
+        out = tmp_path / f"merged{len(zero_shot)}"
+        assert mmcl_main(["merge", "--fine-tuned", str(tuned / "final"), "--alpha", "0.25", "--out", str(out),
+                          *zero_shot]) == 0
+        merged = from_pretrained(out).state_dict()
+        assert all(torch.allclose(merged[k], 0.75 * a[k] + 0.25 * b[k], atol=1e-6)
+                   for k in a if a[k].is_floating_point())
+        card = (out / "README.md").read_text()
+        assert "WiSE-FT weight interpolation" in card and "alpha 0.25" in card
+    assert "merged model (alpha 0.25)" in capsys.readouterr().out
+    assert mmcl_main(["merge", "--fine-tuned", str(start / "final"), "--out", str(tmp_path / "x")]) == 2
+    assert "started from scratch (random weights): there is no zero-shot model" in capsys.readouterr().err
