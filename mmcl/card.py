@@ -128,6 +128,8 @@ def render(config: dict[str, Any], repo_id: str | None = None) -> str:
         lines += ["", "## Training", "", f"- objective: `{objective}`"]
         starts = info.get("starts_from") or {}
         lines += [f"- {tower} tower started from: {source}" for tower, source in starts.items()]
+        if info.get("curves"):
+            lines += ["", f"![training curves]({info['curves']})"]
     merged = info.get("merged")
     if merged:
         lines += ["", "## Merged", "", f"{merged['method']}: (1 - alpha) x zero-shot + alpha x fine-tuned weights, "

@@ -65,6 +65,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None, help="branch to push to (created if missing)")
     p.add_argument("--commit-message", default=None)
 
+    p = sub.add_parser("report", help="draw a run's logged curves and write RUN/report/report.md")
+    p.add_argument("run", type=Path, help="the run folder (run.output_dir)")
+
     p = sub.add_parser("merge", help="WiSE-FT: interpolate a fine-tuned model's weights with its zero-shot start")
     p.add_argument("--fine-tuned", required=True, help="model folder (RUN/final) or Hub repo id")
     p.add_argument("--zero-shot", default=None,
@@ -189,6 +192,13 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from mmcl.report import write_report
+
+    print(f"report: {write_report(args.run)}")
+    return 0
+
+
 def _merge(args: argparse.Namespace) -> int:
     from mmcl.merge import merge
 
@@ -198,7 +208,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    return {"train": _train, "eval": _eval, "push": _push, "merge": _merge}[args.command](args)
+    return {"train": _train, "eval": _eval, "push": _push, "merge": _merge, "report": _report}[args.command](args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,8 +51,9 @@ def write_card(folder: Path, config: dict[str, Any]) -> None:
 
 
 def save_pretrained(model: nn.Module, path: str | Path, *, name: str, preprocess: dict[str, Any],
-                    info: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` to ``path`` atomically (a temporary folder renamed when complete)."""
+                    info: dict[str, Any] | None = None, files: dict[str, bytes] | None = None) -> Path:
+    """Write ``model`` to ``path`` atomically (a temporary folder renamed when complete), with
+    ``files`` (name -> bytes, such as the training curves the card shows) beside it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -61,6 +62,8 @@ def save_pretrained(model: nn.Module, path: str | Path, *, name: str, preprocess
         config = {"format": FORMAT, "model_name": name, **model.save_files(tmp, preprocess),
                   "preprocess": preprocess, "info": info}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        for file_name, data in (files or {}).items():
+            (tmp / file_name).write_bytes(data)
         write_card(tmp, config)
         share_as_umask(tmp)
         if path.exists():

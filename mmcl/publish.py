@@ -58,16 +58,27 @@ def run_info(recipe: Recipe, facts: RunFacts) -> dict[str, Any]:
     }
 
 
+CURVES = "training_curves.png"  # the run's curves in the final folder, shown by the card
+
+
 def write_final(model: nn.Module, run_dir: Path, recipe: Recipe, facts: RunFacts) -> Path:
     """Save ``RUN/final`` (atomically, see :func:`mmcl.hub.save_pretrained`) and ``RUN/summary.json``
     (the info without the recipe, which ``RUN/recipe.yaml`` already holds); returns the folder."""
     from mmcl.hub import save_pretrained, write_atomic
+    from mmcl.report import write_report
 
     info = run_info(recipe, facts)
     if hasattr(model, "starts_from"):
         info["starts_from"] = model.starts_from()
+    files = {}
+    try:  # RUN/report/, and its curves in the card
+        write_report(run_dir, results=facts.evals)
+        files[CURVES] = (run_dir / "report" / "curves.png").read_bytes()
+        info["curves"] = CURVES
+    except Exception as e:  # noqa: BLE001 (a report that cannot be drawn must not cost the model)
+        print(f"mmcl: no training report ({type(e).__name__}: {e}); the model is written without curves")
     final = save_pretrained(model, run_dir / "final", name=plugin_name("model", recipe.model),
-                            preprocess=recipe.data.preprocess(), info=info)
+                            preprocess=recipe.data.preprocess(), info=info, files=files)
     write_atomic(run_dir / "summary.json", json.dumps({k: v for k, v in info.items() if k != "recipe"}, indent=2)
                  + "\n")
     return final

@@ -558,7 +558,8 @@ class Trainer:
         if acc.device.type == "cuda":  # peak memory of this process since the start, GiB
             record["gpu_mem_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
         self._log(record)
-        self._bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}")
+        self._bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}",
+                              samples_s=f"{record['samples_per_s']:.0f}")
         self._window.clear()
 
     def sizes(self) -> str:

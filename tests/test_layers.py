@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mmcl.data",),
     ("mmcl.models", "mmcl.evaluate"),  # evaluation reads data and models' encode_* only, never objectives
     ("mmcl.objectives",),
-    ("mmcl.recipe", "mmcl.card", "mmcl.optim", "mmcl.gradcache", "mmcl.checkpoint", "mmcl.fsdp"),
+    ("mmcl.recipe", "mmcl.card", "mmcl.optim", "mmcl.gradcache", "mmcl.checkpoint", "mmcl.fsdp", "mmcl.report"),
     ("mmcl.hub",),
     ("mmcl.publish", "mmcl.merge"),
     ("mmcl.train",),

@@ -312,6 +312,13 @@ def test_train_prints_its_final_evaluation_and_writes_a_readable_model(digits_di
     assert code == 0
     assert re.search(r"zeroshot top1 \d\.\d{3}, top5 \d\.\d{3} on digits/test \(360 samples\)", out), out
     final = tmp_path / "run" / "final"
+    report = (tmp_path / "run" / "report" / "report.md").read_text()  # the run's report, and its curves
+    assert "| zeroshot | digits/test | top1 |" in report and "![training curves](curves.png)" in report
+    assert (final / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "![training curves](training_curves.png)" in (final / "README.md").read_text()
+    assert mmcl_main(["report", str(tmp_path / "run")]) == 0 and "report.md" in capsys.readouterr().out
+    assert mmcl_main(["report", str(tmp_path)]) == 2  # not a run folder
+    assert "no training records in metrics.jsonl" in capsys.readouterr().err
     assert stat.S_IMODE(final.stat().st_mode) == 0o755
     assert all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in final.iterdir())
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
