@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mmcl.hub",),
     ("mmcl.publish", "mmcl.merge"),
     ("mmcl.train",),
-    ("mmcl.cli",),
+    ("mmcl.cli", "mmcl.api"),
     ("mmcl.__main__",),
     ("data_prep",),
 ]
