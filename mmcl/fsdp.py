@@ -32,6 +32,7 @@ checks the unswitched path on GPUs.
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 import torch
@@ -52,6 +53,15 @@ def plugin() -> Any:
     return FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
                                           transformer_cls_names_to_wrap=[], reshard_after_forward=True,
                                           state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False)
+
+
+def launch_error(e: Exception) -> MmclError | None:
+    """Accelerate's error when an FSDP launch (``accelerate launch --use_fsdp``) finds no GPU, as one
+    line with the fix; None for any other error."""
+    if "no available devices" in str(e) and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        return MmclError("the launch asks for FSDP (accelerate launch --use_fsdp) and this machine has no GPU: FSDP "
+                         "runs on GPU processes; launch with --multi_gpu (and ACCELERATE_USE_CPU=1 on CPUs)")
+    return None
 
 
 def check_launch(acc: Any, wanted: bool) -> None:

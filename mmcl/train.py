@@ -32,7 +32,7 @@ from mmcl.data.stream import WorkerPositions, sample_seed
 from mmcl.dist import world
 from mmcl.errors import MmclError
 from mmcl.evaluate.run import flat_metrics
-from mmcl.fsdp import Sharded, check_launch, local
+from mmcl.fsdp import Sharded, check_launch, launch_error, local
 from mmcl.fsdp import plugin as fsdp_plugin
 from mmcl.gradcache import concat, grad_cache_step
 from mmcl.hub import write_atomic
@@ -142,11 +142,14 @@ class Trainer:
         # batch, embedded data.batch_size (or train.grad_cache) samples at a time; others accumulate
         self.merge = merged_micro_batches(r)
         self.chunk = r.train.grad_cache or (r.data.batch_size if self.merge > 1 else 0)
-        self.acc = Accelerator(gradient_accumulation_steps=r.optim.grad_accum // self.merge,
-                               log_with=trackers or None,
-                               project_dir=str(self.out), mixed_precision=precision,
-                               dynamo_backend="inductor" if r.train.compile else None,
-                               fsdp_plugin=fsdp_plugin() if r.train.fsdp else None)
+        try:
+            self.acc = Accelerator(gradient_accumulation_steps=r.optim.grad_accum // self.merge,
+                                   log_with=trackers or None,
+                                   project_dir=str(self.out), mixed_precision=precision,
+                                   dynamo_backend="inductor" if r.train.compile else None,
+                                   fsdp_plugin=fsdp_plugin() if r.train.fsdp else None)
+        except RuntimeError as e:
+            raise (launch_error(e) or e) from None
         set_seed(r.run.seed)
         self._check_topology()
         check_launch(self.acc, r.train.fsdp)
@@ -191,12 +194,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ helpers
     def _check_topology(self) -> None:
-        """Accelerate and torch.distributed must agree on the number of processes (under a plain
-        ``torchrun`` on a CPU machine, Accelerate sees one unless ``ACCELERATE_USE_CPU=1``, and the
-        processes would train without synchronising their gradients)."""
-        processes = world()[1]
+        """Accelerate must see every process the launcher started (under a plain ``torchrun`` on a
+        CPU machine it sees one unless ``ACCELERATE_USE_CPU=1``; ``accelerate launch --use_fsdp`` on a
+        machine without GPUs starts each process on its own, with no process group at all): else the
+        processes would train without synchronising their gradients, each on its share of the data."""
+        processes = world(launcher=True)[1]
         if processes != self.acc.num_processes:
-            raise MmclError(f"torch.distributed runs {processes} processes but Accelerate sees "
+            raise MmclError(f"the launcher started {processes} processes but Accelerate sees "
                             f"{self.acc.num_processes}: on CPU machines set ACCELERATE_USE_CPU=1, or launch with "
                             "`accelerate launch --multi_gpu --num_processes N`")
 

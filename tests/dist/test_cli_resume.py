@@ -132,6 +132,24 @@ def test_torchrun_without_accelerate_cpu_flag_is_a_clear_error(digits_dir: Path,
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**env, "OMP_NUM_THREADS": "1"},
                           cwd=ROOT)
     assert proc.returncode != 0
-    message = ("error: torch.distributed runs 2 processes but Accelerate sees 1: on CPU machines set "
-               "ACCELERATE_USE_CPU=1")
+    message = "error: the launcher started 2 processes but Accelerate sees 1: on CPU machines set ACCELERATE_USE_CPU=1"
     assert (proc.stdout + proc.stderr).count(message) == 2, proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with GPUs the FSDP launch makes one process group")
+def test_fsdp_launch_without_gpus_is_a_clear_error(digits_dir: Path, tmp_path: Path) -> None:
+    """``accelerate launch --use_fsdp`` on a machine without GPUs: Accelerate's own error (a traceback
+    from inside its FSDP plugin) becomes one line with the fix."""
+    cmd = [str(ACCELERATE), "launch", "--use_fsdp", "--num_processes", "2", "--main_process_port", "0", "-m", "mmcl",
+           "train", "--config", str(ROOT / "configs" / "clip_digits.yaml"),
+           "--set", f"data.train_shards={digits_dir}/train-{{000000..000004}}.tar",
+           "--set", f"run.output_dir={tmp_path}", "--set", "eval.zeroshot_shards=null"]
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**env, "OMP_NUM_THREADS": "1"},
+                          cwd=ROOT)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    message = "error: the launch asks for FSDP (accelerate launch --use_fsdp) and this machine has no GPU"
+    assert message in out, proc.stderr[-3000:]  # (the launcher may stop the other process before it says it)
+    assert "mmcl/train.py" not in out  # no traceback of ours
+    assert not (tmp_path / "metrics.jsonl").exists()
