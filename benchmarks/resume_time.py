@@ -1,6 +1,6 @@
 """How long a resume takes to reach its position, against reading the epoch up to there.
 
-    python benchmarks/resume_time.py [--samples 4096] [--shard-size 64] [--at 0.9] [--workers 2] [--rounds 3]
+    python benchmarks/resume_time.py [--samples 4096] [--shard-size 64] [--size 224] [--at 0.9] [--workers 2]
 
 Builds ``mmcl-prep photos`` shards (224 px JPEG crops of real photographs; many small shards),
 then, round by round, interleaved:
@@ -76,6 +76,7 @@ def main() -> None:
     ap.add_argument("--shards", type=Path, default=None, help="a folder of train-*.tar shards (default: build)")
     ap.add_argument("--samples", type=int, default=4096)
     ap.add_argument("--shard-size", type=int, default=64)
+    ap.add_argument("--size", type=int, default=224, help="image side in pixels (bigger: more bytes per sample)")
     ap.add_argument("--at", type=float, default=0.9, help="where in the epoch the checkpoint is")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
@@ -86,11 +87,11 @@ def main() -> None:
         folder = Path(tempfile.mkdtemp()) / "photos"
         t = time.perf_counter()
         prep(["photos", "--out", str(folder), "--samples", str(args.samples), "--shard-size", str(args.shard_size),
-              "--workers", str(args.workers), "--no-progress"])
+              "--size", str(args.size), "--workers", str(args.workers), "--no-progress"])
         print(f"built shards in {time.perf_counter() - t:.1f} s")
     shards = sorted(folder.glob("train-*.tar"))
     cfg = DataConfig(train_shards=f"{folder}/train-{{000000..{len(shards) - 1:06d}}}.tar",
-                     batch_size=args.batch_size, num_workers=args.workers, shuffle_buffer=1000, image_size=224)
+                     batch_size=args.batch_size, num_workers=args.workers, shuffle_buffer=1000, image_size=224)  # crops
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
     samples = count_samples(expand_shards(cfg.train_shards))
     batches = int(args.at * samples / args.batch_size)
