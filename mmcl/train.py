@@ -185,6 +185,8 @@ class Trainer:
             self.objective.to(self.acc.device)
         self.state = TrainState()
         self._pending: list[dict[str, Any]] = []  # this optimizer step's micro-batch metrics (on the device)
+        # the host vote's verdict as a device tensor, for the metric weights (not one new tensor a step)
+        self._verdicts = {flag: torch.tensor(flag, device=self.acc.device) for flag in (False, True)}
         # the logging window's metrics, each with its weight: 1 for a good step, 0 for a skipped one
         self._window: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
         self._consecutive_bad = 0
@@ -499,7 +501,7 @@ class Trainer:
                 self.optimizer.step()
             else:
                 loss_bad, norm_bad = self._votes(losses_bad, ~torch.isfinite(norm))
-                bad = torch.tensor(loss_bad or norm_bad, device=acc.device)
+                bad = self._verdicts[loss_bad or norm_bad]  # the vote as a device tensor, made once
                 if not (loss_bad or norm_bad) or (norm_bad and acc.scaler is not None):
                     self.optimizer.step()  # fp16 with a non-finite norm: the grad scaler skips it, lowers its scale
             self.optimizer.zero_grad(set_to_none=True)
