@@ -1,4 +1,5 @@
-"""``mmcl-prep``: build WebDataset shards from digits, shipped photos, tables, image folders or HF datasets.
+"""``mmcl-prep``: build WebDataset shards from digits, shipped photos, tables, image folders or HF datasets,
+or index shards built elsewhere.
 
 Examples::
 
@@ -7,6 +8,7 @@ Examples::
     mmcl-prep table pairs.csv --out data/pairs --caption-column caption --label-column label
     mmcl-prep folder photos/ --out data/photos --split train
     mmcl-prep hf ./saved_dataset --out data/hf --image-column image --caption-column text
+    mmcl-prep index data/laion_shards
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from data_prep import index
 from data_prep.images import FORMATS, MAX_PIXELS, ImageOptions
 from data_prep.photos import SOURCES as PHOTO_SOURCES
 from data_prep.photos import split_sizes
@@ -110,6 +113,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image-column", default="image")
     p.add_argument("--caption-column", default=None)
     p.add_argument("--label-column", default=None)
+
+    p = sub.add_parser("index", help="write manifest.json for WebDataset shards built elsewhere (img2dataset's or "
+                                     "any): samples per shard, formats, img2dataset's failures by reason",
+                       description=index.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir", type=Path, help="the folder of .tar shards (all of them form one split)")
+    p.add_argument("--split", type=split_name, default="train", help="the split's name (default %(default)s)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a manifest.json that another mmcl-prep command wrote (its class names and skip "
+                        "counts are lost)")
     ap.sources = sub.choices  # type: ignore[attr-defined]  # name -> subcommand parser, for parse_args
     return ap
 
@@ -157,7 +169,9 @@ def _sources(args: argparse.Namespace) -> tuple[dict[str, Iterable[Record]], lis
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build every split of the chosen source; return the process exit status."""
+    """Build every split of the chosen source (or index shards); return the process exit status."""
+    if args.source == "index":
+        return index.run(args)
     opts = ImageOptions(fmt=args.format, quality=args.quality, max_side=args.max_side, max_pixels=args.max_pixels)
     start = time.perf_counter()
     records, class_names, sizes, need_caption, source = _sources(args)
@@ -183,7 +197,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     top = parser()
     args = top.parse_args(argv)
     ap = top.sources[args.source]  # errors show the subcommand's usage line
-    if args.out.exists() and not args.out.is_dir():
+    out = getattr(args, "out", None)
+    if out is not None and out.exists() and not out.is_dir():
         ap.error(f"argument --out: {str(args.out)!r} is a file; give a folder")
     if args.source == "digits" and args.val_fraction + args.test_fraction >= 1:
         ap.error(f"arguments --val-fraction and --test-fraction: must add up to less than 1 "
