@@ -1,12 +1,15 @@
-"""``mmcl-prep index``: img2dataset-shaped shards get mmcl's manifest and train as they are; a shard
-cut short is counted as the loader reads it and reported."""
+"""``mmcl-prep index`` and ``mmcl-prep urls``: img2dataset-shaped shards get mmcl's manifest and train
+as they are; a shard cut short is counted as the loader reads it and reported; img2dataset runs from
+its own environment with mmcl's defaults (here a stand-in executable)."""
 
 from __future__ import annotations
 
 import io
 import json
 import math
+import os
 import shutil
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -17,6 +20,8 @@ from conftest import manifest
 from PIL import Image
 
 from data_prep.cli import main as prep_main
+from data_prep.urls import INSTALL, find_img2dataset, input_format
+from mmcl.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARD_URLS = 20  # img2dataset's --number_sample_per_shard here
@@ -201,3 +206,173 @@ def test_index_replaces_only_its_own_manifest_unless_forced(tmp_path: Path, caps
     (tmp_path / "empty" / "00000.tar").write_bytes(b"")
     assert prep_main(["index", str(tmp_path / "empty")]) == 1
     assert "error: the shards hold no sample" in capsys.readouterr().err
+
+
+# --- mmcl-prep urls, with a stand-in for img2dataset ----------------------------------------------
+
+FAKE = """#!{python}
+import json, os, shutil, sys
+from pathlib import Path
+args = sys.argv[1:]
+Path(os.environ["FAKE_I2D_LOG"]).write_text(json.dumps(args))
+out = Path(next(a.split("=", 1)[1] for a in args if a.startswith("--output_folder=")))
+if any(p.name == "manifest.json" for p in out.iterdir()):
+    sys.exit("ValueError: invalid literal for int() with base 10: 'manifest.json'")  # what img2dataset does
+if os.environ.get("FAKE_I2D_SHARDS"):
+    for p in Path(os.environ["FAKE_I2D_SHARDS"]).iterdir():
+        shutil.copy(p, out / p.name)
+sys.exit(int(os.environ.get("FAKE_I2D_EXIT", "0")))
+"""
+
+
+@pytest.fixture
+def fake_venv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A virtual environment whose ``bin/img2dataset`` logs its arguments and copies prepared shards."""
+    exe = tmp_path / "venv" / "bin" / "img2dataset"
+    exe.parent.mkdir(parents=True)
+    exe.write_text(FAKE.format(python=sys.executable))
+    exe.chmod(0o755)
+    monkeypatch.setenv("FAKE_I2D_LOG", str(tmp_path / "argv.json"))
+    monkeypatch.setenv("FAKE_I2D_SHARDS", str(img2dataset_folder(tmp_path / "prepared", LAYOUT[2:])))
+    return exe.parent.parent
+
+
+def logged(tmp_path: Path) -> list[str]:
+    return json.loads((tmp_path / "argv.json").read_text())
+
+
+def test_urls_runs_img2dataset_with_mmcl_defaults_then_indexes(tmp_path: Path, fake_venv: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "pairs.csv").write_text("url,caption\nhttp://127.0.0.1/a.jpg,a cat\n")
+    out = tmp_path / "out"
+    assert prep_main(["urls", str(tmp_path / "pairs.csv"), "--out", str(out), "--img2dataset", str(fake_venv)]) == 0
+    assert logged(tmp_path) == [
+        f"--url_list={tmp_path / 'pairs.csv'}", f"--output_folder={out}", "--output_format=webdataset",
+        "--input_format=csv", "--url_col=url", "--caption_col=caption", "--image_size=224",
+        "--resize_mode=center_crop", "--encode_format=jpg", "--encode_quality=95", "--number_sample_per_shard=10000",
+        f"--processes_count={os.cpu_count()}", "--distributor=multiprocessing"]
+    printed = capsys.readouterr().out
+    assert f"running: {fake_venv / 'bin' / 'img2dataset'} --url_list=" in printed
+    assert "train: 6 samples in 1 shard(s)" in printed
+    m = manifest(out)
+    assert m["splits"]["train"]["total"] == 6 and m["splits"]["train"]["img2dataset"]["count"] == 6
+
+    # a second run resumes into the same folder: the manifest is moved out of img2dataset's way first;
+    # options and the distributor pass on, and what follows -- goes as it is, replacing mmcl's value
+    assert prep_main(["urls", str(tmp_path / "pairs.csv"), "--out", str(out), "--img2dataset",
+                      str(fake_venv / "bin" / "img2dataset"), "--distributor", "ray", "--processes", "3",
+                      "--threads", "16", "--size", "64", "--split", "web", "--caption-col", "caption",
+                      "--", "--timeout", "20", "--resize-mode=border"]) == 0
+    argv = logged(tmp_path)
+    assert "--distributor=ray" in argv and "--processes_count=3" in argv and "--thread_count=16" in argv
+    assert "--image_size=64" in argv and not any(a.startswith("--resize_mode") for a in argv)
+    assert argv[-3:] == ["--timeout", "20", "--resize-mode=border"]
+    assert list(manifest(out)["splits"]) == ["web"]
+
+
+def test_urls_input_formats_and_captions(tmp_path: Path, fake_venv: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "list.txt").write_text("http://127.0.0.1/a.jpg\n")
+    assert prep_main(["urls", str(tmp_path / "list.txt"), "--out", str(tmp_path / "o1"),
+                      "--img2dataset", str(fake_venv)]) == 0
+    argv = logged(tmp_path)
+    assert "--input_format=txt" in argv and not any(a.startswith("--caption_col") for a in argv)
+    assert prep_main(["urls", str(tmp_path / "list.txt"), "--out", str(tmp_path / "o2"), "--caption-col", "text",
+                      "--img2dataset", str(fake_venv)]) == 2
+    assert "holds URLs only, no captions" in capsys.readouterr().err
+    (tmp_path / "pairs.tsv").write_text("link\ttext\nhttp://127.0.0.1/a.jpg\ta cat\n")
+    assert prep_main(["urls", str(tmp_path / "pairs.tsv"), "--out", str(tmp_path / "o3"),
+                      "--img2dataset", str(fake_venv)]) == 2
+    assert "has no column 'url'; its columns are link, text (name them with --url-col" in capsys.readouterr().err
+    assert prep_main(["urls", str(tmp_path / "pairs.tsv"), "--out", str(tmp_path / "o3"), "--url-col", "link",
+                      "--caption-col", "text", "--img2dataset", str(fake_venv)]) == 0
+    assert {"--input_format=tsv", "--url_col=link", "--caption_col=text"} <= set(logged(tmp_path))
+    (tmp_path / "pairs.jsonl").write_text('{"url": "http://127.0.0.1/a.jpg"}\n')
+    assert prep_main(["urls", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "o4"), "--no-captions",
+                      "--img2dataset", str(fake_venv)]) == 0
+    assert not any(a.startswith("--caption_col") for a in logged(tmp_path))
+
+    assert input_format(Path("x/laion_part.parquet")) == "parquet" and input_format(Path("A.CSV.GZ")) == "csv.gz"
+    assert input_format(Path("a.jsonl")) == "jsonl" and input_format(Path("a.json")) == "json"
+    (tmp_path / "parts").mkdir()
+    for name in ("part-0.parquet", "part-1.parquet", "_SUCCESS"):
+        (tmp_path / "parts" / name).write_bytes(b"")
+    assert input_format(tmp_path / "parts") == "parquet"
+    (tmp_path / "parts" / "extra.csv").write_text("url\n")
+    with pytest.raises(DataError, match=r"files of several kinds \(csv, parquet\); give --input-format"):
+        input_format(tmp_path / "parts")
+    with pytest.raises(DataError, match="cannot tell the format of 'urls.xlsx'"):
+        input_format(Path("urls.xlsx"))
+
+
+def test_urls_errors_are_one_line_messages(tmp_path: Path, fake_venv: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture) -> None:
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("url,caption\nhttp://127.0.0.1/a.jpg,a cat\n")
+
+    def urls(*args: str) -> tuple[int, str]:
+        code = prep_main(["urls", *args])
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return code, err
+
+    code, err = urls(str(tmp_path / "missing.csv"), "--out", str(tmp_path / "o"), "--img2dataset", str(fake_venv))
+    assert code == 2 and "URL list" in err and "does not exist" in err
+    monkeypatch.setenv("FAKE_I2D_EXIT", "3")
+    code, err = urls(str(csv), "--out", str(tmp_path / "o"), "--img2dataset", str(fake_venv))
+    assert code == 2 and "error: img2dataset failed (exit status 3; its messages are above); the command was: " in err
+    monkeypatch.setenv("FAKE_I2D_EXIT", "0")
+    monkeypatch.delenv("FAKE_I2D_SHARDS")
+    code, err = urls(str(csv), "--out", str(tmp_path / "none"), "--img2dataset", str(fake_venv), "--distributor", "ray")
+    assert code == 2 and "img2dataset wrote no .tar shard" in err and "ray is not installed" in err
+    code, err = urls(str(csv), "--out", str(tmp_path / "o"), "--img2dataset", str(fake_venv), "--",
+                     "--output_folder=/elsewhere")
+    assert code == 2 and "img2dataset's --output_folder is set by mmcl-prep urls from --out" in err
+    (tmp_path / "made").mkdir()
+    (tmp_path / "made" / "manifest.json").write_text(json.dumps({"source": {"type": "digits"}}))
+    (tmp_path / "argv.json").unlink(missing_ok=True)
+    code, err = urls(str(csv), "--out", str(tmp_path / "made"), "--img2dataset", str(fake_venv))
+    assert code == 2 and "written by mmcl-prep digits" in err and not (tmp_path / "argv.json").exists()
+    code, err = urls(str(csv), "--out", str(tmp_path / "o"), "--img2dataset", str(tmp_path))
+    assert code == 2 and "no img2dataset executable in it" in err and INSTALL in err
+
+    # finding img2dataset: on the PATH, else pipx run, else how to install it in its own environment
+    bare = tmp_path / "path"
+    bare.mkdir()
+    monkeypatch.setenv("PATH", str(bare))
+    with pytest.raises(DataError, match="img2dataset was not found") as e:
+        find_img2dataset(None)
+    assert INSTALL in str(e.value) and "--img2dataset ~/.venvs/img2dataset" in str(e.value)
+    with pytest.raises(DataError, match="--img2dataset pipx: pipx is not on the PATH"):
+        find_img2dataset("pipx")
+    pipx = bare / "pipx"
+    pipx.write_text("#!/bin/sh\n")
+    pipx.chmod(0o755)
+    assert find_img2dataset(None) == [str(pipx), "run", "img2dataset"] == find_img2dataset("pipx")
+    shutil.copy(fake_venv / "bin" / "img2dataset", bare / "img2dataset")
+    assert find_img2dataset(None) == [str(bare / "img2dataset")] == find_img2dataset("img2dataset")
+
+
+BAD_OPTIONS = [
+    (["urls", "l.csv", "--out", "o", "--size", "0"], "--size", "a positive integer (got 0)"),
+    (["urls", "l.csv", "--out", "o", "--quality", "101"], "--quality", "an integer from 1 to 100"),
+    (["urls", "l.csv", "--out", "o", "--processes", "0"], "--processes", "a positive integer"),
+    (["urls", "l.csv", "--out", "o", "--threads", "-1"], "--threads", "a positive integer"),
+    (["urls", "l.csv", "--out", "o", "--shard-size", "0"], "--shard-size", "a positive integer"),
+    (["urls", "l.csv", "--out", "o", "--distributor", "spark"], "--distributor", "invalid choice: 'spark'"),
+    (["urls", "l.csv", "--out", "o", "--resize-mode", "crop"], "--resize-mode", "invalid choice: 'crop'"),
+    (["urls", "l.csv", "--out", "o", "--input-format", "xlsx"], "--input-format", "invalid choice: 'xlsx'"),
+    (["urls", "l.csv", "--out", "o", "--split", "a/b"], "--split", "a split name"),
+    (["index", "d", "--split", ""], "--split", "a split name"),
+]
+
+
+@pytest.mark.parametrize(("args", "option", "allowed"), BAD_OPTIONS, ids=[" ".join(c[0]) for c in BAD_OPTIONS])
+def test_out_of_range_options_are_one_line_usage_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture, args: list[str], option: str,
+                                                        allowed: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        prep_main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {option}: " in err and allowed in err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
