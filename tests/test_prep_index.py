@@ -1,6 +1,7 @@
 """``mmcl-prep index`` and ``mmcl-prep urls``: img2dataset-shaped shards get mmcl's manifest and train
 as they are; a shard cut short is counted as the loader reads it and reported; img2dataset runs from
-its own environment with mmcl's defaults (here a stand-in executable)."""
+its own environment with mmcl's defaults (here a stand-in executable; the real one end to end when
+it is installed, see the last test)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import tarfile
 from collections import Counter
@@ -376,3 +378,26 @@ def test_out_of_range_options_are_one_line_usage_errors(tmp_path: Path, monkeypa
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"argument {option}: " in err and allowed in err
     assert "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def _real_img2dataset() -> str | None:
+    given = os.environ.get("MMCL_IMG2DATASET")
+    if given:
+        return given
+    return shutil.which("img2dataset")
+
+
+@pytest.mark.skipif(_real_img2dataset() is None,
+                    reason="img2dataset is not installed here (not on the PATH, MMCL_IMG2DATASET unset): it is no "
+                           "test dependency, since it pins webdataset < 0.3 and needs an environment of its own. To "
+                           f"run this end-to-end check, install it ({INSTALL}) and set "
+                           "MMCL_IMG2DATASET=~/.venvs/img2dataset")
+def test_real_img2dataset_end_to_end(tmp_path: Path) -> None:
+    """benchmarks/img2dataset_e2e.py, small: served digits with missing URLs, the real img2dataset,
+    the index, a resumed run, two CLIP steps; it exits 1 when a count is not what it served."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "img2dataset_e2e.py"), "--img2dataset",
+                           _real_img2dataset(), "--images", "20", "--missing", "3", "--steps", "2", "--batch", "8",
+                           "--json", str(tmp_path / "figures.json")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    assert figures["index"]["total"] == 20 and figures["index"]["img2dataset"]["failed_to_download"] == 3
