@@ -3,6 +3,7 @@ img2dataset, from its own environment), the manifest it indexes, and a few CLIP 
 
     python -m venv /tmp/i2d && /tmp/i2d/bin/pip install img2dataset     # its own environment, about 25 s
     python benchmarks/img2dataset_e2e.py --img2dataset /tmp/i2d [--images 50] [--missing 6] [--steps 6]
+    python benchmarks/img2dataset_e2e.py --img2dataset /tmp/i2d --distributor pyspark --spark-master 'local[2]'
 
 The images are scikit-learn digits upscaled to 64 px JPEGs with a caption naming the digit
 ("a photo of the number seven."), served by ``http.server`` on 127.0.0.1 from a temporary folder;
@@ -99,7 +100,8 @@ def urls_run(args: argparse.Namespace, url_list: Path, out: Path) -> tuple[int, 
     start = time.perf_counter()
     code = prep(["urls", str(url_list), "--out", str(out), "--img2dataset", args.img2dataset,
                  "--size", str(args.size), "--shard-size", str(args.shard_size), "--processes", str(args.processes),
-                 "--threads", str(args.threads), "--", "--timeout", "5"])
+                 "--threads", str(args.threads), "--distributor", args.distributor,
+                 *(["--spark-master", args.spark_master] if args.spark_master else []), "--", "--timeout", "5"])
     return code, time.perf_counter() - start
 
 
@@ -134,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard-size", type=int, default=20, help="URLs per shard (default %(default)s)")
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--threads", type=int, default=8)
+    ap.add_argument("--distributor", default="multiprocessing", help="multiprocessing, pyspark or ray (the last "
+                                                                     "two installed in img2dataset's environment)")
+    ap.add_argument("--spark-master", default=None, help="with pyspark: the master URL, e.g. 'local[2]'")
     ap.add_argument("--steps", type=int, default=6, help="CLIP training steps (default %(default)s)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")

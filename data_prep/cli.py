@@ -129,6 +129,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--distributor", choices=urls.DISTRIBUTORS, default="multiprocessing",
                    help="how img2dataset spreads the work (default %(default)s: this machine's processes; pyspark "
                         "and ray need those installed in img2dataset's environment, see docs/scaling.md)")
+    p.add_argument("--spark-master", default=None, metavar="URL",
+                   help="with --distributor pyspark: the Spark cluster to run on, e.g. spark://10.0.0.1:7077 "
+                        "(without it img2dataset runs Spark on this machine, local[--processes])")
     p.add_argument("--size", type=positive_int, default=224, help="image side in pixels (default %(default)s)")
     p.add_argument("--resize-mode", choices=urls.RESIZE_MODES, default="center_crop",
                    help="img2dataset's resize mode (default %(default)s: short side to --size, centre cropped)")
@@ -239,6 +242,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = top.sources[args.source]  # errors show the subcommand's usage line
     if args.source == "urls":
         args.extra = extra
+        if args.spark_master and args.distributor != "pyspark":
+            ap.error(f"argument --spark-master: needs --distributor pyspark (got --distributor {args.distributor})")
     out = getattr(args, "out", None)
     if out is not None and out.exists() and not out.is_dir():
         ap.error(f"argument --out: {str(args.out)!r} is a file; give a folder")

@@ -36,6 +36,15 @@ RESIZE_MODES = ("center_crop", "border", "keep_ratio", "keep_ratio_largest", "no
 INPUT_FORMATS = ("txt", "txt.gz", "csv", "csv.gz", "tsv", "tsv.gz", "json", "json.gz", "jsonl", "jsonl.gz",
                  "parquet")
 URLS_ONLY = ("txt", "txt.gz")
+# With --spark-master: img2dataset's Python starts the Spark session, then runs img2dataset's own command
+# line, which uses the active session (from the command line alone it makes a local[processes] one).
+SPARK_DRIVER = """import sys
+from pyspark.sql import SparkSession
+SparkSession.builder.master(sys.argv[1]).appName("mmcl-prep urls").getOrCreate()
+from img2dataset.main import main
+sys.argv = ["img2dataset", *sys.argv[2:]]
+main()
+"""
 # Options mmcl-prep sets from LIST and --out, and the output format that indexing reads.
 FIXED = {"url_list": "LIST", "output_folder": "--out", "output_format": "webdataset, which mmcl-prep index reads"}
 
@@ -115,6 +124,24 @@ def find_img2dataset(given: str | None) -> list[str]:
                     f"{how}")
 
 
+def interpreter(command: list[str]) -> str:
+    """The Python of the environment an installed img2dataset runs in: beside its (resolved) script, or the
+    one the script's first line names."""
+    if len(command) == 1:
+        script = Path(command[0]).resolve()
+        beside = [script.parent / name for name in ("python", "python3", "python.exe")]
+        found = next((str(p) for p in beside if _executable(p)), None)
+        if found:
+            return found
+        with script.open("rb") as f:
+            first = f.readline().decode("utf-8", "replace")
+        if first.startswith("#!") and "python" in first and _executable(Path(first[2:].split()[0])):
+            return first[2:].split()[0]
+    raise DataError(f"--spark-master runs img2dataset's own Python, so img2dataset must be installed in an "
+                    f"environment (not run by {' '.join(command)}): {INSTALL}, then pass --img2dataset "
+                    "~/.venvs/img2dataset")
+
+
 def _option(token: str) -> str | None:
     """The img2dataset option a ``--name[=value]`` token names (fire takes dashes or underscores)."""
     return token[2:].split("=", 1)[0].replace("-", "_") if token.startswith("--") and len(token) > 2 else None
@@ -149,22 +176,30 @@ def run(args: Any) -> int:
     if not args.list.exists():
         raise DataError(f"URL list {str(args.list)!r} does not exist")
     check_replaceable(args.out)  # before downloading: a folder another mmcl-prep command wrote is left alone
-    command = find_img2dataset(args.img2dataset) + img2dataset_args(args)
+    head = shown = find_img2dataset(args.img2dataset)
+    env = {"NO_ALBUMENTATIONS_UPDATE": "1", **os.environ}  # albumentations asks the network for news otherwise
+    if args.spark_master:
+        python = interpreter(head)
+        head = [python, "-c", SPARK_DRIVER, args.spark_master]
+        shown = [python, "-c", "<data_prep.urls.SPARK_DRIVER>", args.spark_master]
+        env.setdefault("PYSPARK_PYTHON", python)  # Spark's workers run img2dataset with it too
+    options = img2dataset_args(args)
+    command, shown = head + options, shlex.join(shown + options)
     args.out.mkdir(parents=True, exist_ok=True)
     # img2dataset resumes by reading every *.json in the folder as a shard's stats: our manifest would stop it.
     (args.out / MANIFEST).unlink(missing_ok=True)
-    shown = shlex.join(command)
     print(f"running: {shown}", flush=True)
     start = time.perf_counter()
     try:
-        # albumentations (an img2dataset dependency) asks the network for its newest version unless told not to
-        done = subprocess.run(command, check=False, env={"NO_ALBUMENTATIONS_UPDATE": "1", **os.environ})
+        done = subprocess.run(command, check=False, env=env)
     except OSError as e:
         raise DataError(f"img2dataset could not start ({e}); the command was: {shown}") from None
     seconds = time.perf_counter() - start
     if done.returncode != 0:
-        raise DataError(f"img2dataset failed (exit status {done.returncode}; its messages are above); "
-                        f"the command was: {shown}")
+        hint = (" With --distributor pyspark, img2dataset's environment needs pyspark (and Spark needs Java)."
+                if args.distributor == "pyspark" else "")
+        raise DataError(f"img2dataset failed (exit status {done.returncode}; its messages are above).{hint} "
+                        f"The command was: {shown}")
     if not any(p.is_file() for p in args.out.glob("*.tar")):
         hint = (" With --distributor ray, img2dataset does nothing when ray is not installed in its environment "
                 "(pip install ray there)." if args.distributor == "ray" else "")

@@ -321,7 +321,7 @@ def test_urls_errors_are_one_line_messages(tmp_path: Path, fake_venv: Path, monk
     assert code == 2 and "URL list" in err and "does not exist" in err
     monkeypatch.setenv("FAKE_I2D_EXIT", "3")
     code, err = urls(str(csv), "--out", str(tmp_path / "o"), "--img2dataset", str(fake_venv))
-    assert code == 2 and "error: img2dataset failed (exit status 3; its messages are above); the command was: " in err
+    assert code == 2 and "error: img2dataset failed (exit status 3; its messages are above). The command was: " in err
     monkeypatch.setenv("FAKE_I2D_EXIT", "0")
     monkeypatch.delenv("FAKE_I2D_SHARDS")
     code, err = urls(str(csv), "--out", str(tmp_path / "none"), "--img2dataset", str(fake_venv), "--distributor", "ray")
@@ -354,6 +354,55 @@ def test_urls_errors_are_one_line_messages(tmp_path: Path, fake_venv: Path, monk
     assert find_img2dataset(None) == [str(bare / "img2dataset")] == find_img2dataset("img2dataset")
 
 
+FAKE_PYSPARK = """import json, os
+class _Builder:
+    def master(self, url):
+        self.url = url
+        return self
+    def appName(self, name):
+        return self
+    def getOrCreate(self):
+        with open(os.environ["FAKE_SPARK_LOG"], "w") as f:
+            json.dump({"master": self.url, "PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON")}, f)
+class SparkSession:
+    builder = _Builder()
+"""
+
+
+def test_urls_on_a_spark_cluster_starts_the_session_in_img2dataset_s_python(
+        tmp_path: Path, fake_venv: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """--spark-master: img2dataset's own Python (here the stand-in's, named on its first line) starts the
+    session on that master, then runs img2dataset's command line with the same options, so img2dataset
+    finds the session instead of making a local one; Spark's workers get that Python too."""
+    from data_prep.urls import interpreter
+
+    mods = tmp_path / "mods"
+    main = "import os, runpy\n\ndef main():\n    runpy.run_path(os.environ['FAKE_I2D_SCRIPT'], run_name='__main__')\n"
+    for name, text in (("pyspark/__init__.py", ""), ("pyspark/sql.py", FAKE_PYSPARK), ("img2dataset/__init__.py", ""),
+                       ("img2dataset/main.py", main)):
+        (mods / name).parent.mkdir(parents=True, exist_ok=True)
+        (mods / name).write_text(text)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(mods), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("FAKE_SPARK_LOG", str(tmp_path / "spark.json"))
+    monkeypatch.setenv("FAKE_I2D_SCRIPT", str(fake_venv / "bin" / "img2dataset"))
+    monkeypatch.delenv("PYSPARK_PYTHON", raising=False)
+    (tmp_path / "pairs.csv").write_text("url,caption\nhttp://127.0.0.1/a.jpg,a cat\n")
+    out = tmp_path / "out"
+    assert prep_main(["urls", str(tmp_path / "pairs.csv"), "--out", str(out), "--img2dataset", str(fake_venv),
+                      "--distributor", "pyspark", "--spark-master", "spark://10.0.0.1:7077"]) == 0
+    python = interpreter([str(fake_venv / "bin" / "img2dataset")])
+    assert python == sys.executable  # no python beside the script: the one its first line names
+    assert json.loads((tmp_path / "spark.json").read_text()) == {"master": "spark://10.0.0.1:7077",
+                                                                  "PYSPARK_PYTHON": python}
+    argv = logged(tmp_path)
+    assert argv[0] == f"--url_list={tmp_path / 'pairs.csv'}" and "--distributor=pyspark" in argv
+    assert f"running: {python} -c '<data_prep.urls.SPARK_DRIVER>' spark://10.0.0.1:7077 --url_list=" in \
+        capsys.readouterr().out
+    assert manifest(out)["splits"]["train"]["total"] == 6
+    with pytest.raises(DataError, match="img2dataset must be installed in an environment"):
+        interpreter(["/usr/bin/pipx", "run", "img2dataset"])
+
+
 BAD_OPTIONS = [
     (["urls", "l.csv", "--out", "o", "--size", "0"], "--size", "a positive integer (got 0)"),
     (["urls", "l.csv", "--out", "o", "--quality", "101"], "--quality", "an integer from 1 to 100"),
@@ -364,6 +413,8 @@ BAD_OPTIONS = [
     (["urls", "l.csv", "--out", "o", "--resize-mode", "crop"], "--resize-mode", "invalid choice: 'crop'"),
     (["urls", "l.csv", "--out", "o", "--input-format", "xlsx"], "--input-format", "invalid choice: 'xlsx'"),
     (["urls", "l.csv", "--out", "o", "--split", "a/b"], "--split", "a split name"),
+    (["urls", "l.csv", "--out", "o", "--spark-master", "spark://h:7077"], "--spark-master",
+     "needs --distributor pyspark (got --distributor multiprocessing)"),
     (["index", "d", "--split", ""], "--split", "a split name"),
 ]
 
