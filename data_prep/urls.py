@@ -11,6 +11,11 @@ mmcl's defaults are those of ``mmcl-prep photos``: 224 px JPEG at quality 95, sq
 resized, then the centre cropped, as mmcl's evaluation preprocessing does); a caption column
 ``caption`` for tables (a ``.txt`` list holds URLs only). Anything after ``--`` goes to img2dataset
 as it is (``-- --timeout 20 --retries 2``), and replaces mmcl's value of the same option.
+
+``--distributor`` is passed on. With ``pyspark``, img2dataset's command line makes a Spark session
+of its own on this machine (``local[processes]``); ``--spark-master URL`` runs it on a cluster
+instead: img2dataset's Python starts the session on that master, then runs img2dataset. Setups
+for several machines: docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ def check_columns(path: Path, fmt: str, columns: list[str]) -> None:
     if path.is_dir() or fmt not in ("csv", "tsv", "jsonl"):
         return
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # as pandas, which img2dataset reads it with
             if fmt == "jsonl":
                 line = f.readline()
                 have = sorted(json.loads(line)) if line.strip() else []

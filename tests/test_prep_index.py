@@ -288,6 +288,9 @@ def test_urls_input_formats_and_captions(tmp_path: Path, fake_venv: Path, capsys
     assert prep_main(["urls", str(tmp_path / "pairs.tsv"), "--out", str(tmp_path / "o3"), "--url-col", "link",
                       "--caption-col", "text", "--img2dataset", str(fake_venv)]) == 0
     assert {"--input_format=tsv", "--url_col=link", "--caption_col=text"} <= set(logged(tmp_path))
+    (tmp_path / "excel.csv").write_text("\ufeffurl,caption\nhttp://127.0.0.1/a.jpg,a cat\n", encoding="utf-8")
+    assert prep_main(["urls", str(tmp_path / "excel.csv"), "--out", str(tmp_path / "o5"),  # a byte-order mark
+                      "--img2dataset", str(fake_venv)]) == 0
     (tmp_path / "pairs.jsonl").write_text('{"url": "http://127.0.0.1/a.jpg"}\n')
     assert prep_main(["urls", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "o4"), "--no-captions",
                       "--img2dataset", str(fake_venv)]) == 0
