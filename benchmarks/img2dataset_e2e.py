@@ -142,9 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=6, help="CLIP training steps (default %(default)s)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="folder for the served files, the shards and the run (default: a new temporary one, kept)")
     args = ap.parse_args(argv)
 
-    work = Path(tempfile.mkdtemp(prefix="img2dataset_e2e_"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="img2dataset_e2e_"))
     served, out = work / "served", work / "shards"
     images = make_images(served, args.images)
     (served / "not_an_image.jpg").write_text("this is text, not an image\n")

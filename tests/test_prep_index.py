@@ -451,7 +451,8 @@ def test_real_img2dataset_end_to_end(tmp_path: Path) -> None:
     the index, a resumed run, two CLIP steps; it exits 1 when a count is not what it served."""
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "img2dataset_e2e.py"), "--img2dataset",
                            _real_img2dataset(), "--images", "20", "--missing", "3", "--steps", "2", "--batch", "8",
-                           "--json", str(tmp_path / "figures.json")], capture_output=True, text=True, timeout=300)
+                           "--json", str(tmp_path / "figures.json"), "--work", str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     figures = json.loads((tmp_path / "figures.json").read_text())
     assert figures["index"]["total"] == 20 and figures["index"]["img2dataset"]["failed_to_download"] == 3
