@@ -1,4 +1,5 @@
-"""``mmcl-prep``: build WebDataset shards from digits, shipped photos, tables, image folders or HF datasets.
+"""``mmcl-prep``: build WebDataset shards from digits, shipped photos, tables, image folders or HF datasets,
+download URL lists into shards with img2dataset, or index shards built elsewhere.
 
 Examples::
 
@@ -7,6 +8,8 @@ Examples::
     mmcl-prep table pairs.csv --out data/pairs --caption-column caption --label-column label
     mmcl-prep folder photos/ --out data/photos --split train
     mmcl-prep hf ./saved_dataset --out data/hf --image-column image --caption-column text
+    mmcl-prep urls pairs.parquet --out data/web --img2dataset ~/.venvs/img2dataset -- --timeout 20
+    mmcl-prep index data/laion_shards
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from data_prep import index, urls
 from data_prep.images import FORMATS, MAX_PIXELS, ImageOptions
 from data_prep.photos import SOURCES as PHOTO_SOURCES
 from data_prep.photos import split_sizes
@@ -110,6 +114,50 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image-column", default="image")
     p.add_argument("--caption-column", default=None)
     p.add_argument("--label-column", default=None)
+
+    p = sub.add_parser("urls", help="download a URL list into WebDataset shards with img2dataset, run from an "
+                                    "environment of its own, then index them",
+                       usage="%(prog)s LIST --out DIR [options] [-- IMG2DATASET_OPTION ...]",
+                       description=urls.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("list", type=Path, help="the URL list: .txt (a URL a line), .csv, .tsv, .json, .jsonl, .parquet "
+                                           "(also .gz), or a folder of such files")
+    p.add_argument("--out", required=True, type=Path, help="output folder for shards and manifest.json (on a "
+                                                           "filesystem every machine shares, with pyspark or ray)")
+    p.add_argument("--img2dataset", default=None, metavar="PATH",
+                   help="img2dataset's executable, its virtual environment, or 'pipx' (default: img2dataset on the "
+                        "PATH, else pipx run img2dataset)")
+    p.add_argument("--distributor", choices=urls.DISTRIBUTORS, default="multiprocessing",
+                   help="how img2dataset spreads the work (default %(default)s: this machine's processes; pyspark "
+                        "and ray need those installed in img2dataset's environment, see docs/scaling.md)")
+    p.add_argument("--spark-master", default=None, metavar="URL",
+                   help="with --distributor pyspark: the Spark cluster to run on, e.g. spark://10.0.0.1:7077 "
+                        "(without it img2dataset runs Spark on this machine, local[--processes])")
+    p.add_argument("--size", type=positive_int, default=224, help="image side in pixels (default %(default)s)")
+    p.add_argument("--resize-mode", choices=urls.RESIZE_MODES, default="center_crop",
+                   help="img2dataset's resize mode (default %(default)s: short side to --size, centre cropped)")
+    p.add_argument("--quality", type=quality, default=95, help="JPEG quality, 1 to 100 (default %(default)s)")
+    p.add_argument("--shard-size", type=positive_int, default=10_000,
+                   help="URLs per shard, so at most that many samples (default %(default)s)")
+    p.add_argument("--processes", type=positive_int, default=os.cpu_count() or 1,
+                   help="img2dataset processes (default: this machine's CPUs, %(default)s)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="download threads per process (default: img2dataset's, 256)")
+    p.add_argument("--input-format", choices=urls.INPUT_FORMATS, default=None,
+                   help="the URL list's format (default: from its file name)")
+    p.add_argument("--url-col", default="url", help="URL column of a table (default %(default)s)")
+    p.add_argument("--caption-col", default=None, help="caption column of a table (default: caption; a .txt list "
+                                                       "has none)")
+    p.add_argument("--no-captions", action="store_true", help="images only (for self-supervised data)")
+    p.add_argument("--split", type=split_name, default="train", help="the split's name in manifest.json")
+
+    p = sub.add_parser("index", help="write manifest.json for WebDataset shards built elsewhere (img2dataset's or "
+                                     "any): samples per shard, formats, img2dataset's failures by reason",
+                       description=index.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir", type=Path, help="the folder of .tar shards (all of them form one split)")
+    p.add_argument("--split", type=split_name, default="train", help="the split's name (default %(default)s)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a manifest.json that another mmcl-prep command wrote (its class names and skip "
+                        "counts are lost)")
     ap.sources = sub.choices  # type: ignore[attr-defined]  # name -> subcommand parser, for parse_args
     return ap
 
@@ -157,7 +205,11 @@ def _sources(args: argparse.Namespace) -> tuple[dict[str, Iterable[Record]], lis
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build every split of the chosen source; return the process exit status."""
+    """Build every split of the chosen source (or download, or index); return the process exit status."""
+    if args.source == "urls":
+        return urls.run(args)
+    if args.source == "index":
+        return index.run(args)
     opts = ImageOptions(fmt=args.format, quality=args.quality, max_side=args.max_side, max_pixels=args.max_pixels)
     start = time.perf_counter()
     records, class_names, sizes, need_caption, source = _sources(args)
@@ -181,9 +233,19 @@ def run(args: argparse.Namespace) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the command line; a bad value exits 2 with argparse's one-line error."""
     top = parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if argv[:1] == ["urls"] and "--" in argv:  # what follows -- is img2dataset's
+        at = argv.index("--")
+        argv, extra = argv[:at], argv[at + 1:]
     args = top.parse_args(argv)
     ap = top.sources[args.source]  # errors show the subcommand's usage line
-    if args.out.exists() and not args.out.is_dir():
+    if args.source == "urls":
+        args.extra = extra
+        if args.spark_master and args.distributor != "pyspark":
+            ap.error(f"argument --spark-master: needs --distributor pyspark (got --distributor {args.distributor})")
+    out = getattr(args, "out", None)
+    if out is not None and out.exists() and not out.is_dir():
         ap.error(f"argument --out: {str(args.out)!r} is a file; give a folder")
     if args.source == "digits" and args.val_fraction + args.test_fraction >= 1:
         ap.error(f"arguments --val-fraction and --test-fraction: must add up to less than 1 "

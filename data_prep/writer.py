@@ -214,10 +214,16 @@ def write_manifest(out_dir: Path, splits: dict[str, dict[str, Any]], *, source: 
         "class_names": class_names,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, manifest)
     return manifest
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON under a temporary name, then rename it into place (atomic:
+    a reader sees the old file or the new one, never half of one)."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def summary(manifest: dict[str, Any], splits: Iterable[str]) -> str:
