@@ -15,6 +15,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 import time
@@ -30,6 +31,8 @@ from data_prep.writer import Record, build_split, summary, write_manifest
 from mmcl.argtypes import fraction, integer, positive_int
 from mmcl.errors import DataError, run_cli
 
+SPLIT_HELP = ("the split's name (default train), or held-out splits by share: val=0.05,test=0.05 (the rest is "
+              "train; each file placed by a hash of its path, so re-runs and added files move none)")
 SEED_MAX = 2**32 - 1  # scikit-learn's (and numpy's) seed range
 quality = integer(1, 100)
 seed = integer(0, SEED_MAX)
@@ -43,13 +46,69 @@ def split_name(text: str) -> str:
     return text
 
 
+def split_spec(text: str) -> str | dict[str, float]:
+    """An argparse type: one split's name (``train``), or held-out splits by share of the samples
+    (``val=0.05,test=0.05``: the rest is ``train``), each sample placed by a hash of its key."""
+    if "=" not in text:
+        return split_name(text)
+    shares: dict[str, float] = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        name = split_name(name.strip())
+        try:
+            shares[name] = fraction(value.strip())
+        except (argparse.ArgumentTypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{name}: the share must be a number between 0 and 1 (got {value!r})") \
+                from None
+    if "train" in shares or sum(shares.values()) >= 1:
+        raise argparse.ArgumentTypeError(f"the held-out shares must add up to less than 1 and the rest is train "
+                                         f"(got {text!r})")
+    return shares
+
+
+def split_by_key(records: list[Record], shares: dict[str, float]) -> dict[str, list[Record]]:
+    """``records`` dealt into ``train`` and the held-out splits by a hash of each record's key (its
+    source path): the same file lands in the same split on every run, and adding files moves none."""
+    out: dict[str, list[Record]] = {"train": [], **{name: [] for name in shares}}
+    for r in records:
+        point = int.from_bytes(hashlib.sha256(str(r.source).encode()).digest()[:8], "big") / 2**64
+        for name, share in shares.items():
+            if point < share:
+                out[name].append(r)
+                break
+            point -= share
+        else:
+            out["train"].append(r)
+    return out
+
+
+def choose_format(records: list[Record]) -> tuple[str, str]:
+    """The image format for shards of ``records`` (``--format`` not given) and why: JPEG when the
+    source images are JPEG (PNG shards of photographs are about twice the size, for no gain over the
+    source), else PNG, lossless as its sources."""
+    sampled = [next(iter(r.images.values())) for r in records[:64]]
+    kinds = {_kind(s) for s in sampled}
+    if kinds == {"jpg"}:
+        return "jpg", "the source images are JPEG"
+    return "png", "the source images are not all JPEG: stored lossless"
+
+
+def _kind(source: Any) -> str:
+    """``jpg`` for a JPEG source (file, bytes or decoded image), else ``other``."""
+    if isinstance(source, (str, Path)):
+        return "jpg" if Path(source).suffix.lower() in (".jpg", ".jpeg") else "other"
+    if isinstance(source, bytes):
+        return "jpg" if source[:2] == b"\xff\xd8" else "other"
+    return "jpg" if getattr(source, "format", None) == "JPEG" else "other"
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder for shards and manifest.json")
     p.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard (default %(default)s)")
     p.add_argument("--max-side", type=positive_int, default=None,
                    help="resize so the longer side is at most this many pixels")
-    p.add_argument("--format", choices=sorted(FORMATS), default="png",
-                   help="image format in the shards (default %(default)s)")
+    p.add_argument("--format", choices=sorted(FORMATS), default=None,
+                   help="image format in the shards (default: jpg for JPEG sources, png for the others)")
     p.add_argument("--quality", type=quality, default=95, help="JPEG/WebP quality, 1 to 100 (default %(default)s)")
     p.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1),
                    help="worker processes (1: convert in this process)")
@@ -90,7 +149,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flip", dest="flip", action="store_false", help="never flip a crop left-right")
     p.add_argument("--source", dest="photo_sources", action="append", choices=PHOTO_SOURCES, default=None,
                    help="photos of this package; repeatable (default: all, scikit-image's only if installed)")
-    p.set_defaults(shard_size=256, format="jpg")  # quality 95, as img2dataset encodes by default
+    p.set_defaults(shard_size=256, format="jpg",  # quality 95, as img2dataset encodes by default
+                   format_because="photographs: JPEG at --quality, as img2dataset encodes them")
 
     p = sub.add_parser("table", help="CSV/TSV/JSONL rows: image path(s), caption, optional label")
     p.add_argument("file", type=Path)
@@ -100,12 +160,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--caption-column", default="caption")
     p.add_argument("--label-column", default=None)
     p.add_argument("--no-captions", action="store_true", help="images only (for self-supervised data)")
-    p.add_argument("--split", type=split_name, default="train")
+    p.add_argument("--split", type=split_spec, default="train", help=SPLIT_HELP)
 
     p = sub.add_parser("folder", help="one subfolder per class")
     p.add_argument("dir", type=Path)
     _common(p)
-    p.add_argument("--split", type=split_name, default="train")
+    p.add_argument("--split", type=split_spec, default="train", help=SPLIT_HELP)
 
     p = sub.add_parser("hf", help="a Hugging Face datasets dataset (saved to disk or by name)")
     p.add_argument("name_or_path")
@@ -189,13 +249,16 @@ def _sources(args: argparse.Namespace) -> tuple[dict[str, Iterable[Record]], lis
         cols = args.image_column or ["image"]
         caption = None if args.no_captions else args.caption_column
         recs, names = table_records(args.file, cols, caption, args.label_column)
-        return {args.split: recs}, names, {args.split: len(recs)}, caption is not None, \
-            {"type": "table", "file": str(args.file), "image_columns": cols}
+        splits = _split(recs, args.split)
+        return splits, names, {k: len(v) for k, v in splits.items()}, caption is not None, \
+            {"type": "table", "file": str(args.file), "image_columns": cols, **_split_note(args.split)}
     if args.source == "folder":
         from data_prep.folder import folder_records
 
         recs, names = folder_records(args.dir, args.seed)
-        return {args.split: recs}, names, {args.split: len(recs)}, True, {"type": "folder", "dir": str(args.dir)}
+        splits = _split(recs, args.split)
+        return splits, names, {k: len(v) for k, v in splits.items()}, True, \
+            {"type": "folder", "dir": str(args.dir), **_split_note(args.split)}
     from data_prep.hf import hf_records, load_hf
 
     recs, names, sizes = hf_records(load_hf(args.name_or_path, args.split), args.image_column,
@@ -204,15 +267,29 @@ def _sources(args: argparse.Namespace) -> tuple[dict[str, Iterable[Record]], lis
         {"type": "hf", "name": args.name_or_path}
 
 
+def _split(records: list[Record], split: str | dict[str, float]) -> dict[str, list[Record]]:
+    return split_by_key(records, split) if isinstance(split, dict) else {split: records}
+
+
+def _split_note(split: str | dict[str, float]) -> dict[str, Any]:
+    return {"held_out": {**split, "by": "sha256 of each file's path"}} if isinstance(split, dict) else {}
+
+
 def run(args: argparse.Namespace) -> int:
     """Build every split of the chosen source (or download, or index); return the process exit status."""
     if args.source == "urls":
         return urls.run(args)
     if args.source == "index":
         return index.run(args)
-    opts = ImageOptions(fmt=args.format, quality=args.quality, max_side=args.max_side, max_pixels=args.max_pixels)
     start = time.perf_counter()
     records, class_names, sizes, need_caption, source = _sources(args)
+    fmt, why = args.format, getattr(args, "format_because", "--format")
+    if fmt is None:  # from the source images when they are listed up front; else lossless
+        listed = next((r for r in records.values() if isinstance(r, list) and r), None)
+        fmt, why = choose_format(listed) if listed is not None else (
+            "png", "images made as they are written: stored lossless (--format jpg for photographs)")
+    source = {**source, "image_format_because": why}
+    opts = ImageOptions(fmt=fmt, quality=args.quality, max_side=args.max_side, max_pixels=args.max_pixels)
     entries = {}
     for split, recs in records.items():
         entries[split] = build_split(args.out, split, recs, opts=opts, shard_size=args.shard_size,

@@ -416,3 +416,46 @@ def test_scikit_image_photos_load_offline() -> None:
     photos, notes = load_photos(["skimage"], 224)
     assert notes == [] and [p.name for p in photos] == [name for name, _ in PHOTOS["skimage"]]
     assert all(max(p.width, p.height) <= 640 and min(p.width, p.height) >= 300 for p in photos)
+
+
+def jpeg_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_folder_split_by_key_is_stable_and_jpeg_sources_stay_jpeg(tmp_path: Path, capsys) -> None:
+    """``--split val=0.2,test=0.2`` deals 60 files into train/val/test by a hash of each path: about
+    the shares asked, the same on a re-run, and adding files moves none. JPEG sources give JPEG
+    shards (PNG shards of photographs are about twice the size); PNG sources keep PNG."""
+    def add(i: int) -> None:
+        folder = tmp_path / "in" / ("a" if i % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:03d}.jpg").write_bytes(jpeg_bytes(np.full((8, 8, 3), i * 2, np.uint8)))
+
+    def splits(out: str) -> dict[str, set[str]]:
+        assert prep_main(["folder", str(tmp_path / "in"), "--out", str(tmp_path / out), "--split", "val=0.2,test=0.2",
+                          "--workers", "1", "--no-progress"]) == 0
+        m = manifest(tmp_path / out)
+        assert m["image_format"] == "jpg" and m["source"]["image_format_because"] == "the source images are JPEG"
+        assert m["source"]["held_out"] == {"val": 0.2, "test": 0.2, "by": "sha256 of each file's path"}
+        return {split: {json.loads(s["json"])["source"] for shard in sorted((tmp_path / out).glob(f"{split}-*.tar"))
+                        for s in read_tar(shard).values()} for split in m["splits"]}
+
+    for i in range(60):
+        add(i)
+    first = splits("o1")
+    assert sorted(first) == ["test", "train", "val"] and sum(map(len, first.values())) == 60
+    assert all(6 <= len(first[s]) <= 18 for s in ("val", "test"))
+    assert splits("o2") == first  # the same on a re-run
+    for i in range(60, 90):
+        add(i)
+    more = splits("o3")
+    assert all(first[s] <= more[s] for s in first)  # the first 60 stayed where they were
+    (tmp_path / "png" / "c").mkdir(parents=True)
+    (tmp_path / "png" / "c" / "0.png").write_bytes(png_bytes(np.zeros((8, 8, 3), np.uint8)))
+    assert prep_main(["folder", str(tmp_path / "png"), "--out", str(tmp_path / "o4"), "--no-progress"]) == 0
+    assert manifest(tmp_path / "o4")["image_format"] == "png"
+    with pytest.raises(SystemExit):
+        prep_main(["folder", str(tmp_path / "in"), "--out", str(tmp_path / "o5"), "--split", "val=0.6,test=0.5"])
+    assert "the held-out shares must add up to less than 1" in capsys.readouterr().err
