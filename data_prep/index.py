@@ -177,7 +177,8 @@ def index_folder(folder: Path, split: str = "train") -> dict[str, Any]:
     faults = {s.name: s.fault for s in shards if s.fault}
     stats = read_stats(folder, faults)
     entry: dict[str, Any] = {
-        "shards": [{"name": s.name, "samples": s.samples} for s in shards],
+        "shards": [{"name": s.name, "samples": s.samples, "bytes": (folder / s.name).stat().st_size}
+                   for s in shards],
         "pattern": brace_pattern([s.name for s in shards]),
         "total": sum(s.samples for s in shards),
         "skipped": {},

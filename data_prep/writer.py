@@ -119,10 +119,11 @@ class ShardWriter:
         final = self.out_dir / self.shards[-1]["name"]
         os.replace(self._tmp, final)  # atomic: a shard either exists whole or not at all
         self.shards[-1]["samples"] = self._count
+        self.shards[-1]["bytes"] = final.stat().st_size  # a resume skips a shard of this size unread
         self._tar = None
 
     def close(self) -> list[dict[str, Any]]:
-        """Finish the last shard and return ``[{name, samples}, ...]``."""
+        """Finish the last shard and return ``[{name, samples, bytes}, ...]``."""
         self._close_shard()
         return self.shards
 

@@ -93,8 +93,8 @@ def test_index_img2dataset_shards_then_train_clip_on_them(tmp_path: Path, capsys
     assert m["source"] == {"type": "img2dataset", "made_by": "mmcl-prep index"}
     assert (m["format"], m["image_format"], m["class_names"]) == ("mmcl-shards/1", "jpg", None)
     assert m["splits"] == {"train": {
-        "shards": [{"name": "00000.tar", "samples": 18}, {"name": "00001.tar", "samples": 17},
-                   {"name": "00002.tar", "samples": 6}],
+        "shards": [{"name": n, "samples": k, "bytes": (shards / n).stat().st_size}
+                   for n, k in (("00000.tar", 18), ("00001.tar", 17), ("00002.tar", 6))],
         "pattern": "{00000..00002}.tar", "total": 41, "skipped": {}, "formats": {"jpg": 41, "json": 41, "txt": 41},
         "img2dataset": {"shards": 3, "count": 46, "successes": 41, "failed_to_download": 4, "failed_to_resize": 1,
                         "failed_by_reason": {"HTTP Error 404: Not Found": 4, "Image decoding error": 1}},

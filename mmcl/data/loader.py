@@ -271,6 +271,7 @@ def make_loader(cfg: DataConfig, shards: str | None = None, *, train: bool = Tru
         batch_size=batch_size or cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer if train else 0,
         shuffle_shards=train, resample=cfg.resample and train, epoch_samples=epoch_samples,
         drop_last=train, seed=seed, required=required, shard_samples=samples_per_shard(urls, policy), rank=rank,
-        world_size=world_size, num_workers=workers, remote=policy)
+        world_size=world_size, num_workers=workers, remote=policy,
+        shard_bytes=samples_per_shard(urls, policy, field="bytes") if train else None)
     on_device = Normalize(mean, std, cfg.colour) if cfg.normalize == "device" else None
     return Loader(stream, workers, pin_memory=torch.cuda.is_available(), normalize=on_device)

@@ -74,16 +74,18 @@ def shard_name(url: str) -> str:
     return Path(url.split("?", 1)[0]).name if scheme(url) in HTTP_SCHEMES else Path(url).name
 
 
-def shard_sizes(manifest: dict[str, Any] | None) -> dict[str, int]:
-    """Map shard file name -> number of samples, over all splits of a manifest."""
+def shard_sizes(manifest: dict[str, Any] | None, field: str = "samples") -> dict[str, int]:
+    """Map shard file name -> number of samples (or the shard's ``bytes``, ``field``), over all splits
+    of a manifest (shards it gives no such number are left out)."""
     if not manifest:
         return {}
-    return {s["name"]: s["samples"] for split in manifest.get("splits", {}).values() for s in split["shards"]}
+    return {s["name"]: s[field] for split in manifest.get("splits", {}).values() for s in split["shards"]
+            if field in s}
 
 
-def samples_per_shard(urls: list[str], policy: ReadPolicy | None = None) -> dict[str, int]:
-    """URL -> samples in that shard, for local and http(s) shards named in the ``manifest.json``
-    beside them."""
+def samples_per_shard(urls: list[str], policy: ReadPolicy | None = None, field: str = "samples") -> dict[str, int]:
+    """URL -> samples in that shard (or its ``bytes``, ``field``), for local and http(s) shards named
+    in the ``manifest.json`` beside them."""
     sizes: dict[str, dict[str, int]] = {}  # folder -> its manifest's shard sizes
     out = {}
     for url in urls:
@@ -91,7 +93,7 @@ def samples_per_shard(urls: list[str], policy: ReadPolicy | None = None) -> dict
             continue
         folder = beside(url, MANIFEST) if is_remote(url) else str(Path(url).parent)
         if folder not in sizes:
-            sizes[folder] = shard_sizes(find_manifest([url], policy))
+            sizes[folder] = shard_sizes(find_manifest([url], policy), field)
         if shard_name(url) in sizes[folder]:
             out[url] = sizes[folder][shard_name(url)]
     return out

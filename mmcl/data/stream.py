@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import os
 import random
 import zlib
 from collections import Counter, defaultdict
@@ -107,6 +108,9 @@ class ShardStream(IterableDataset):
             counted skip, but a stream whose first samples all lack it is a user error.
         shard_samples: URL -> samples in that shard (from ``manifest.json``), to count the
             samples a truncated shard lost.
+        shard_bytes: URL -> the shard's size in bytes when its manifest entry was written: a local
+            shard of that size is taken to hold ``shard_samples`` samples, so a resume can pass over
+            it unread (see :meth:`_slot_samples_after`).
         remote: time-outs and retries for remote shards (default :class:`ReadPolicy`'s).
         rank, world_size: this process's place; default from :func:`mmcl.dist.world` (``launcher=True``).
     """
@@ -116,7 +120,7 @@ class ShardStream(IterableDataset):
                  epoch_samples: int | None = None, drop_last: bool = False, seed: int = 0,
                  required: dict[str, tuple[str, ...]] | None = None, shard_samples: dict[str, int] | None = None,
                  rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
-                 remote: ReadPolicy | None = None):
+                 remote: ReadPolicy | None = None, shard_bytes: dict[str, int] | None = None):
         super().__init__()
         if resample and not epoch_samples:
             raise DataError("resampling needs the epoch length: set data.epoch_samples or add a manifest.json")
@@ -126,6 +130,7 @@ class ShardStream(IterableDataset):
         self.resample, self.epoch_samples, self.drop_last, self.seed = resample, epoch_samples, drop_last, seed
         self.required = dict(required or {})
         self.shard_samples = dict(shard_samples or {})
+        self.shard_bytes = dict(shard_bytes or {})
         self.remote = remote or ReadPolicy()
         self.rank = r if rank is None else rank
         self.world_size = w if world_size is None else world_size
@@ -287,6 +292,11 @@ class ShardStream(IterableDataset):
         shards = self._my_shards(rank * num_workers + worker, world_size * num_workers, epoch)
         number = 0  # samples of the stream before the current shard
         for url, every, offset in shards:
+            count = self._listed_count(url, every, offset) if not done else None
+            if count is not None and number + count <= taken and not any(number <= i < number + count
+                                                                         for i in wanted):
+                number += count  # read before the position, none of it in the buffer: passed over unread
+                continue
             files = None if is_remote(url) else scan_tar(url)
             if files is not None:
                 grouped = wds.tariterators.group_by_keys(files, handler=lambda exn: True)
@@ -312,6 +322,19 @@ class ShardStream(IterableDataset):
         # the stream ended before the position: its last samples were given out in a final shuffle
         return itertools.islice(self._slot_samples(rank, worker, world_size, num_workers, epoch, skipped),
                                 given, None)
+
+    def _listed_count(self, url: str, every: int, offset: int) -> int | None:
+        """The samples of a local shard this slot reads (``offset`` modulo ``every``), as its manifest
+        entry says, when the file is still the size the entry records; else None (scan or read it)."""
+        n, size = self.shard_samples.get(url), self.shard_bytes.get(url)
+        if n is None or size is None or is_remote(url):
+            return None
+        try:
+            if os.path.getsize(url) != size:
+                return None
+        except OSError:
+            return None
+        return len(range(offset, n, every))
 
     def trained_samples(self, segment: dict[str, Any], from_epoch: int) -> dict[int, set[str]]:
         """Epoch -> ids of the samples a run laid out as ``segment`` took from its streams in the

@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 from conftest import cfg_for
 
-from mmcl.data import make_loader
+from mmcl.data import make_loader, seek
+from mmcl.data import stream as stream_module
 from mmcl.data.stream import ShardStream
 
 from .test_remote import serve  # noqa: F401  (the HTTP server fixture)
 
 SHARDS = [f"train-{i:06d}.tar" for i in range(5)]
+SCANNED: list[str] = []  # the shards a resume scanned for their tar headers
 
 
 def batches_after(cfg, at: float) -> tuple[object, list[list[str]]]:  # noqa: ANN001
@@ -41,7 +43,13 @@ def resumed(cfg, position, monkeypatch: pytest.MonkeyPatch) -> tuple[list[list[s
         read.append(url.rsplit("/", 1)[-1])
         return real(self, url, *args, **kwargs)
 
+    def scanning(url):  # noqa: ANN001, ANN202
+        SCANNED.append(url.rsplit("/", 1)[-1])
+        return seek.scan_tar(url)
+
+    SCANNED.clear()
     monkeypatch.setattr(ShardStream, "_read_shard", recording)
+    monkeypatch.setattr(stream_module, "scan_tar", scanning)
     loader = make_loader(cfg, seed=3)
     loader.resume_at(position)
     loader.set_epoch(0)
@@ -57,7 +65,10 @@ def test_a_resumed_stream_goes_on_exactly_reading_only_the_shards_left(digits_di
     assert again == rest
     order = [u.rsplit("/", 1)[-1] for u, _, _ in make_loader(cfg, seed=3).stream._my_shards(0, 1, 0)]
     first = order.index(read[0])
-    assert first > 0 and read == order[first:]  # the finished shards were not read again
+    assert first > 0 and read == order[first:]  # the finished shards were not read again,
+    assert set(SCANNED) <= set(order[:first + 1])  # only those holding samples still in the buffer scanned:
+    if at > 0.5:  # the others, of the size their manifest entry records, were passed over unopened
+        assert len(set(SCANNED) - {read[0]}) < first, (SCANNED, first)
 
 
 def test_a_position_in_the_final_shuffle_replays_the_stream(digits_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
