@@ -41,6 +41,22 @@ def shuffle_state(given: int, buffer_size: int, rng: random.Random) -> tuple[lis
     return buf, taken
 
 
+def final_shuffle(given: int, buffer_size: int, total: int, rng: random.Random) -> list[int]:
+    """The sample numbers a shuffle buffer gives out after its first ``given``, when its stream holds
+    ``total`` samples and ``given`` reaches into the final shuffle of what is left in the buffer
+    once the stream has run out. Mirrors :meth:`ShardStream._shuffled` draw for draw."""
+    buf: list[int] = []
+    out: list[int] = []
+    for n in range(total):
+        buf.append(n)
+        if len(buf) >= buffer_size:
+            i = rng.randrange(len(buf))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            out.append(buf.pop())
+    rng.shuffle(buf)
+    return (out + buf)[given:]
+
+
 def scan_tar(path: str) -> Iterator[dict[str, Any]] | None:
     """The files of a local, uncompressed tar as ``webdataset.tariterators.tar_file_iterator`` gives
     them, but with ``(offset, size)`` of the data instead of the data, which is skipped by seeking.

@@ -39,7 +39,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mmcl.data.remote import ReadPolicy, open_shard
-from mmcl.data.seek import read_members, scan_tar, shuffle_state
+from mmcl.data.seek import final_shuffle, read_members, scan_tar, shuffle_state
 from mmcl.data.shards import is_remote
 from mmcl.dist import world
 from mmcl.errors import DataError
@@ -284,30 +284,30 @@ class ShardStream(IterableDataset):
         data of the samples still in it, read where they lie, and its generator set where it was.
         Local uncompressed shards are scanned for headers; from the first that is not, the stream is
         read on (not decoded). A position within the stream's final shuffle (the shards had run out)
-        is reached by replaying the whole stream."""
+        gives out what was left of the buffer, found the same way; with shards that cannot be
+        scanned it is reached by replaying the whole stream."""
         rng = random.Random(sample_seed(self.seed, epoch, "buffer", rank, worker))
         buffered, taken = shuffle_state(given, self.shuffle_buffer, rng)
         wanted, found = set(buffered), {}
         done = self.exclude.get(epoch)
         shards = self._my_shards(rank * num_workers + worker, world_size * num_workers, epoch)
         number = 0  # samples of the stream before the current shard
+        passed: list[tuple[str, int, int, range, list[dict[str, Any]] | None]] = []  # shards wholly before
         for url, every, offset in shards:
             count = self._listed_count(url, every, offset) if not done else None
             if count is not None and number + count <= taken and not any(number <= i < number + count
                                                                          for i in wanted):
+                passed.append((url, every, offset, range(number, number + count), None))
                 number += count  # read before the position, none of it in the buffer: passed over unread
                 continue
-            files = None if is_remote(url) else scan_tar(url)
-            if files is not None:
-                grouped = wds.tariterators.group_by_keys(files, handler=lambda exn: True)
-                samples = [s for i, s in enumerate(grouped)
-                           if i % every == offset and (not done or sample_id(s) not in done)]
-                if number + len(samples) <= taken:  # wholly read before the position
-                    for i, s in enumerate(samples, number):
-                        if i in wanted:
-                            found[i] = read_members(url, s)
-                    number += len(samples)
-                    continue
+            samples = self._scanned(url, every, offset, done)
+            if samples is not None and number + len(samples) <= taken:  # wholly read before the position
+                for i, s in enumerate(samples, number):
+                    if i in wanted:
+                        found[i] = read_members(url, s)
+                passed.append((url, every, offset, range(number, number + len(samples)), samples))
+                number += len(samples)
+                continue
             # the position is in this shard, or it cannot be scanned: read on from its start
             raw = self._raw(itertools.chain([(url, every, offset)], shards), epoch, skipped)
             for i in range(number, taken):
@@ -319,9 +319,31 @@ class ShardStream(IterableDataset):
             else:
                 return self._shuffled(raw, rng, [found[i] for i in buffered])
             break
-        # the stream ended before the position: its last samples were given out in a final shuffle
+        else:  # the shards ran out before the position: what is left is the buffer's final shuffle
+            rest = final_shuffle(given, self.shuffle_buffer, number,
+                                 random.Random(sample_seed(self.seed, epoch, "buffer", rank, worker)))
+            out = {}
+            for url, every, offset, numbers, samples in passed:
+                mine = [i for i in rest if i in numbers]
+                if mine and samples is None:
+                    samples = self._scanned(url, every, offset, done)
+                if mine and (samples is None or len(samples) != len(numbers)):
+                    break  # cannot be scanned, or not as its manifest entry says: replay
+                out.update({i: read_members(url, samples[i - numbers.start]) for i in mine})
+            if len(out) == len(rest):
+                return iter([out[i] for i in rest])
+        # shards that cannot be scanned, and the position in the final shuffle: replay the whole stream
         return itertools.islice(self._slot_samples(rank, worker, world_size, num_workers, epoch, skipped),
                                 given, None)
+
+    def _scanned(self, url: str, every: int, offset: int, done: set[str] | None) -> list[dict[str, Any]] | None:
+        """The samples this slot reads from a local shard, as :func:`mmcl.data.seek.scan_tar` finds
+        them (data left where it lies), less the excluded ones; None if it cannot be scanned."""
+        files = None if is_remote(url) else scan_tar(url)
+        if files is None:
+            return None
+        grouped = wds.tariterators.group_by_keys(files, handler=lambda exn: True)
+        return [s for i, s in enumerate(grouped) if i % every == offset and (not done or sample_id(s) not in done)]
 
     def _listed_count(self, url: str, every: int, offset: int) -> int | None:
         """The samples of a local shard this slot reads (``offset`` modulo ``every``), as its manifest
