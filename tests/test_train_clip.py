@@ -411,3 +411,24 @@ def test_merge_interpolates_a_fine_tuned_model_with_its_start(digits_dir: Path, 
     assert "merged model (alpha 0.25)" in capsys.readouterr().out
     assert mmcl_main(["merge", "--fine-tuned", str(start / "final"), "--out", str(tmp_path / "x")]) == 2
     assert "started from scratch (random weights): there is no zero-shot model" in capsys.readouterr().err
+
+
+def test_locked_towers_and_their_last_groups(digits_dir: Path, tmp_path: Path) -> None:
+    """LiT and partial locking, as open_clip counts the groups: with ``model.lock_image`` and
+    ``image_unlocked_groups: 2`` only the image tower's last block (with its final norm) and its
+    projection train; with ``model.lock_text`` the text tower does not move at all. A key that leaves
+    groups of an unlocked tower "unlocked" is refused."""
+    trainer = Trainer(recipe(digits_dir, tmp_path / "run", "train.steps=2", "eval.zeroshot_shards=null",
+                             "data.num_workers=0", "model.lock_image=true", "model.image_unlocked_groups=2",
+                             "model.lock_text=true"))
+    before = {k: v.clone() for k, v in trainer.unwrapped.state_dict().items()}
+    trainer.fit()
+    after = trainer.unwrapped.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    last = max(int(k.split(".")[4]) for k in before if k.startswith("clip.visual.transformer.resblocks."))
+    assert {k for k in moved if k.startswith("clip.visual.")} == {
+        k for k in before if k.startswith((f"clip.visual.transformer.resblocks.{last}.", "clip.visual.ln_post.",
+                                           "clip.visual.proj"))}
+    assert not any(k.startswith("clip.text.") for k in moved) and "clip.logit_scale" in moved
+    with pytest.raises(MmclError, match="model.image_unlocked_groups leaves groups of a locked image tower"):
+        recipe(digits_dir, tmp_path / "x", "model.image_unlocked_groups=1")

@@ -54,7 +54,15 @@ class ClipModelConfig:
                                               "starting here (-10 in the paper); the model then also outputs "
                                               "logit_bias. null: no bias (CLIP)")
     max_logit_scale: float = spec(100.0, gt=0)
-    lock_image: bool = False
+    lock_image: bool = spec(False, help="LiT: the image tower is not trained (see image_unlocked_groups)")
+    image_unlocked_groups: int = spec(0, ge=0, help="with lock_image: the last N groups of the image tower stay "
+                                                    "trainable, as open_clip's lock_image_tower(unlocked_groups) "
+                                                    "counts them (the projection is the last group)")
+    lock_text: bool = spec(False, help="the open_clip text tower is not trained (see text_unlocked_layers; a Hugging "
+                                       "Face tower locks with text_tower.locked)")
+    text_unlocked_layers: int = spec(0, ge=0, help="with lock_text: the last N groups stay trainable, as open_clip's "
+                                                   "lock_text_tower(unlocked_layers) counts them (the projection, "
+                                                   "then the last block with the final norm, ...)")
     grad_checkpointing: bool = spec(False, help="recompute each tower block's activations in the backward pass: "
                                                 "about a third more compute for far less activation memory")
     patch_dropout: float = spec(0.0, ge=0, lt=1, help="FLIP: share of image patches dropped at random in training "
@@ -68,6 +76,15 @@ class ClipModelConfig:
         if self.init_logit_scale > self.max_logit_scale:
             raise ConfigError(f"model.init_logit_scale ({self.init_logit_scale}) is above model.max_logit_scale "
                               f"({self.max_logit_scale})")
+        if self.image_unlocked_groups and not self.lock_image:
+            raise ConfigError("model.image_unlocked_groups leaves groups of a locked image tower trainable: set "
+                              "model.lock_image: true (or image_unlocked_groups: 0)")
+        if self.text_unlocked_layers and not self.lock_text:
+            raise ConfigError("model.text_unlocked_layers leaves layers of a locked text tower trainable: set "
+                              "model.lock_text: true (or text_unlocked_layers: 0)")
+        if self.lock_text and self.text_tower is not None:
+            raise ConfigError("model.lock_text locks open_clip's text tower; a Hugging Face text tower is locked by "
+                              "model.text_tower.locked")
 
     def check_recipe(self, recipe: Any) -> None:
         """Shapes, before step 1 (they were an open_clip traceback there): the images fit the image
@@ -216,8 +233,10 @@ class ClipModel(nn.Module):
         self.hf_tokenizer_path = hf_tokenizer_path
         if hf_text is not None:
             self.clip.text = hf_text
-        if cfg.lock_image:
-            self.clip.visual.requires_grad_(False)
+        if cfg.lock_image:  # open_clip's own locking: every group of the tower but the last N
+            self.clip.lock_image_tower(unlocked_groups=cfg.image_unlocked_groups)
+        if cfg.lock_text:
+            self.clip.lock_text_tower(unlocked_layers=cfg.text_unlocked_layers)
 
     # -------------------------------------------------------------------------- construction
     @classmethod
