@@ -112,6 +112,13 @@ def _usage(config: dict[str, Any], repo_id: str | None) -> list[str]:
     elif config["model_name"] == "clip":
         lines += ["", "The text tower is a Hugging Face transformer, which open_clip's folder format cannot "
                   "express: load this model with mmcl."]
+    sub = config.get("info", {}).get("transformers")
+    if sub:
+        where = repo_id or "PATH/TO/FOLDER"
+        lines += ["", f"And in transformers (the folder's `{sub}/`):", "", "```python",
+                  "from transformers import CLIPModel, CLIPProcessor", "",
+                  f'model = CLIPModel.from_pretrained("{where}", subfolder="{sub}")',
+                  f'processor = CLIPProcessor.from_pretrained("{where}", subfolder="{sub}")', "```"]
     return lines
 
 

@@ -21,6 +21,5 @@ def share_as_umask(folder: Path) -> None:
     the rest of a group sharing a cluster."""
     mask = umask()
     os.chmod(folder, 0o777 & ~mask)
-    for f in folder.iterdir():
-        if f.is_file():
-            os.chmod(f, 0o666 & ~mask)
+    for f in folder.rglob("*"):
+        os.chmod(f, (0o666 if f.is_file() else 0o777) & ~mask)

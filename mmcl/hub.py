@@ -63,6 +63,7 @@ def save_pretrained(model: nn.Module, path: str | Path, *, name: str, preprocess
                   "preprocess": preprocess, "info": info}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         for file_name, data in (files or {}).items():
+            (tmp / file_name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / file_name).write_bytes(data)
         write_card(tmp, config)
         share_as_umask(tmp)

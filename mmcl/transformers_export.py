@@ -1,0 +1,149 @@
+"""Export a CLIP model to Hugging Face ``transformers``: a folder that ``CLIPModel.from_pretrained``
+and ``CLIPProcessor.from_pretrained`` load, giving the same embeddings as mmcl and open_clip.
+
+open_clip has no export of its own. The map is one of names and shapes: the towers' blocks are the
+same transformer (open_clip's fused ``in_proj`` splits into ``q_proj``, ``k_proj``, ``v_proj``; the
+projections are stored transposed), and the tokenizer is the same BPE (open_clip's vocabulary and
+merges written as ``vocab.json`` and ``merges.txt``, its start and end tokens renamed as
+``CLIPTokenizer`` names them). Only towers that ``CLIPModel`` can express are exported: open_clip's
+ViT and text transformer with their default pooling, LayerNorm and no layer scale.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmcl.errors import MmclError
+
+VISION_KEYS = {"image_size", "layers", "width", "head_width", "mlp_ratio", "patch_size", "patch_dropout"}
+TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
+TOP_KEYS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "custom_text"}
+SOT, EOT = 49406, 49407  # open_clip's start and end of text
+SUBFOLDER = "transformers"  # where a model folder holds its transformers form
+
+
+def obstacle(model_cfg: dict[str, Any]) -> str | None:
+    """Why a CLIP model of this open_clip config cannot be a ``transformers.CLIPModel``, or None."""
+    extra = set(model_cfg) - TOP_KEYS
+    extra |= {f"vision_cfg.{k}" for k in set(model_cfg.get("vision_cfg", {})) - VISION_KEYS}
+    extra |= {f"text_cfg.{k}" for k in set(model_cfg.get("text_cfg", {})) - TEXT_KEYS}
+    if "hf_text" in model_cfg:
+        return "its text tower is a Hugging Face model (transformers' VisionTextDualEncoderModel would hold it)"
+    if extra:
+        return f"CLIPModel has nothing for {', '.join(sorted(extra))}"
+    if model_cfg["text_cfg"].get("vocab_size", 49408) != 49408:
+        return "its text tower does not use CLIP's tokenizer (vocabulary of 49408)"
+    return None
+
+
+def hf_config(model_cfg: dict[str, Any], logit_scale: float) -> Any:
+    """The ``transformers.CLIPConfig`` of an exportable open_clip config."""
+    from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+
+    v, t, dim = model_cfg["vision_cfg"], model_cfg["text_cfg"], model_cfg["embed_dim"]
+    act = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
+    size = v.get("image_size", 224)
+    vision = CLIPVisionConfig(hidden_size=v["width"], intermediate_size=int(v["width"] * v.get("mlp_ratio", 4.0)),
+                              num_hidden_layers=v["layers"], num_attention_heads=v["width"] // v.get("head_width", 64),
+                              image_size=size if isinstance(size, int) else size[0], patch_size=v["patch_size"],
+                              hidden_act=act, layer_norm_eps=1e-5, projection_dim=dim)
+    text = CLIPTextConfig(vocab_size=t.get("vocab_size", 49408), hidden_size=t["width"],
+                          intermediate_size=int(t["width"] * t.get("mlp_ratio", 4.0)), num_hidden_layers=t["layers"],
+                          num_attention_heads=t["heads"], max_position_embeddings=t.get("context_length", 77),
+                          hidden_act=act, layer_norm_eps=1e-5, projection_dim=dim, bos_token_id=SOT,
+                          eos_token_id=EOT, pad_token_id=EOT)
+    return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=dim,
+                      logit_scale_init_value=logit_scale)
+
+
+def _blocks(state: dict[str, torch.Tensor], src: str, dst: str, layers: int) -> dict[str, torch.Tensor]:
+    """One tower's transformer blocks, from open_clip's names to transformers'."""
+    out = {}
+    for i in range(layers):
+        s, d = f"{src}.resblocks.{i}", f"{dst}.layers.{i}"
+        q, k, v = state[f"{s}.attn.in_proj_weight"].chunk(3)
+        qb, kb, vb = state[f"{s}.attn.in_proj_bias"].chunk(3)
+        out.update({f"{d}.self_attn.q_proj.weight": q, f"{d}.self_attn.k_proj.weight": k,
+                    f"{d}.self_attn.v_proj.weight": v, f"{d}.self_attn.q_proj.bias": qb,
+                    f"{d}.self_attn.k_proj.bias": kb, f"{d}.self_attn.v_proj.bias": vb})
+        for a, b in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
+                     ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+            out[f"{d}.{b}.weight"], out[f"{d}.{b}.bias"] = state[f"{s}.{a}.weight"], state[f"{s}.{a}.bias"]
+    return out
+
+
+def hf_state(clip: torch.nn.Module, model_cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights of an open_clip ``CustomTextCLIP`` under ``transformers.CLIPModel``'s names."""
+    s = {k: v.detach().cpu() for k, v in clip.state_dict().items()}
+    out = {"logit_scale": s["logit_scale"].reshape(()),
+           "vision_model.embeddings.class_embedding": s["visual.class_embedding"],
+           "vision_model.embeddings.patch_embedding.weight": s["visual.conv1.weight"],
+           "vision_model.embeddings.position_embedding.weight": s["visual.positional_embedding"],
+           "vision_model.pre_layrnorm.weight": s["visual.ln_pre.weight"],
+           "vision_model.pre_layrnorm.bias": s["visual.ln_pre.bias"],
+           "vision_model.post_layernorm.weight": s["visual.ln_post.weight"],
+           "vision_model.post_layernorm.bias": s["visual.ln_post.bias"],
+           "visual_projection.weight": s["visual.proj"].t(),
+           "text_model.embeddings.token_embedding.weight": s["text.token_embedding.weight"],
+           "text_model.embeddings.position_embedding.weight": s["text.positional_embedding"],
+           "text_model.final_layer_norm.weight": s["text.ln_final.weight"],
+           "text_model.final_layer_norm.bias": s["text.ln_final.bias"],
+           "text_projection.weight": s["text.text_projection"].t()}
+    out.update(_blocks(s, "visual.transformer", "vision_model.encoder", model_cfg["vision_cfg"]["layers"]))
+    out.update(_blocks(s, "text.transformer", "text_model.encoder", model_cfg["text_cfg"]["layers"]))
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def write_tokenizer(out: Path, context_length: int) -> None:
+    """open_clip's BPE as ``CLIPTokenizer`` files: ``vocab.json`` (its start and end tokens under
+    CLIP's names) and ``merges.txt`` in rank order."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tok = SimpleTokenizer()
+    names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {names.get(k, k): v for k, v in tok.encoder.items()}
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    merges = sorted(tok.bpe_ranks.items(), key=lambda kv: kv[1])
+    (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for (a, b), _ in merges))
+    from transformers import CLIPTokenizer
+
+    CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=context_length,
+                  pad_token="<|endoftext|>").save_pretrained(str(out))
+
+
+def export_files(model: Any, preprocess: dict[str, Any]) -> dict[str, bytes]:
+    """The files of :func:`export`, as ``{"transformers/NAME": bytes}`` for a model folder (written
+    with it, atomically); {} when the model has no CLIPModel form."""
+    import tempfile
+
+    if getattr(model, "model_cfg", None) is None or obstacle(model.model_cfg) is not None:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        export(model, tmp, preprocess)
+        return {f"{SUBFOLDER}/{f.name}": f.read_bytes() for f in sorted(Path(tmp).iterdir()) if f.is_file()}
+
+
+def export(model: Any, out: str | Path, preprocess: dict[str, Any]) -> Path:
+    """Write ``model`` (an mmcl CLIP model with open_clip towers) to ``out`` as a ``transformers``
+    CLIP folder: weights (safetensors), config, tokenizer and image processor. Raises
+    :class:`MmclError` saying why when its towers have no CLIPModel form."""
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    why = obstacle(model.model_cfg)
+    if why is not None:
+        raise MmclError(f"cannot export to transformers.CLIPModel: {why}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    hf = CLIPModel(hf_config(model.model_cfg, float(model.clip.logit_scale.detach().exp()))).eval()
+    hf.load_state_dict(hf_state(model.clip, model.model_cfg), strict=True)
+    hf.save_pretrained(str(out), safe_serialization=True)
+    write_tokenizer(out, model.model_cfg["text_cfg"].get("context_length", 77))
+    size = hf.config.vision_config.image_size
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                       image_mean=list(preprocess["mean"]), image_std=list(preprocess["std"]),
+                       resample=3).save_pretrained(str(out))
+    return out
