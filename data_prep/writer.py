@@ -22,6 +22,7 @@ from typing import Any
 from tqdm import tqdm
 
 from data_prep.images import MISSING_CAPTION, ImageOptions, image_from_array, load_image
+from mmcl.files import write_atomic
 
 MANIFEST = "manifest.json"
 FIRST_KEYS = 5
@@ -222,9 +223,7 @@ def write_manifest(out_dir: Path, splits: dict[str, dict[str, Any]], *, source: 
 def write_json(path: Path, data: Any) -> None:
     """Write ``data`` as indented JSON under a temporary name, then rename it into place (atomic:
     a reader sees the old file or the new one, never half of one)."""
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def summary(manifest: dict[str, Any], splits: Iterable[str]) -> str:

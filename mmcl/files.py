@@ -1,9 +1,17 @@
-"""File-system details every writer of run outputs shares."""
+"""File-system details every writer of run outputs and shards shares (torch-free: mmcl-prep uses it)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` under a temporary name, then rename it into place: a reader sees
+    the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def umask() -> int:

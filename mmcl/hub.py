@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from mmcl.errors import MmclError
-from mmcl.files import share_as_umask
+from mmcl.files import share_as_umask, write_atomic  # write_atomic: also mmcl.hub's, as before
 
 CONFIG = "mmcl_config.json"
 FORMAT = "mmcl-model/1"
@@ -34,13 +34,6 @@ def _loaders() -> dict[str, Any]:
     from mmcl.registry import registered
 
     return {name: builder for name, (_, builder) in registered("model").items() if hasattr(builder, "load_files")}
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` under a temporary name, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_card(folder: Path, config: dict[str, Any]) -> None:

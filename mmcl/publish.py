@@ -64,7 +64,8 @@ CURVES = "training_curves.png"  # the run's curves in the final folder, shown by
 def write_final(model: nn.Module, run_dir: Path, recipe: Recipe, facts: RunFacts) -> Path:
     """Save ``RUN/final`` (atomically, see :func:`mmcl.hub.save_pretrained`) and ``RUN/summary.json``
     (the info without the recipe, which ``RUN/recipe.yaml`` already holds); returns the folder."""
-    from mmcl.hub import save_pretrained, write_atomic
+    from mmcl.files import write_atomic
+    from mmcl.hub import save_pretrained
     from mmcl.report import write_report
 
     info = run_info(recipe, facts)

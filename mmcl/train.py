@@ -32,10 +32,10 @@ from mmcl.data.stream import WorkerPositions, sample_seed
 from mmcl.dist import world
 from mmcl.errors import MmclError
 from mmcl.evaluate.run import flat_metrics
+from mmcl.files import write_atomic
 from mmcl.fsdp import Sharded, check_launch, launch_error, local
 from mmcl.fsdp import plugin as fsdp_plugin
 from mmcl.gradcache import concat, grad_cache_step
-from mmcl.hub import write_atomic
 from mmcl.optim import build_optimizer
 from mmcl.publish import RunFacts, push_final, write_final
 from mmcl.recipe import Recipe, device_vote_obstacle, merged_micro_batches, recipe_dict
