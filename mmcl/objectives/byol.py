@@ -29,7 +29,12 @@ class BYOLConfig:
 
 
 def byol_loss(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of ``‖p/‖p‖ − t/‖t‖‖² = 2 − 2 cos(p, t)``."""
+    """Mean over the batch of ``‖p/‖p‖ − t/‖t‖‖² = 2 − 2 cos(p, t)``.
+
+    >>> p, t = torch.randn(3, 5), torch.randn(3, 5)
+    >>> torch.allclose(byol_loss(p, t), ((F.normalize(p, dim=-1) - F.normalize(t, dim=-1)) ** 2).sum(-1).mean())
+    True
+    """
     return (2 - 2 * F.cosine_similarity(p.float(), t.float().detach(), dim=-1)).mean()
 
 

@@ -40,7 +40,13 @@ class MoCoConfig:
 
 
 def moco_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
-    """[B, 1 + K] logits: column 0 the positive ``q·k``, then ``q`` against every queued key."""
+    """[B, 1 + K] logits: column 0 the positive ``q·k``, then ``q`` against every queued key.
+
+    >>> q, k, queue = torch.eye(2), torch.eye(2), torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.6, 0.8]])
+    >>> moco_logits(q, k, queue, temperature=0.5)
+    tensor([[2.0000, 0.0000, 2.0000, 1.2000],
+            [2.0000, 2.0000, 0.0000, 1.6000]])
+    """
     pos = (q * k).sum(dim=-1, keepdim=True)
     return torch.cat([pos, q @ queue.T], dim=1) / temperature
 

@@ -45,7 +45,16 @@ def pair_logits(z1: torch.Tensor, z2: torch.Tensor, z1_all: torch.Tensor, z2_all
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, z1_all: torch.Tensor, z2_all: torch.Tensor, temperature: float,
             rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """NT-Xent of this process's rows (see :func:`pair_logits`). Returns (loss, top-1 accuracy)."""
+    """NT-Xent of this process's rows (see :func:`pair_logits`). Returns (loss, top-1 accuracy).
+
+    In one process the gathered views are the views themselves:
+
+    >>> z1, z2 = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+    >>> loss, acc = nt_xent(z1, z2, z1, z2, temperature=0.5, rank=0)
+    >>> z = torch.cat([z1, z2]); sims = (z @ z.T / 0.5).fill_diagonal_(float("-inf"))
+    >>> torch.allclose(loss, F.cross_entropy(sims, torch.tensor([4, 5, 6, 7, 0, 1, 2, 3])))
+    True
+    """
     logits, pos_idx = pair_logits(z1, z2, z1_all, z2_all, temperature, rank)
     return info_nce(logits, pos_idx), top1(logits, pos_idx)
 

@@ -27,7 +27,13 @@ class SimSiamConfig:
 
 
 def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-    """Symmetric negative cosine with stop-gradient on ``z``."""
+    """Symmetric negative cosine with stop-gradient on ``z``: -1 when each prediction points at the
+    other view's projection.
+
+    >>> z1, z2 = torch.randn(2, 4), torch.randn(2, 4)
+    >>> round(simsiam_loss(3 * z2, 0.5 * z1, z1, z2).item(), 6)
+    -1.0
+    """
     cos = lambda p, z: F.cosine_similarity(p.float(), z.float().detach(), dim=-1).mean()  # noqa: E731
     return -0.5 * (cos(p1, z2) + cos(p2, z1))
 
