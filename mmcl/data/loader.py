@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from mmcl.config import spec
 from mmcl.data.remote import ReadPolicy, check_backends
 from mmcl.data.samples import IMAGE_KEYS, MISSING_CAPTION, MISSING_IMAGE, collate, image_text_sample, multi_view_sample
-from mmcl.data.shards import count_samples, expand_shards, samples_per_shard
+from mmcl.data.shards import count_samples, entries_per_shard, expand_shards
 from mmcl.data.stream import ShardStream, WorkerPositions
 from mmcl.data.transforms import OPENAI_MEAN, OPENAI_STD, Normalize, build_transform
 from mmcl.decode import MAX_PIXELS
@@ -266,12 +266,13 @@ def make_loader(cfg: DataConfig, shards: str | None = None, *, train: bool = Tru
                     else {MISSING_IMAGE: tuple(cfg.image_keys)})
     policy = cfg.read_policy()
     epoch_samples = cfg.epoch_samples or count_samples(urls, policy=policy)
+    entries = entries_per_shard(urls, policy)  # the manifests read (or fetched) once for both
     stream = ShardStream(
         urls, sample_fn, functools.partial(collate, tokenizer=tokenizer),
         batch_size=batch_size or cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer if train else 0,
         shuffle_shards=train, resample=cfg.resample and train, epoch_samples=epoch_samples,
-        drop_last=train, seed=seed, required=required, shard_samples=samples_per_shard(urls, policy), rank=rank,
-        world_size=world_size, num_workers=workers, remote=policy,
-        shard_bytes=samples_per_shard(urls, policy, field="bytes") if train else None)
+        drop_last=train, seed=seed, required=required, shard_samples={u: e["samples"] for u, e in entries.items()},
+        rank=rank, world_size=world_size, num_workers=workers, remote=policy,
+        shard_bytes={u: e["bytes"] for u, e in entries.items() if "bytes" in e} if train else None)
     on_device = Normalize(mean, std, cfg.colour) if cfg.normalize == "device" else None
     return Loader(stream, workers, pin_memory=torch.cuda.is_available(), normalize=on_device)

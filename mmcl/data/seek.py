@@ -22,39 +22,54 @@ META = ("__", "__")  # webdataset skips top-level files named __*__ ...
 SKIP_META = re.compile(r"__[^/]*__($|/)")  # ... and those its skip_meta pattern matches
 
 
+class ShuffleBuffer:
+    """The stream's shuffle buffer: once ``size`` items are in, each new one makes it give out one
+    drawn at random; when the stream ends the rest go out in a random order. The one place its draws
+    are made, for the samples (:meth:`ShardStream._shuffled`) and for their numbers in a replay, so a
+    replay makes the stream's draws by construction."""
+
+    def __init__(self, size: int, rng: random.Random, items: list[Any] | None = None):
+        self.size, self.rng, self.items = size, rng, list(items or [])
+
+    def push(self, item: Any) -> list[Any]:
+        """Take ``item`` in; what that gives out (one item once the buffer is full, else none)."""
+        self.items.append(item)
+        if len(self.items) < self.size:
+            return []
+        i = self.rng.randrange(len(self.items))
+        self.items[i], self.items[-1] = self.items[-1], self.items[i]
+        return [self.items.pop()]
+
+    def drain(self) -> list[Any]:
+        """What is left, in the random order the end of the stream gives it out."""
+        self.rng.shuffle(self.items)
+        out, self.items = self.items, []
+        return out
+
+
 def shuffle_state(given: int, buffer_size: int, rng: random.Random) -> tuple[list[int], int]:
     """The shuffle buffer (sample numbers, in buffer order) after it has given out ``given``
     samples of an endless stream, and how many samples it had taken in; ``rng`` is left as the
-    buffer's generator was. Mirrors :meth:`ShardStream._shuffled` draw for draw."""
-    if buffer_size <= 1:
+    buffer's generator was."""
+    if buffer_size <= 1:  # no buffer: the stream goes out as it comes
         return [], given
-    buf: list[int] = []
+    buf = ShuffleBuffer(buffer_size, rng)
     taken = out = 0
     while out < given:
-        buf.append(taken)
+        out += len(buf.push(taken))
         taken += 1
-        if len(buf) >= buffer_size:
-            i = rng.randrange(len(buf))
-            buf[i], buf[-1] = buf[-1], buf[i]
-            buf.pop()
-            out += 1
-    return buf, taken
+    return buf.items, taken
 
 
 def final_shuffle(given: int, buffer_size: int, total: int, rng: random.Random) -> list[int]:
     """The sample numbers a shuffle buffer gives out after its first ``given``, when its stream holds
     ``total`` samples and ``given`` reaches into the final shuffle of what is left in the buffer
-    once the stream has run out. Mirrors :meth:`ShardStream._shuffled` draw for draw."""
-    buf: list[int] = []
-    out: list[int] = []
-    for n in range(total):
-        buf.append(n)
-        if len(buf) >= buffer_size:
-            i = rng.randrange(len(buf))
-            buf[i], buf[-1] = buf[-1], buf[i]
-            out.append(buf.pop())
-    rng.shuffle(buf)
-    return (out + buf)[given:]
+    once the stream has run out."""
+    if buffer_size <= 1:  # no buffer: the stream goes out as it comes
+        return list(range(given, total))
+    buf = ShuffleBuffer(buffer_size, rng)
+    out = [x for n in range(total) for x in buf.push(n)]
+    return (out + buf.drain())[given:]
 
 
 def scan_tar(path: str) -> Iterator[dict[str, Any]] | None:

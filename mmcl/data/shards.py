@@ -74,29 +74,39 @@ def shard_name(url: str) -> str:
     return Path(url.split("?", 1)[0]).name if scheme(url) in HTTP_SCHEMES else Path(url).name
 
 
-def shard_sizes(manifest: dict[str, Any] | None, field: str = "samples") -> dict[str, int]:
-    """Map shard file name -> number of samples (or the shard's ``bytes``, ``field``), over all splits
-    of a manifest (shards it gives no such number are left out)."""
+def shard_entries(manifest: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Map shard file name -> its manifest entry (``samples``, and ``bytes`` when recorded), over all
+    splits of a manifest."""
     if not manifest:
         return {}
-    return {s["name"]: s[field] for split in manifest.get("splits", {}).values() for s in split["shards"]
-            if field in s}
+    return {s["name"]: s for split in manifest.get("splits", {}).values() for s in split["shards"]}
 
 
-def samples_per_shard(urls: list[str], policy: ReadPolicy | None = None, field: str = "samples") -> dict[str, int]:
-    """URL -> samples in that shard (or its ``bytes``, ``field``), for local and http(s) shards named
-    in the ``manifest.json`` beside them."""
-    sizes: dict[str, dict[str, int]] = {}  # folder -> its manifest's shard sizes
+def shard_sizes(manifest: dict[str, Any] | None) -> dict[str, int]:
+    """Map shard file name -> number of samples, over all splits of a manifest."""
+    return {name: entry["samples"] for name, entry in shard_entries(manifest).items()}
+
+
+def entries_per_shard(urls: list[str], policy: ReadPolicy | None = None) -> dict[str, dict[str, Any]]:
+    """URL -> the entry of that shard (``samples``, ``bytes``) in the ``manifest.json`` beside it,
+    for local and http(s) shards; each folder's manifest is read once."""
+    entries: dict[str, dict[str, dict[str, Any]]] = {}  # folder -> its manifest's shard entries
     out = {}
     for url in urls:
         if is_remote(url) and scheme(url) not in HTTP_SCHEMES:
             continue
         folder = beside(url, MANIFEST) if is_remote(url) else str(Path(url).parent)
-        if folder not in sizes:
-            sizes[folder] = shard_sizes(find_manifest([url], policy), field)
-        if shard_name(url) in sizes[folder]:
-            out[url] = sizes[folder][shard_name(url)]
+        if folder not in entries:
+            entries[folder] = shard_entries(find_manifest([url], policy))
+        if shard_name(url) in entries[folder]:
+            out[url] = entries[folder][shard_name(url)]
     return out
+
+
+def samples_per_shard(urls: list[str], policy: ReadPolicy | None = None) -> dict[str, int]:
+    """URL -> samples in that shard, for local and http(s) shards named in the ``manifest.json``
+    beside them."""
+    return {url: entry["samples"] for url, entry in entries_per_shard(urls, policy).items()}
 
 
 def count_samples(urls: list[str], manifest: dict[str, Any] | None = None,

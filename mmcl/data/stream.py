@@ -39,7 +39,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mmcl.data.remote import ReadPolicy, open_shard
-from mmcl.data.seek import final_shuffle, read_members, scan_tar, shuffle_state
+from mmcl.data.seek import ShuffleBuffer, final_shuffle, read_members, scan_tar, shuffle_state
 from mmcl.data.shards import is_remote
 from mmcl.dist import world
 from mmcl.errors import DataError
@@ -251,24 +251,25 @@ class ShardStream(IterableDataset):
         if self.shuffle_buffer <= 1:
             yield from samples
             return
-        buf = buf or []
+        shuffler = ShuffleBuffer(self.shuffle_buffer, rng, buf)
         for s in samples:
-            buf.append(s)
-            if len(buf) >= self.shuffle_buffer:
-                i = rng.randrange(len(buf))
-                buf[i], buf[-1] = buf[-1], buf[i]
-                yield buf.pop()
-        rng.shuffle(buf)
-        yield from buf
+            yield from shuffler.push(s)
+        yield from shuffler.drain()
 
     def _slot_samples(self, rank: int, worker: int, world_size: int, num_workers: int, epoch: int,
                       skipped: Counter[str]) -> Iterator[dict[str, Any]]:
         """The raw samples one process's worker reads in ``epoch``, in the order its shuffle buffer
         gives them out, less those :attr:`exclude` lists for the epoch. A function of its arguments
         and the stream's seed only, so a checkpoint can replay another layout's order."""
+        shards, rng = self._slot(rank, worker, world_size, num_workers, epoch)
+        return self._shuffled(self._raw(shards, epoch, skipped), rng)
+
+    def _slot(self, rank: int, worker: int, world_size: int, num_workers: int,
+              epoch: int) -> tuple[Iterator[tuple[str, int, int]], random.Random]:
+        """One process's worker's shards in ``epoch`` (:meth:`_my_shards`) and its shuffle buffer's
+        generator, as it starts the epoch."""
         shards = self._my_shards(rank * num_workers + worker, world_size * num_workers, epoch)
-        raw = self._raw(shards, epoch, skipped)
-        return self._shuffled(raw, random.Random(sample_seed(self.seed, epoch, "buffer", rank, worker)))
+        return shards, random.Random(sample_seed(self.seed, epoch, "buffer", rank, worker))
 
     def _raw(self, shards: Iterator[tuple[str, int, int]], epoch: int,
              skipped: Counter[str]) -> Iterator[dict[str, Any]]:
@@ -286,11 +287,10 @@ class ShardStream(IterableDataset):
         read on (not decoded). A position within the stream's final shuffle (the shards had run out)
         gives out what was left of the buffer, found the same way; with shards that cannot be
         scanned it is reached by replaying the whole stream."""
-        rng = random.Random(sample_seed(self.seed, epoch, "buffer", rank, worker))
+        shards, rng = self._slot(rank, worker, world_size, num_workers, epoch)
         buffered, taken = shuffle_state(given, self.shuffle_buffer, rng)
         wanted, found = set(buffered), {}
         done = self.exclude.get(epoch)
-        shards = self._my_shards(rank * num_workers + worker, world_size * num_workers, epoch)
         number = 0  # samples of the stream before the current shard
         passed: list[tuple[str, int, int, range, list[dict[str, Any]] | None]] = []  # shards wholly before
         for url, every, offset in shards:
@@ -321,7 +321,7 @@ class ShardStream(IterableDataset):
             break
         else:  # the shards ran out before the position: what is left is the buffer's final shuffle
             rest = final_shuffle(given, self.shuffle_buffer, number,
-                                 random.Random(sample_seed(self.seed, epoch, "buffer", rank, worker)))
+                                 self._slot(rank, worker, world_size, num_workers, epoch)[1])
             out = {}
             for url, every, offset, numbers, samples in passed:
                 mine = [i for i in rest if i in numbers]
