@@ -614,7 +614,8 @@ class Trainer:
         if resume and found is None:
             acc.print(f"no checkpoint in {self.out / 'checkpoints'}; starting from scratch")
         position = self.load_checkpoint(found) if found else (0, 0, 0)
-        self._forget_after(self.state.step)
+        if found:  # a run started afresh in a used folder keeps the log it finds, as before
+            self._forget_after(self.state.step)
         # TensorBoard drops what the interrupted run logged after the checkpoint, as metrics.jsonl does
         kwargs: dict[str, dict[str, Any]] = {"wandb": {"dir": str(self.out)}}  # its files in the run, not the cwd
         if found:

