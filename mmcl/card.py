@@ -112,13 +112,19 @@ def _usage(config: dict[str, Any], repo_id: str | None) -> list[str]:
     elif config["model_name"] == "clip":
         lines += ["", "The text tower is a Hugging Face transformer, which open_clip's folder format cannot "
                   "express: load this model with mmcl."]
-    sub = config.get("info", {}).get("transformers")
+    info = config.get("info", {})
+    sub = info.get("transformers")
     if sub:
         where = repo_id or "PATH/TO/FOLDER"
+        model = info.get("transformers_class", "CLIPModel")
+        processor = "CLIPProcessor" if model == "CLIPModel" else "VisionTextDualEncoderProcessor"
         lines += ["", f"And in transformers (the folder's `{sub}/`):", "", "```python",
-                  "from transformers import CLIPModel, CLIPProcessor", "",
-                  f'model = CLIPModel.from_pretrained("{where}", subfolder="{sub}")',
-                  f'processor = CLIPProcessor.from_pretrained("{where}", subfolder="{sub}")', "```"]
+                  f"from transformers import {model}, {processor}", "",
+                  f'model = {model}.from_pretrained("{where}", subfolder="{sub}")',
+                  f'processor = {processor}.from_pretrained("{where}", subfolder="{sub}")', "```"]
+        if "init_logit_bias" in config.get("model_cfg", {}):  # a SigLIP model: its bias is in the config
+            lines += ["", "SigLIP's pair probabilities: `torch.sigmoid(model.logit_scale.exp() * cosine + "
+                      "model.config.logit_bias)`."]
     return lines
 
 

