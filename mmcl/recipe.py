@@ -352,7 +352,20 @@ def check_transforms(data: DataConfig) -> None:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Load and validate a recipe YAML (with ``--set key=value`` overrides)."""
+    """Load and validate a recipe YAML (with ``--set key=value`` overrides).
+
+    >>> import pathlib, tempfile, yaml
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "clip.yaml"
+    >>> _ = path.write_text(yaml.safe_dump({"data": {"train_shards": "shards/train-{000000..000009}.tar", "image_size": 32},
+    ...                                     "model": {"name": "clip", "open_clip_config": "mmcl-tiny-vit"},
+    ...                                     "objective": {"name": "clip"}}))
+    >>> recipe = load_recipe(path, ["train.steps=10", "optim.lr=1e-3"])
+    >>> recipe.train.steps, recipe.optim.lr, recipe.data.batch_size   # the rest keeps its defaults
+    (10, 0.001, 256)
+    >>> load_recipe(path, ["train.stepz=10"])
+    Traceback (most recent call last):
+    mmcl.errors.ConfigError: ...train.stepz...
+    """
     return C.load(Recipe, path, overrides)
 
 

@@ -130,7 +130,26 @@ def _timed(batches: Iterator[Any], waited: dict[str, float]) -> Iterator[Any]:
 
 
 class Trainer:
-    """Runs one recipe. ``Trainer(recipe).fit(resume=None)`` returns the final model folder."""
+    """Runs one recipe. ``Trainer(recipe).fit(resume=None)`` returns the final model folder.
+
+    >>> import subprocess, sys, tempfile, mmcl
+    >>> data = tempfile.mkdtemp()   # mmcl-prep digits: 32 px image-caption shards of scikit-learn's digits
+    >>> _ = subprocess.run([sys.executable, "-m", "data_prep", "digits", "--out", data], check=True, capture_output=True)
+    >>> recipe = mmcl.recipe_from("configs/clip_digits.yaml", [f"data.train_shards={data}/train-{{000000..000004}}.tar",
+    ...     f"run.output_dir={data}/run", "train.steps=4", "train.save_every=2", "train.progress=false",
+    ...     "data.num_workers=0", "data.batch_size=32", f"eval.zeroshot_shards={data}/val-000000.tar"])
+    >>> final = Trainer(recipe).fit()   # checkpoints at steps 2 and 4, then RUN/final and its evaluation
+    mmcl: 1 process on cpu, precision no
+    mmcl: data.batch_size 32 per process x 1 process x optim.grad_accum 1 = 32 samples per optimizer step
+    mmcl: the loss sees 32 samples at a time (batch per process x processes)
+    mmcl: train.steps 4 = 128 samples = 0.1 epochs of 1,257 training samples
+    mmcl: image tower from scratch, text tower from scratch
+    >>> sorted(p.name for p in (final.parent / "checkpoints").iterdir())
+    ['step_00000002', 'step_00000004']
+    >>> Trainer(recipe).fit(resume="latest") == final   # a finished run resumes at its end
+    mmcl: ...
+    True
+    """
 
     def __init__(self, recipe: Recipe):
         self.recipe = r = recipe

@@ -241,6 +241,19 @@ def make_loader(cfg: DataConfig, shards: str | None = None, *, train: bool = Tru
 
     ``train=True`` shuffles, augments, drops partial batches and needs at least one shard
     per process; ``train=False`` reads every sample exactly once, in order, without augmentation.
+
+    >>> import subprocess, sys, tempfile
+    >>> data = tempfile.mkdtemp()   # mmcl-prep digits: 32 px image-caption shards of scikit-learn's digits
+    >>> _ = subprocess.run([sys.executable, "-m", "data_prep", "digits", "--out", data], check=True, capture_output=True)
+    >>> cfg = DataConfig(train_shards=f"{data}/train-{{000000..000004}}.tar", image_size=32, batch_size=16,
+    ...                  num_workers=0)
+    >>> loader = make_loader(cfg, tokenizer=lambda captions: captions)   # a model's tokenizer in practice
+    >>> loader.set_epoch(0)                                              # the epoch seeds the shuffle
+    >>> batch = next(iter(loader))
+    >>> batch["image"].dtype, len(batch["text"]), batch["label"].shape   # uint8 images, normalised on the device:
+    (torch.uint8, 16, torch.Size([16]))
+    >>> loader.prepare(batch, "cpu")["image"].dtype
+    torch.float32
     """
     urls = expand_shards(shards or cfg.train_shards)
     check_backends(urls)

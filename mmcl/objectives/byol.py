@@ -40,7 +40,17 @@ def byol_loss(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 @register("objective", "byol", BYOLConfig)
 class BYOLLoss(MomentumObjective):
-    """Holds the predictor (trained) and the momentum target."""
+    """Holds the predictor (trained) and the momentum target.
+
+    >>> import mmcl
+    >>> model, _, _ = mmcl.create_model("encoder", backbone={"name": "cnn", "width": 8, "depth": 2},
+    ...                                 projector={"dims": [32, 16]})
+    >>> views = [torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)]   # two augmented views of 4 images
+    >>> byol = BYOLLoss(BYOLConfig(predictor=HeadConfig(dims=[32, 16]))); byol.setup(model, total_steps=100)
+    >>> loss, metrics = byol(model({"views": views}), {"views": views})
+    >>> 0 <= loss.item() <= 8   # 2 - 2·cos per view pair, both directions
+    True
+    """
 
     couples_batch = False  # each sample's prediction against its momentum target: accumulation is exact
 

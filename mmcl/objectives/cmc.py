@@ -56,7 +56,14 @@ def view_pairs(n_views: int, mode: str) -> list[tuple[int, int]]:
 
 @register("objective", "cmc", CMCConfig)
 class CMCLoss(ViewObjective):
-    """Cross-view InfoNCE over the model's per-view projections ``out["z"]``."""
+    """Cross-view InfoNCE over the model's per-view projections ``out["z"]``.
+
+    >>> z = torch.eye(8)   # e.g. the L and ab views of 8 images (model: multiview)
+    >>> cmc = CMCLoss(CMCConfig(temperature=0.5))
+    >>> matched, shuffled = cmc({"z": [z, z]}, {})[0], cmc({"z": [z, z.roll(1, 0)]}, {})[0]
+    >>> bool(matched < shuffled)
+    True
+    """
 
     needs_model_attributes = ("embed_dim",)
 

@@ -45,6 +45,11 @@ def cpc_step_logits(pred: torch.Tensor, target: torch.Tensor, target_all: torch.
     ``pred``, ``target``: [B, R, W, D] predictions and their true targets (R = G - k rows);
     ``target_all``: [N·B, R, W, D] all processes' targets in rank order. Returns the
     [B·R·W, N·B·R·W] logits and each row's positive column.
+
+    >>> pred = torch.eye(24).reshape(2, 3, 4, 24)   # 2 images, 3 rows x 4 columns of patches, orthogonal
+    >>> logits, pos = cpc_step_logits(pred, pred, pred, rank=0)   # one process: its targets are all there are
+    >>> logits.shape, torch.equal(logits.argmax(1), pos)   # each of the 24 patches against all 24 targets
+    (torch.Size([24, 24]), True)
     """
     rows = pred.flatten(0, 2)
     logits = rows @ target_all.flatten(0, 2).T
@@ -54,7 +59,17 @@ def cpc_step_logits(pred: torch.Tensor, target: torch.Tensor, target_all: torch.
 
 @register("objective", "cpc", CPCConfig)
 class CPCLoss(Objective):
-    """Holds the K prediction maps (trained with the model), sized in :meth:`setup`."""
+    """Holds the K prediction maps (trained with the model), sized in :meth:`setup`.
+
+    >>> import mmcl
+    >>> model, _, _ = mmcl.create_model("cpc", backbone={"name": "cnn", "width": 8, "depth": 2}, patch_size=8,
+    ...                                 patch_stride=4, context_dim=16)
+    >>> cpc = CPCLoss(CPCConfig(steps=2)); cpc.setup(model, total_steps=100)
+    >>> views = [torch.randn(4, 3, 32, 32)]   # each image cut into a 7 x 7 grid of overlapping 8 px patches
+    >>> loss, metrics = cpc(model({"views": views}), {"views": views})   # rows predicted 1 and 2 ahead
+    >>> [name for name in sorted(metrics) if name.startswith("acc")]   # the share of patches found, per step ahead
+    ['acc_k1', 'acc_k2']
+    """
 
     data_kinds = frozenset({"multi_view"})
     needs_outputs = ("z:grid", "c:grid")

@@ -102,13 +102,30 @@ def cross_entropy_pairs(log_t: list[torch.Tensor], log_s: list[torch.Tensor]) ->
 def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], center: torch.Tensor,
               student_temperature: float, teacher_temperature: float) -> torch.Tensor:
     """Mean over (teacher crop i, student crop v ≠ i) of the cross-entropy between the centred,
-    sharpened teacher and the student."""
+    sharpened teacher and the student.
+
+    >>> t = [torch.tensor([[4.0, 0.0, 0.0]]), torch.tensor([[0.0, 4.0, 0.0]])]   # the teacher on two global crops
+    >>> loss = lambda s: dino_loss(s, t, torch.zeros(3), student_temperature=0.1, teacher_temperature=0.04)
+    >>> bool(loss([t[1], t[0]]) < loss([t[0], t[1]]))   # crop v's student output is scored against crop i's teacher
+    True
+    """
     return cross_entropy_pairs(*log_probs(student, teacher, center, student_temperature, teacher_temperature))
 
 
 @register("objective", "dino", DINOConfig)
 class DINOLoss(MomentumObjective):
-    """Holds the last layer (trained), the teacher and the centre."""
+    """Holds the last layer (trained), the teacher and the centre.
+
+    >>> import mmcl
+    >>> model, _, _ = mmcl.create_model("encoder", backbone={"name": "cnn", "width": 8, "depth": 2},
+    ...                                 projector={"dims": [32, 16]})
+    >>> views = [torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)]   # two augmented views of 4 images
+    >>> dino = DINOLoss(DINOConfig(out_dim=12)); dino.setup(model, total_steps=100)
+    >>> loss, metrics = dino(model({"views": views}), {"views": views})
+    >>> loss.backward(); dino.after_optimizer_step(1)   # teacher EMA and centre update
+    >>> sorted(metrics)
+    ['embedding_std', 'kl_teacher_student', 'momentum', 'teacher_entropy', 'teacher_temperature']
+    """
 
     schedule = "cosine"
 

@@ -39,7 +39,18 @@ class InstDiscConfig:
 
 @register("objective", "instdisc", InstDiscConfig)
 class InstDiscLoss(ViewObjective):
-    """Holds the memory bank (sized to the model's embeddings in :meth:`setup`)."""
+    """Holds the memory bank (sized to the model's embeddings in :meth:`setup`).
+
+    >>> import mmcl
+    >>> model, _, _ = mmcl.create_model("encoder", backbone={"name": "cnn", "width": 8, "depth": 2},
+    ...                                 projector={"dims": [32, 16]})
+    >>> views = [torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)]   # two augmented views of 4 images
+    >>> instdisc = InstDiscLoss(InstDiscConfig(bank_size=100, negatives=16)); instdisc.setup(model, total_steps=100)
+    >>> batch = {"views": views[:1], "id": torch.tensor([3, 14, 15, 92])}   # each sample's row in the bank
+    >>> loss, metrics = instdisc(model(batch), batch)
+    >>> sorted(metrics)
+    ['acc', 'embedding_std']
+    """
 
     couples_batch = False  # each sample against the memory bank; accumulating, micro-batches update it in turn
 

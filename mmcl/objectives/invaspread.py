@@ -48,7 +48,14 @@ def invaspread_loss(logits: torch.Tensor, pos_idx: torch.Tensor) -> torch.Tensor
 
 @register("objective", "invaspread", InvaSpreadConfig)
 class InvaSpreadLoss(ViewObjective):
-    """The loss over the first two views' normalised projections ``out["z"]``."""
+    """The loss over the first two views' normalised projections ``out["z"]``.
+
+    >>> z = torch.eye(8)
+    >>> spread = InvaSpreadLoss(InvaSpreadConfig(temperature=0.5))
+    >>> matched, shuffled = spread({"z": [z, z]})[0], spread({"z": [z, z.roll(1, 0)]})[0]
+    >>> bool(matched < shuffled)   # views of one image should agree, and be spread from the others
+    True
+    """
 
 
     def forward(self, out: dict[str, Any], batch: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

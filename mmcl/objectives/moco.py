@@ -71,7 +71,17 @@ def shuffled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tor
 @register("objective", "moco", MoCoConfig)
 class MoCoLoss(MomentumObjective):
     """MoCo v1 and v2 (they differ in the recipe only): holds the momentum encoder and the queue,
-    built with :meth:`setup` once the model exists."""
+    built with :meth:`setup` once the model exists.
+
+    >>> import mmcl
+    >>> model, _, _ = mmcl.create_model("encoder", backbone={"name": "cnn", "width": 8, "depth": 2},
+    ...                                 projector={"dims": [32, 16]})
+    >>> views = [torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)]   # two augmented views of 4 images
+    >>> moco = MoCoLoss(MoCoConfig(queue_size=8)); moco.setup(model, total_steps=100)
+    >>> loss, metrics = moco(model({"views": views}), {"views": views})   # keys from the momentum encoder
+    >>> sorted(metrics), tuple(moco.queue.keys.shape)   # this batch's 4 keys are queued, the oldest 4 dropped
+    (['acc', 'embedding_std', 'momentum'], (8, 16))
+    """
 
     couples_batch = False  # each query against its key and the queue; accumulating, micro-batches queue in turn
 

@@ -41,7 +41,18 @@ def mocov3_ctr(q: torch.Tensor, k_all: torch.Tensor, temperature: float,
 
 @register("objective", "mocov3", MoCoV3Config)
 class MoCoV3Loss(MomentumObjective):
-    """Holds the predictor (trained) and the momentum encoder."""
+    """Holds the predictor (trained) and the momentum encoder.
+
+    >>> import mmcl
+    >>> model, _, _ = mmcl.create_model("encoder", backbone={"name": "cnn", "width": 8, "depth": 2},
+    ...                                 projector={"dims": [32, 16]})
+    >>> views = [torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)]   # two augmented views of 4 images
+    >>> moco = MoCoV3Loss(MoCoV3Config(predictor=HeadConfig(dims=[32, 16]))); moco.setup(model, total_steps=100)
+    >>> loss, metrics = moco(model({"views": views}), {"views": views})
+    >>> loss.backward(); moco.after_optimizer_step(1)   # after the optimizer: the momentum encoder follows
+    >>> sorted(metrics)
+    ['acc', 'embedding_std', 'momentum']
+    """
 
     def forward(self, out: dict[str, Any], batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         rank = world()[0]

@@ -40,7 +40,17 @@ def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch
 
 @register("objective", "simsiam", SimSiamConfig)
 class SimSiamLoss(ViewObjective):
-    """Holds the predictor."""
+    """Holds the predictor.
+
+    >>> import mmcl
+    >>> model, _, _ = mmcl.create_model("encoder", backbone={"name": "cnn", "width": 8, "depth": 2},
+    ...                                 projector={"dims": [32, 16]})
+    >>> views = [torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)]   # two augmented views of 4 images
+    >>> simsiam = SimSiamLoss(SimSiamConfig(predictor=HeadConfig(dims=[32, 16]))); simsiam.setup(model, total_steps=100)
+    >>> loss, metrics = simsiam(model({"views": views}), {"views": views})
+    >>> -1 <= loss.item() <= 1   # the negative cosine of predictions and stop-gradient projections
+    True
+    """
 
     couples_batch = False  # each sample against its own stop-gradient target: accumulation is exact
 

@@ -45,7 +45,15 @@ class SwAVConfig:
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
     """Soft assignments [B, K] of this process's rows: each column of the global ``Q`` (one sample)
-    sums to 1, each row (one prototype) to ``B_global / K``. ``scores``: [B, K] (no gradient)."""
+    sums to 1, each row (one prototype) to ``B_global / K``. ``scores``: [B, K] (no gradient).
+
+    >>> scores = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4]])  # all 4 lean to prototype 0
+    >>> q = sinkhorn(scores, epsilon=0.05, iterations=50)
+    >>> q.sum(1), q.sum(0)   # each sample's codes sum to 1; the prototypes share the batch equally
+    (tensor([1., 1., 1., 1.]), tensor([2., 2.]))
+    >>> q.argmax(1)          # so the two leaning least to prototype 0 are assigned to prototype 1
+    tensor([0, 0, 1, 1])
+    """
     q = torch.exp(scores.float() / epsilon).T  # K × B
     b_global = all_reduce_sum(torch.tensor(float(q.shape[1]), device=q.device))
     k = q.shape[0]
@@ -64,7 +72,17 @@ class SwAVLoss(ViewObjective):
 
     The queue holds this process's own past projections, as in SwAV: it is listed in
     ``per_process_buffers`` so that DDP does not overwrite it with rank 0's at each forward and
-    every process's queue is checkpointed."""
+    every process's queue is checkpointed.
+
+    >>> import mmcl
+    >>> model, _, _ = mmcl.create_model("encoder", backbone={"name": "cnn", "width": 8, "depth": 2},
+    ...                                 projector={"dims": [32, 16]})
+    >>> views = [torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)]   # two augmented views of 4 images
+    >>> swav = SwAVLoss(SwAVConfig(prototypes=6)); swav.setup(model, total_steps=100)
+    >>> loss, metrics = swav(model({"views": views}), {"views": views})   # swapped prediction of the codes
+    >>> sorted(metrics), swav.prototypes.weight.shape
+    (['embedding_std', 'prototype_usage'], torch.Size([6, 16]))
+    """
 
     needs_model_attributes = ("embed_dim",)
     per_process_buffers = ("queue",)
