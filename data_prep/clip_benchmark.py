@@ -304,7 +304,7 @@ def run(args: Any) -> int:
     split = "test" if "test" in entries else next(iter(entries))
     workers = min(4, min(len(e["shards"]) for e in entries.values()))
     print(f"evaluate: clip_benchmark eval --dataset wds/{args.out.name} --dataset_root {args.out} --split {split} "
-          f"--task zeroshot_classification --model local-dir:MODEL_FOLDER --output result.json"
+          f"--task zeroshot_classification --model local-dir:MODEL_FOLDER --pretrained none --output result.json"
           + (f" --num_workers {workers}" if workers < 4 else "")
           + "  (at most as many --num_workers as a split has shards)")
     return 0
