@@ -1,5 +1,6 @@
 """``mmcl-prep``: build WebDataset shards from digits, shipped photos, tables, image folders or HF datasets,
-download URL lists into shards with img2dataset, or index shards built elsewhere.
+download URL lists into shards with img2dataset, index shards built elsewhere, or write labelled shards
+in CLIP_benchmark's layout.
 
 Examples::
 
@@ -10,6 +11,7 @@ Examples::
     mmcl-prep hf ./saved_dataset --out data/hf --image-column image --caption-column text
     mmcl-prep urls pairs.parquet --out data/web --img2dataset ~/.venvs/img2dataset -- --timeout 20
     mmcl-prep index data/laion_shards
+    mmcl-prep clip-benchmark data/digits --out data/digits_cb --split test
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from data_prep import index, urls
+from data_prep import clip_benchmark, index, urls
 from data_prep.images import FORMATS, MAX_PIXELS, ImageOptions
 from data_prep.photos import SOURCES as PHOTO_SOURCES
 from data_prep.photos import split_sizes
@@ -218,6 +220,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="replace a manifest.json that another mmcl-prep command wrote (its class names and skip "
                         "counts are lost)")
+    p = sub.add_parser("clip-benchmark", help="labelled shards in CLIP_benchmark's WebDataset layout: "
+                                              "OUT/{split}/0.tar ..., nshards.txt, classnames.txt, templates",
+                       description=clip_benchmark.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", type=Path, help="the --out folder of mmcl-prep digits, photos, table, folder or hf")
+    p.add_argument("--out", required=True, type=Path,
+                   help="the dataset root to write (clip_benchmark eval --dataset_root); its folder name makes a "
+                        "good --dataset wds/NAME")
+    p.add_argument("--split", type=split_name, action="append", default=None,
+                   help="a split to convert; repeatable (default: every split in the manifest)")
+    p.add_argument("--classes", type=Path, default=None,
+                   help="text file, one class name a line, line i for label i (default: the manifest's)")
+    p.add_argument("--templates", type=Path, default=None,
+                   help="text file, one prompt a line, {} or {c} where the class name goes (default: the "
+                        "templates the source's captions were written from: digits, photos, folder)")
+    p.add_argument("--shard-size", type=positive_int, default=1000,
+                   help="samples per shard, at most (default %(default)s)")
+    p.add_argument("--min-shards", type=positive_int, default=4,
+                   help="shards per split, at least, when it has the samples (default %(default)s: clip_benchmark "
+                        "eval's default --num_workers; a data worker given no shard stops it)")
     ap.sources = sub.choices  # type: ignore[attr-defined]  # name -> subcommand parser, for parse_args
     return ap
 
@@ -281,6 +302,8 @@ def run(args: argparse.Namespace) -> int:
         return urls.run(args)
     if args.source == "index":
         return index.run(args)
+    if args.source == "clip-benchmark":
+        return clip_benchmark.run(args)
     start = time.perf_counter()
     records, class_names, sizes, need_caption, source = _sources(args)
     fmt, why = args.format, getattr(args, "format_because", "--format")
@@ -330,6 +353,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     columns = getattr(args, "image_column", None)
     if isinstance(columns, list) and len(set(columns)) != len(columns):
         ap.error(f"argument --image-column: each column may be given once (got {', '.join(columns)})")
+    if args.source == "clip-benchmark" and args.split and len(set(args.split)) != len(args.split):
+        ap.error(f"argument --split: each split may be given once (got {', '.join(args.split)})")
     if args.source == "photos":
         if args.photo_sources and len(set(args.photo_sources)) != len(args.photo_sources):
             ap.error(f"argument --source: each source may be given once (got {', '.join(args.photo_sources)})")

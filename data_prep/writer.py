@@ -82,12 +82,14 @@ def _convert_star(args: tuple[Record, ImageOptions, bool]) -> tuple[str, dict[st
 
 
 class ShardWriter:
-    """Write samples into ``{prefix}-000000.tar``, ... with at most ``shard_size`` samples each."""
+    """Write samples into ``{prefix}-000000.tar``, ... with at most ``shard_size`` samples each
+    (``name`` formats another naming from ``prefix`` and the shard's number ``n``: CLIP_benchmark's
+    ``{n}.tar``)."""
 
-    def __init__(self, out_dir: Path, prefix: str, shard_size: int):
+    def __init__(self, out_dir: Path, prefix: str, shard_size: int, name: str = "{prefix}-{n:06d}.tar"):
         if shard_size < 1:
             raise ValueError(f"shard_size must be a positive integer, got {shard_size}")
-        self.out_dir, self.prefix, self.shard_size = Path(out_dir), prefix, shard_size
+        self.out_dir, self.prefix, self.shard_size, self.name = Path(out_dir), prefix, shard_size, name
         self.shards: list[dict[str, Any]] = []
         self._tar: tarfile.TarFile | None = None
         self._tmp: Path | None = None
@@ -106,7 +108,7 @@ class ShardWriter:
         self._count += 1
 
     def _open_shard(self) -> None:
-        name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        name = self.name.format(prefix=self.prefix, n=len(self.shards))
         self._tmp = self.out_dir / f".{name}.tmp"
         self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
         self.shards.append({"name": name, "samples": 0})

@@ -52,7 +52,8 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--out", type=Path, default=None, help="report folder (default: next to the model)")
         if task == "zeroshot":
             p.add_argument("--templates", default="openai",
-                           help="openai | simple | mnist | digits, or a text file with one '{}' template per line")
+                           help="openai | simple | mnist | digits, or a text file with one template a line "
+                                "('{}' or '{c}' where the class name goes)")
             p.add_argument("--classes", type=Path, default=None, help="text file, one class name per line")
 
     p = sub.add_parser("push", help="upload a saved model folder to the Hugging Face Hub")
