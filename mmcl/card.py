@@ -134,6 +134,7 @@ def render(config: dict[str, Any], repo_id: str | None = None) -> str:
         lines += ["", "## Training", "", f"- objective: `{objective}`"]
         starts = info.get("starts_from") or {}
         lines += [f"- {tower} tower started from: {source}" for tower, source in starts.items()]
+        lines += [f"- {LABELS.get(k, k.replace('_', ' '))}: {v}" for k, v in train.items()]
         if info.get("curves"):
             lines += ["", f"![training curves]({info['curves']})"]
     merged = info.get("merged")
@@ -141,7 +142,6 @@ def render(config: dict[str, Any], repo_id: str | None = None) -> str:
         lines += ["", "## Merged", "", f"{merged['method']}: (1 - alpha) x zero-shot + alpha x fine-tuned weights, "
                   f"alpha {merged['alpha']}.", "", f"- zero-shot: {merged['zero_shot']}",
                   f"- fine-tuned: {merged['fine_tuned']}"]
-        lines += [f"- {LABELS.get(k, k.replace('_', ' '))}: {v}" for k, v in train.items()]
     data = info.get("data") or {}
     if data:
         lines += ["", "## Data", ""]
