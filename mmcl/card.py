@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import yaml
-
 TASK_TYPES = {"zeroshot": "zero-shot-image-classification", "retrieval": "image-text-retrieval",
               "knn": "image-classification", "linear": "image-classification"}
 LABELS = {"wall_s": "training time (s)", "lr": "learning rate", "global_batch": "samples per optimizer step",
@@ -33,11 +31,12 @@ def _metric_type(name: str) -> str:
     return "accuracy" if name.startswith("top") else "recall" if "R@" in name else name
 
 
-def metadata(config: dict[str, Any]) -> dict[str, Any]:
-    """The YAML front matter, built with huggingface_hub's ``ModelCardData`` and ``EvalResult`` so the
-    Hub reads it: library, license (``hub.license``), tags, pipeline tag, ``base_model`` (towers that
-    started from Hub weights), ``datasets`` (a training set prepared from a Hub dataset) and the
-    evaluation results as ``model-index``."""
+def metadata(config: dict[str, Any]) -> Any:
+    """The YAML front matter as huggingface_hub's ``ModelCardData`` (with ``EvalResult``), so the Hub
+    reads it and its ``to_yaml()`` writes it as huggingface_hub writes cards (names in any script kept
+    as they are, not escaped): library, license (``hub.license``), tags, pipeline tag, ``base_model``
+    (towers that started from Hub weights), ``datasets`` (a training set prepared from a Hub dataset)
+    and the evaluation results as ``model-index``."""
     from huggingface_hub import EvalResult, ModelCardData
 
     info = config.get("info", {})
@@ -62,7 +61,7 @@ def metadata(config: dict[str, Any]) -> dict[str, Any]:
                          datasets=[source["name"]] if source.get("type") == "hf" else None,
                          model_name=info.get("run_name", "mmcl-model") if results else None,
                          eval_results=results or None)
-    return data.to_dict()
+    return data
 
 
 def _architecture(config: dict[str, Any]) -> list[str]:
@@ -132,7 +131,7 @@ def render(config: dict[str, Any], repo_id: str | None = None) -> str:
     """Card text; ``repo_id`` (when pushing) fills in the usage snippets."""
     info = config.get("info", {})
     objective = info.get("objective", "?")
-    lines = ["---", yaml.safe_dump(metadata(config), sort_keys=False).strip(), "---", "",
+    lines = ["---", metadata(config).to_yaml(), "---", "",
              f"# {info.get('run_name', 'mmcl model')}", "",
              f"A `{config['model_name']}` model trained with the `{objective}` contrastive objective "
              "using mmcl.", "", "## Usage", "", *_usage(config, repo_id), "", "## Model", "", *_architecture(config)]
@@ -141,6 +140,7 @@ def render(config: dict[str, Any], repo_id: str | None = None) -> str:
         lines += ["", "## Training", "", f"- objective: `{objective}`"]
         starts = info.get("starts_from") or {}
         lines += [f"- {tower} tower started from: {source}" for tower, source in starts.items()]
+        lines += [f"- {LABELS.get(k, k.replace('_', ' '))}: {v}" for k, v in train.items()]
         if info.get("curves"):
             lines += ["", f"![training curves]({info['curves']})"]
     merged = info.get("merged")
@@ -148,7 +148,6 @@ def render(config: dict[str, Any], repo_id: str | None = None) -> str:
         lines += ["", "## Merged", "", f"{merged['method']}: (1 - alpha) x zero-shot + alpha x fine-tuned weights, "
                   f"alpha {merged['alpha']}.", "", f"- zero-shot: {merged['zero_shot']}",
                   f"- fine-tuned: {merged['fine_tuned']}"]
-        lines += [f"- {LABELS.get(k, k.replace('_', ' '))}: {v}" for k, v in train.items()]
     data = info.get("data") or {}
     if data:
         lines += ["", "## Data", ""]

@@ -27,8 +27,13 @@ def param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str
 
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum and a layer-wise trust ratio ``η ‖w‖ / ‖g + λw‖`` (You et al., 2017),
-    skipped for groups marked ``lars_exclude`` (biases and norms)."""
+    """SGD with momentum and a layer-wise trust ratio ``η ‖w‖ / ‖g + λw‖`` (You et al., 2017, as the
+    SimCLR, BYOL and MoCo v3 code computes it), skipped for groups marked ``lars_exclude`` (biases
+    and norms).
+
+    Kept by hand: timm's ``Lars`` (installed with open_clip) divides by ``‖g‖ + λ‖w‖``, the paper's
+    formula, which the recipes reproducing those methods do not use; without weight decay the two
+    agree (``tests/test_optim.py``)."""
 
     def __init__(self, params: Any, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                  eta: float = 0.001):

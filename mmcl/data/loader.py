@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader
 
 from mmcl.config import spec
@@ -23,14 +24,10 @@ from mmcl.errors import ConfigError, DataError
 
 
 def to_device(batch: Any, device: torch.device | str) -> Any:
-    """Move tensors (also inside lists and dicts) to ``device``, without waiting (pinned memory)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, list):
-        return [to_device(v, device) for v in batch]
-    return batch
+    """Move tensors to ``device``, without waiting (pinned memory): Accelerate's ``send_to_device``,
+    which also reaches into tuples, any mapping, and objects with a ``.to`` (a transformers
+    ``BatchEncoding`` from a plugin's tokenizer, which is not a ``dict``)."""
+    return send_to_device(batch, device, non_blocking=True)
 
 
 @dataclass

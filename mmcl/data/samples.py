@@ -78,17 +78,15 @@ def seeded(seed: int, fn: Callable[[Any], torch.Tensor], x: Any) -> torch.Tensor
     """Apply a random transform with torch's RNG seeded for this sample.
 
     In a DataLoader worker the global RNG belongs to the stream, so it is simply reseeded; in the
-    main process its state is saved and restored, so data loading never shifts training RNG.
+    main process torch's ``fork_rng`` saves and restores the CPU generator around it, so data
+    loading never shifts training RNG.
     """
     if get_worker_info() is not None:
         torch.random.default_generator.manual_seed(seed)
         return fn(x)
-    state = torch.random.get_rng_state()
-    try:
+    with torch.random.fork_rng(devices=[]):  # the CPU generator only: augmentations draw from nothing else
         torch.random.default_generator.manual_seed(seed)
         return fn(x)
-    finally:
-        torch.random.set_rng_state(state)
 
 
 def image_text_sample(transform: Callable[[Any], torch.Tensor], image_keys: Sequence[str] = IMAGE_KEYS,

@@ -183,3 +183,14 @@ def test_card_names_the_base_model_the_dataset_and_the_license() -> None:
     data = ModelCard(render(config)).data
     assert data.base_model == "lab/base-clip" and data.datasets == ["lab/pairs"] and data.license == "mit"
     assert "model-index" not in data.to_dict()  # no results yet
+
+
+def test_card_lists_the_training_facts_under_training() -> None:
+    """The run's ``info.train`` figures are in every card's Training section, merged model or not."""
+    from mmcl.card import render
+
+    info = {"run_name": "run", "objective": "clip", "train": {"steps": 7, "wall_s": 12.5}}
+    for extra in ({}, {"merged": {"method": "WiSE-FT", "alpha": 0.5, "zero_shot": "a", "fine_tuned": "b"}}):
+        text = render({"model_name": "clip", "model_cfg": {}, "info": {**info, **extra}})
+        training = text.split("## Training", 1)[1].split("\n## ", 1)[0]
+        assert "- steps: 7" in training and "- training time (s): 12.5" in training

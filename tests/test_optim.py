@@ -1,0 +1,62 @@
+"""The two optimizer pieces mmcl keeps by hand, checked against the libraries that also have them,
+where the formulas agree (docs/libraries.md says why each is kept): LARS against timm's ``Lars``
+(timm comes with open_clip) and the warm-up + cosine schedule against transformers'."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mmcl.optim import LARS, param_groups
+from mmcl.train import lr_factor
+
+
+def _steps(make_optimizer, steps: int = 4) -> list[torch.Tensor]:
+    """The parameters of a small net after ``steps`` updates on fixed data."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+    optimizer = make_optimizer(net)
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    for _ in range(steps):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        optimizer.step()
+    return [p.detach().clone() for p in net.parameters()]
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_lars_is_timms_lars_without_weight_decay(foreach: bool) -> None:
+    """Without weight decay both trust ratios are ``η ‖w‖ / ‖g‖``; with it, mmcl divides by
+    ``‖g + λw‖`` (SimCLR, BYOL, MoCo v3) and timm by ``‖g‖ + λ‖w‖`` (You et al.), so only here
+    can the two agree. Biases and norms (``lars_exclude``) take plain SGD steps in both."""
+    from timm.optim import Lars
+
+    def timm_lars(net: nn.Module) -> torch.optim.Optimizer:
+        groups = param_groups([net], 0.0)
+        for g in groups:
+            g["always_adapt"] = not g.pop("lars_exclude", False)
+        return Lars(groups, lr=0.5, momentum=0.9, trust_coeff=0.001, eps=0.0, foreach=foreach)
+
+    ours = _steps(lambda net: LARS(param_groups([net], 0.0), lr=0.5, momentum=0.9))
+    theirs = _steps(timm_lars)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
+
+
+def test_schedule_is_transformers_cosine_one_step_earlier_in_the_warmup() -> None:
+    """After the warm-up, ``lr_factor`` is transformers' cosine-with-minimum schedule; during it,
+    mmcl's factor at step ``s`` is transformers' at ``s + 1``: the first step trains at
+    ``1 / warmup`` of the rate, not at 0, and the last warm-up step at the full rate."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    total, warmup, floor = 50, 8, 0.1
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    theirs = get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, total, min_lr_rate=floor).lr_lambdas[0]
+    for s in range(total + 3):
+        want = theirs(s + 1) if s < warmup else theirs(s) if s <= total else floor  # mmcl stays at the floor
+        assert math.isclose(lr_factor(s, total, warmup, "cosine", floor), want, rel_tol=1e-12), s
+    assert lr_factor(0, total, warmup, "cosine", floor) == 1 / warmup
+    assert [lr_factor(s, total, 2, "constant", floor) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
