@@ -46,7 +46,19 @@ def write_card(folder: Path, config: dict[str, Any]) -> None:
 def save_pretrained(model: nn.Module, path: str | Path, *, name: str, preprocess: dict[str, Any],
                     info: dict[str, Any] | None = None, files: dict[str, bytes] | None = None) -> Path:
     """Write ``model`` to ``path`` atomically (a temporary folder renamed when complete), with
-    ``files`` (name -> bytes, such as the training curves the card shows) beside it."""
+    ``files`` (name -> bytes, such as the training curves the card shows) beside it.
+
+    >>> import tempfile, torch, mmcl
+    >>> model, _, tokenizer = mmcl.create_model("clip", open_clip_config="mmcl-tiny-vit")
+    >>> folder = save_pretrained(model, f"{tempfile.mkdtemp()}/tiny-clip", name="clip",
+    ...                          preprocess={"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3})
+    >>> sorted(p.name for p in folder.iterdir())   # mmcl's config, and the model as open_clip saves one
+    ['README.md', 'mmcl_config.json', 'open_clip_config.json', 'open_clip_model.safetensors']
+    >>> again = from_pretrained(folder)
+    >>> text = tokenizer(["a handwritten four"])
+    >>> torch.equal(again.encode_text(text), model.encode_text(text))
+    True
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -122,7 +134,17 @@ def read_config(folder: Path) -> dict[str, Any]:
 
 def from_pretrained(path_or_repo: str | Path, revision: str | None = None) -> nn.Module:
     """Rebuild a model saved with :func:`save_pretrained` (identical outputs). The folder's saved
-    config is kept as ``model.mmcl_config`` (its ``preprocess`` is what evaluations take)."""
+    config is kept as ``model.mmcl_config`` (its ``preprocess`` is what evaluations take).
+    ``path_or_repo``: a folder, or a Hub repo id (downloaded, or read from the cache offline).
+
+    >>> import tempfile, mmcl
+    >>> model, _, _ = mmcl.create_model("encoder", backbone={"name": "cnn", "width": 8, "depth": 2})
+    >>> folder = save_pretrained(model, f"{tempfile.mkdtemp()}/encoder", name="encoder",
+    ...                          preprocess={"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3})
+    >>> loaded = from_pretrained(folder)
+    >>> type(loaded).__name__, loaded.mmcl_config["preprocess"]["image_size"]
+    ('EncoderModel', 32)
+    """
     from safetensors import SafetensorError
 
     folder = resolve(path_or_repo, revision)
@@ -159,6 +181,10 @@ def push(folder: str | Path, repo_id: str, *, private: bool = True, revision: st
 
     The card uploaded is rendered with the repo id so its usage snippets can be copied as is;
     the local folder is only read. ``token`` defaults to ``HF_TOKEN`` or the login cache.
+    (Not run in the tests' examples, which have no network: ``tests/hub`` pushes to a local stand-in.)
+
+    >>> push("runs/clip_digits/final", "YOU/clip-digits", private=True)  # doctest: +SKIP
+    'https://huggingface.co/YOU/clip-digits/commit/...'
     """
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError

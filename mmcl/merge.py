@@ -53,7 +53,19 @@ def merge(fine_tuned: str | Path, out: str | Path, alpha: float, zero_shot: str 
     """Write to ``out`` the fine-tuned model (an mmcl model folder or Hub repo) interpolated with the
     zero-shot model (another, or by default the weights the fine-tuned run started from) at
     ``alpha`` (0: zero-shot, 1: fine-tuned). Its card records the two and ``alpha``; evaluation
-    results are not carried over (evaluate the merged model)."""
+    results are not carried over (evaluate the merged model).
+
+    >>> import tempfile, torch, mmcl
+    >>> pre, tmp = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}, tempfile.mkdtemp()
+    >>> start, _, _ = mmcl.create_model("clip", open_clip_config="mmcl-tiny-vit")
+    >>> tuned, _, _ = mmcl.create_model("clip", open_clip_config="mmcl-tiny-vit")   # stands for a fine-tuned one
+    >>> a = mmcl.save_pretrained(start, f"{tmp}/zero-shot", name="clip", preprocess=pre)
+    >>> b = mmcl.save_pretrained(tuned, f"{tmp}/fine-tuned", name="clip", preprocess=pre)
+    >>> merged = mmcl.from_pretrained(merge(b, f"{tmp}/wise-0.5", alpha=0.5, zero_shot=a))
+    >>> proj = lambda m: m.state_dict()["clip.visual.proj"]
+    >>> torch.allclose(proj(merged), (proj(start) + proj(tuned)) / 2)   # halfway, weight by weight
+    True
+    """
     if not 0 <= alpha <= 1:
         raise MmclError(f"--alpha must be in [0, 1] (0: the zero-shot model, 1: the fine-tuned one), got {alpha}")
     tuned = from_pretrained(fine_tuned)

@@ -90,7 +90,16 @@ def plot_curves(records: list[dict[str, Any]], file: Path, title: str) -> list[s
 def write_report(run: str | Path, results: list[dict[str, Any]] | None = None) -> Path:
     """Write ``RUN/report/`` (``curves.png``, ``evals.png`` when evaluations were logged during the
     run, ``report.md``) from the run's logs and its final evaluation ``results`` (default: those of
-    ``RUN/summary.json``); returns the Markdown page."""
+    ``RUN/summary.json``); returns the Markdown page.
+
+    >>> import json, pathlib, tempfile
+    >>> run = pathlib.Path(tempfile.mkdtemp())   # what a run logs, one JSON record per logging step
+    >>> _ = (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 4 / s, "lr": 1e-3 * s,
+    ...                                                           "samples_per_s": 900.0}) + "\\n" for s in range(1, 6)))
+    >>> page = write_report(run)
+    >>> page.name, sorted(p.name for p in page.parent.iterdir())
+    ('report.md', ['curves.png', 'report.md'])
+    """
     run = Path(run)
     train, evals = read_log(run)
     if not train:

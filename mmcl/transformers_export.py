@@ -184,7 +184,19 @@ def export(model: Any, out: str | Path, preprocess: dict[str, Any]) -> Path:
     """Write ``model`` (an mmcl CLIP model with open_clip's ViT) to ``out`` as a ``transformers``
     folder: weights (safetensors), config, tokenizer and image processor, for ``CLIPModel`` and
     ``CLIPProcessor`` or, with a Hugging Face text tower, ``VisionTextDualEncoderModel`` and
-    ``VisionTextDualEncoderProcessor``. Raises :class:`MmclError` saying why when it has no such form."""
+    ``VisionTextDualEncoderProcessor``. Raises :class:`MmclError` saying why when it has no such form.
+    A trained model's ``final/transformers/`` is written by this.
+
+    >>> import tempfile, torch, mmcl
+    >>> from transformers import CLIPModel
+    >>> model, _, tokenizer = mmcl.create_model("clip", open_clip_config="mmcl-tiny-vit")
+    >>> hf = CLIPModel.from_pretrained(export(model, f"{tempfile.mkdtemp()}/hf", {"mean": [0.5] * 3, "std": [0.5] * 3}))
+    >>> images = torch.randn(2, 3, 32, 32)
+    >>> with torch.no_grad():
+    ...     theirs = torch.nn.functional.normalize(hf.get_image_features(pixel_values=images).pooler_output, dim=-1)
+    >>> bool((theirs - model.encode_image(images)).abs().max() < 1e-5)
+    True
+    """
     from transformers import CLIPImageProcessor, CLIPModel, VisionTextDualEncoderModel, VisionTextDualEncoderProcessor
 
     why = obstacle(model.model_cfg)

@@ -25,6 +25,12 @@ def expand_shards(spec: str | list[str]) -> list[str]:
 
     A local folder stands for all ``*.tar`` files in it. Local files are checked up front so a
     typo fails with a clear message instead of an empty epoch.
+
+    >>> expand_shards("https://host/train-{000..002}.tar::https://host/extra.tar")
+    ['https://host/train-000.tar', 'https://host/train-001.tar', 'https://host/train-002.tar', 'https://host/extra.tar']
+    >>> expand_shards("no/such/train-{000..001}.tar")
+    Traceback (most recent call last):
+    mmcl.errors.DataError: ...no/such/train-000.tar...
     """
     specs = [spec] if isinstance(spec, str) else list(spec)
     urls: list[str] = []

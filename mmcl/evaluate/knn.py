@@ -19,7 +19,12 @@ import torch.nn.functional as F
 @torch.no_grad()
 def knn_classify(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
                  k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> dict[str, float]:
-    """Top-1/top-5 accuracy of temperature-weighted kNN votes (features are L2-normalised here)."""
+    """Top-1/top-5 accuracy of temperature-weighted kNN votes (features are L2-normalised here).
+
+    >>> train_f, train_y = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]]), torch.tensor([0, 0, 1, 1])
+    >>> knn_classify(train_f, train_y, torch.tensor([[0.8, 0.2], [0.3, 0.7]]), torch.tensor([0, 0]), k=2)
+    {'top1': 0.5, 'top5': 1.0}
+    """
     train_f, test_f = F.normalize(train_f.float(), dim=-1), F.normalize(test_f.float(), dim=-1)
     n_classes = int(max(train_y.max(), test_y.max())) + 1
     k = min(k, train_f.shape[0])
@@ -43,7 +48,16 @@ def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Ten
     most ``iters`` iterations), as CLIP's linear-probe protocol does, and leaves torch's global random
     state alone (the hand-written L-BFGS probe before it reseeded it, mid-training when ``eval_every``
     ran it). ``l2`` is the weight of ``‖W‖²`` beside the mean cross-entropy, i.e.
-    ``C = 1 / (2 · l2 · n)`` in scikit-learn's terms."""
+    ``C = 1 / (2 · l2 · n)`` in scikit-learn's terms.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> centres = torch.randn(3, 8, generator=g) * 3   # three classes, around three centres
+    >>> y = torch.arange(60) % 3
+    >>> x = centres[y] + torch.randn(60, 8, generator=g)
+    >>> result = linear_probe(x[:45], y[:45], x[45:], y[45:])
+    >>> result["top1"], result["l2"] in (1e-5, 1e-4, 1e-3, 1e-2)
+    (1.0, True)
+    """
     from sklearn.dummy import DummyClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline

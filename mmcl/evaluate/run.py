@@ -57,7 +57,20 @@ def labelled_features(model: Any, shards: str, purpose: str, **kwargs: Any) -> d
 def zeroshot(model: Any, shards: str, *, preprocess: dict[str, Any], templates: Any = "openai",
              classes: list[str] | None = None, batch_size: int = 256, num_workers: int = 2,
              device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Zero-shot classification result (see :func:`mmcl.evaluate.zeroshot.classify`) plus skip counts."""
+    """Zero-shot classification result (see :func:`mmcl.evaluate.zeroshot.classify`) plus skip counts.
+    The class names come from the shards' manifest (or ``classes``), the prompts from ``templates``
+    (a name in :mod:`mmcl.evaluate.templates`, or a list of strings with ``{}``).
+
+    >>> import subprocess, sys, tempfile, mmcl
+    >>> data = tempfile.mkdtemp()   # mmcl-prep digits: 32 px image-caption shards of scikit-learn's digits
+    >>> _ = subprocess.run([sys.executable, "-m", "data_prep", "digits", "--out", data], check=True, capture_output=True)
+    >>> model, _, _ = mmcl.create_model("clip", open_clip_config="mmcl-tiny-vit")   # untrained: near chance
+    >>> pre = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}             # a saved model's mmcl_config["preprocess"]
+    >>> result = zeroshot(model, f"{data}/test-{{000000..000001}}.tar", preprocess=pre, templates="digits",
+    ...                   num_workers=0)
+    >>> result["class_names"][:3], 0 <= result["top1"] <= result["top5"] <= 1, result["skipped"]
+    (['zero', 'one', 'two'], True, {})
+    """
     names = resolve_classes(shards, classes)
     feats = labelled_features(model, shards, "zero-shot needs", preprocess=preprocess, batch_size=batch_size,
                               num_workers=num_workers, device=device)
@@ -74,7 +87,17 @@ def zeroshot(model: Any, shards: str, *, preprocess: dict[str, Any], templates: 
 def retrieval_eval(model: Any, shards: str, *, preprocess: dict[str, Any], batch_size: int = 256,
                    num_workers: int = 2, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Image-text retrieval recall (see :func:`mmcl.evaluate.retrieval.retrieval`), the number of
-    pairs ``n`` and the skip counts, as :func:`zeroshot` reports them."""
+    pairs ``n`` and the skip counts, as :func:`zeroshot` reports them.
+
+    >>> import subprocess, sys, tempfile, mmcl
+    >>> data = tempfile.mkdtemp()   # mmcl-prep digits: 32 px image-caption shards of scikit-learn's digits
+    >>> _ = subprocess.run([sys.executable, "-m", "data_prep", "digits", "--out", data], check=True, capture_output=True)
+    >>> model, _, _ = mmcl.create_model("clip", open_clip_config="mmcl-tiny-vit")   # untrained: near chance
+    >>> pre = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}             # a saved model's mmcl_config["preprocess"]
+    >>> result = retrieval_eval(model, f"{data}/test-{{000000..000001}}.tar", preprocess=pre, num_workers=0)
+    >>> result["n"], sorted(k for k in result if k.startswith("image_to_text"))
+    (360, ['image_to_text_R@1', 'image_to_text_R@10', 'image_to_text_R@5'])
+    """
     feats = extract(model, shards, preprocess=preprocess, batch_size=batch_size, num_workers=num_workers,
                     device=device)
     if not len(feats["id"]):
@@ -114,7 +137,18 @@ def frozen_feature_evals(model: Any, train_shards: str, test_shards: list[str], 
                          device: torch.device | str = "cpu") -> list[dict[str, Any]]:
     """kNN and/or linear-probe results on each of ``test_shards``, with ``train_shards`` as the
     labelled reference set (features extracted once, on every process). Each result's ``skipped``
-    counts the samples left out of the reference and test sets together."""
+    counts the samples left out of the reference and test sets together.
+
+    >>> import subprocess, sys, tempfile, mmcl
+    >>> data = tempfile.mkdtemp()   # mmcl-prep digits: 32 px image-caption shards of scikit-learn's digits
+    >>> _ = subprocess.run([sys.executable, "-m", "data_prep", "digits", "--out", data], check=True, capture_output=True)
+    >>> model, _, _ = mmcl.create_model("clip", open_clip_config="mmcl-tiny-vit")   # untrained: near chance
+    >>> pre = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}             # a saved model's mmcl_config["preprocess"]
+    >>> results = frozen_feature_evals(model, f"{data}/train-{{000000..000004}}.tar", [f"{data}/val-000000.tar"],
+    ...                                preprocess=pre, knn=True, linear=True, num_workers=0)
+    >>> [(r["task"], r["dataset"]["name"]) for r in results]
+    [('knn', 'digits/val'), ('linear', 'digits/val')]
+    """
     def labelled(shards: str) -> dict[str, Any]:
         return labelled_features(model, shards, "kNN and linear probes need", preprocess=preprocess,
                                  batch_size=batch_size, num_workers=num_workers, device=device)

@@ -36,7 +36,20 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, image_all: torch.Tensor, 
               tile: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Symmetric InfoNCE. ``image``/``text``: this process's [B, D] normalised features;
     ``*_all``: all processes' features [N*B, D] in rank order; ``scale``: 1/τ; ``tile``: compute it
-    in blocks of that side (:func:`tiled_info_nce`), 0 for the whole matrix."""
+    in blocks of that side (:func:`tiled_info_nce`), 0 for the whole matrix.
+
+    In one process the gathered features are the features themselves:
+
+    >>> import torch.nn.functional as F
+    >>> image, text = F.normalize(torch.randn(6, 8), dim=-1), F.normalize(torch.randn(6, 8), dim=-1)
+    >>> loss, acc = clip_loss(image, text, image, text, torch.tensor(10.0), rank=0, local_loss=False)
+    >>> logits, pairs = 10.0 * image @ text.T, torch.arange(6)
+    >>> torch.allclose(loss, (F.cross_entropy(logits, pairs) + F.cross_entropy(logits.T, pairs)) / 2)
+    True
+    >>> tiled, _ = clip_loss(image, text, image, text, torch.tensor(10.0), rank=0, local_loss=False, tile=4)
+    >>> torch.allclose(tiled, loss)   # the same loss in 4 x 4 blocks, never holding the 6 x 6 logits
+    True
+    """
     if tile and not local_loss:  # one square matrix: each block serves both directions
         loss, acc_i, acc_t = tiled_symmetric_info_nce(image_all, text_all, scale, tile)
         return loss, {"acc_i2t": acc_i, "acc_t2i": acc_t}

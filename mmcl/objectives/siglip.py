@@ -68,7 +68,14 @@ def sigmoid_terms(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, 
     text ``i + positive_from`` (see :func:`pair_labels`). Returns the sum over the pairs of
     ``-log σ(y · (scale · x·t + bias))`` (differentiable; divide by the images for the loss) and,
     for the accuracy, each image's similarity to its own text (0 when not in the block) and its
-    highest similarity to a text that is not its own (-inf when there is none)."""
+    highest similarity to a text that is not its own (-inf when there is none).
+
+    >>> image, text = F.normalize(torch.randn(3, 8), dim=-1), F.normalize(torch.randn(5, 8), dim=-1)
+    >>> total, own, best_other = sigmoid_terms(image, text, torch.tensor(10.0), torch.tensor(-5.0), positive_from=2)
+    >>> y = -torch.ones(3, 5); y[[0, 1, 2], [2, 3, 4]] = 1   # image i's own text is text i + 2
+    >>> torch.allclose(total, -F.logsigmoid(y * (10.0 * image @ text.T - 5.0)).sum())
+    True
+    """
     sim = image @ text.T
     labels = pair_labels(sim.shape[0], sim.shape[1], positive_from, sim)
     loss = -F.logsigmoid(labels * (scale * sim + bias)).sum()
