@@ -36,6 +36,14 @@ def main() -> None:
                          "text_diff": (model.encode_text(tokens) - ref_txt).abs().max().item(),
                          "top1": res["top1"], "confusion": res["confusion"],
                          "preprocess": pre}
+        if "--offline" not in sys.argv:  # the transformers form, from final/transformers/ in the repo
+            from transformers import CLIPModel
+
+            hf = CLIPModel.from_pretrained(repo, subfolder="transformers").eval()
+            unit = lambda x: torch.nn.functional.normalize(x.pooler_output, dim=-1)  # noqa: E731
+            out["transformers_hub"] = {
+                "image_diff": (unit(hf.get_image_features(pixel_values=images)) - ref_img).abs().max().item(),
+                "text_diff": (unit(hf.get_text_features(input_ids=tokens)) - ref_txt).abs().max().item()}
     print(json.dumps(out))
 
 

@@ -17,6 +17,7 @@ from mmcl.evaluate.run import result
 from mmcl.hub import from_pretrained, push, read_config, record_eval, save_pretrained
 from mmcl.models.clip import ClipModel, ClipModelConfig
 from mmcl.testing.hub_standin import HubStandIn
+from mmcl.transformers_export import export_files
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "hf_standinSECRETtoken0123456789"
@@ -25,13 +26,16 @@ PRE = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path) -> Path:
-    """A tiny open_clip-tower CLIP saved with a training summary and a validation result."""
+    """A tiny open_clip-tower CLIP saved with a training summary, a validation result and its
+    ``transformers/`` folder, as a trained model's ``final/`` holds them."""
     torch.manual_seed(0)
     model = ClipModel.from_config(ClipModelConfig(open_clip_config="mmcl-tiny-vit"))
     info = {"run_name": "tiny-test", "objective": "clip", "train": {"steps": 3, "global_batch": 8},
             "data": {"train_samples": 1257, "class_names": ["zero", "one"]},
             "eval": [result("zeroshot", f"{digits_dir}/val-000000.tar", {"top1": 0.5, "top5": 0.9})]}
-    return save_pretrained(model, tmp_path_factory.mktemp("m") / "final", name="clip", preprocess=PRE, info=info)
+    info["transformers"], info["transformers_class"] = "transformers", "CLIPModel"
+    return save_pretrained(model, tmp_path_factory.mktemp("m") / "final", name="clip", preprocess=PRE, info=info,
+                           files=export_files(model, PRE))
 
 
 @pytest.fixture()
@@ -54,7 +58,8 @@ def test_round_trip_is_identical_and_loads_no_code(folder: Path, tmp_path: Path)
         assert torch.equal(model.encode_image(x), again.encode_image(x))
         assert torch.equal(model.encode_text(tokens), again.encode_text(tokens))
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["README.md", "mmcl_config.json", "open_clip_config.json", "open_clip_model.safetensors"]
+    assert names == ["README.md", "mmcl_config.json", "open_clip_config.json", "open_clip_model.safetensors",
+                     "transformers"]
     assert not any(p.suffix in (".py", ".bin", ".pt", ".pkl") for p in folder.rglob("*"))
 
 
@@ -92,7 +97,9 @@ def test_push_then_pull_with_mmcl_and_open_clip(folder: Path, digits_dir: Path, 
     assert "pushed" in run.stdout and TOKEN not in run.stdout + run.stderr
     repo = hub.repos["lab/tiny"]
     sha, files = repo.files("main")
-    assert repo.private and sorted(files) == sorted(p.name for p in folder.iterdir())
+    assert repo.private and sorted(files) == sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                                                    if p.is_file())
+    assert "transformers/model.safetensors" in files
     assert files["open_clip_model.safetensors"] == (folder / "open_clip_model.safetensors").read_bytes()
     assert 'hf-hub:lab/tiny' in files["README.md"].decode()  # the uploaded card names the repo
     assert all(TOKEN.encode() not in data for data in files.values())
@@ -103,6 +110,8 @@ def test_push_then_pull_with_mmcl_and_open_clip(folder: Path, digits_dir: Path, 
     run = subprocess.run(client, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout.strip().splitlines()[-1])
+    hf = out.pop("transformers_hub")   # CLIPModel.from_pretrained(repo, subfolder="transformers")
+    assert hf["image_diff"] < 1e-5 and hf["text_diff"] < 1e-5, hf
     assert set(out) == {"mmcl_local", "mmcl_hub", "open_clip_hf_hub", "open_clip_local_dir"}
     for name, r in out.items():
         assert r["image_diff"] < 1e-5 and r["text_diff"] < 1e-5, name
