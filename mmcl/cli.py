@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mmcl.argtypes import non_negative_int, positive_float, positive_int
 from mmcl.errors import MmclError, run_cli
+from mmcl.files import write_atomic
 
 
 def parser() -> argparse.ArgumentParser:
@@ -127,7 +128,7 @@ def _eval(args: argparse.Namespace) -> int:
         recalls = {k: v for k, v in res.items() if k not in ("n", "skipped")}
         if acc.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "retrieval.json").write_text(json.dumps(res, indent=2) + "\n")
+            write_atomic(out / "retrieval.json", json.dumps(res, indent=2) + "\n")
             if local and args.record:
                 record_eval(args.model, [result("retrieval", args.shards, recalls, skipped=res["skipped"])])
             for k, v in recalls.items():
@@ -173,7 +174,7 @@ def _frozen(args: argparse.Namespace, model, preprocess: dict, acc, out: Path, l
                                    batch_size=args.batch_size, num_workers=args.workers, device=acc.device)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"{args.task}.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_atomic(out / f"{args.task}.json", json.dumps(results, indent=2) + "\n")
         if local and args.record:
             record_eval(args.model, results)
         for r in results:

@@ -3,15 +3,41 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` under a temporary name, then rename it into place: a reader sees
-    the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write ``data`` (text as UTF-8, or bytes) to ``path`` under a temporary name of its own, then
+    rename it into place: a reader sees the old file or the new one, never half of one, and two
+    writers of one file do not write into each other's temporary file. The file gets the
+    permissions the umask gives any new file (``mkstemp`` alone would leave it 0600).
+
+    >>> import tempfile, pathlib
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "results.json"
+    >>> write_atomic(path, '{"top1": 0.97}')
+    >>> path.read_text(), sorted(p.name for p in path.parent.iterdir())
+    ('{"top1": 0.97}', ['results.json'])
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o666 & ~umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def png(figure: object, dpi: int) -> bytes:
+    """A matplotlib figure as PNG bytes (for :func:`write_atomic`)."""
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
 
 
 def umask() -> int:

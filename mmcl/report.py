@@ -14,6 +14,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from mmcl.files import png, write_atomic
+
 FIRST = ("loss", "lr", "samples_per_s", "data_wait")  # the panels every run has, in this order
 TITLES = {"loss": "training loss", "lr": "learning rate", "samples_per_s": "samples / s (all processes)",
           "data_wait": "share of time waiting for data", "grad_norm": "gradient norm (before clipping)",
@@ -82,7 +84,7 @@ def plot_curves(records: list[dict[str, Any]], file: Path, title: str) -> list[s
     fig.suptitle(title, fontsize=12)
     fig.tight_layout()
     file.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(file, dpi=90)
+    write_atomic(file, png(fig, dpi=90))
     plt.close(fig)
     return names
 
@@ -127,5 +129,5 @@ def write_report(run: str | Path, results: list[dict[str, Any]] | None = None) -
     if skipped:
         lines += ["", "## Skipped samples", "", *[f"- {k}: {v}" for k, v in sorted(skipped.items())]]
     page = out / "report.md"
-    page.write_text("\n".join(lines) + "\n")
+    write_atomic(page, "\n".join(lines) + "\n")
     return page

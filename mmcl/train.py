@@ -624,7 +624,7 @@ class Trainer:
         r, acc = self.recipe, self.acc
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "recipe.yaml").write_text(yaml.safe_dump(recipe_dict(r), sort_keys=False))
+            write_atomic(self.out / "recipe.yaml", yaml.safe_dump(recipe_dict(r), sort_keys=False))
         acc.print(self.sizes())
         if hasattr(self.unwrapped, "starts_from"):
             acc.print("mmcl: " + ", ".join(f"{tower} tower from {source}"

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mmcl.evaluate.templates import Template, fill
+from mmcl.files import png, write_atomic
 
 
 @torch.no_grad()
@@ -52,7 +53,7 @@ def save_report(result: dict[str, Any], class_names: Sequence[str], out_dir: Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {**result, "class_names": list(class_names),
               "per_class": dict(zip(class_names, result["per_class"]))}
-    (out_dir / "zeroshot.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_atomic(out_dir / "zeroshot.json", json.dumps(report, indent=2) + "\n")
     cm = torch.tensor(result["confusion"]).float()
     fig, ax = plt.subplots(figsize=(1 + 0.45 * len(class_names), 1 + 0.4 * len(class_names)))
     ax.imshow(cm / cm.sum(1, keepdim=True).clamp(min=1), cmap="Blues", vmin=0, vmax=1)
@@ -66,5 +67,5 @@ def save_report(result: dict[str, Any], class_names: Sequence[str], out_dir: Pat
     ax.set_ylabel("true")
     ax.set_title(f"zero-shot top-1 {result['top1']:.3f} (n={result['n']})")
     fig.tight_layout()
-    fig.savefig(out_dir / "zeroshot_confusion.png", dpi=100)
+    write_atomic(out_dir / "zeroshot_confusion.png", png(fig, dpi=100))
     plt.close(fig)
