@@ -727,8 +727,9 @@ class Trainer:
             try:
                 write_final(model, self.out, r, facts)
             except Exception as e:  # noqa: BLE001 (a full disk: every process must stop, none wait)
-                error = (f"could not write the final model to {final}: {e}. The last checkpoint is whole: free "
-                         "some space and rerun with --resume latest")
+                hint = "free some space and " if isinstance(e, OSError) else ""
+                error = (f"could not write the final model to {final}: {type(e).__name__}: {e}. The last checkpoint "
+                         f"is whole: {hint}rerun with --resume latest")
         if self._any(error is not None):  # also the barrier before the model is read or pushed
             raise TrainingError(error or "the main process could not write the final model")
         acc.end_training()
