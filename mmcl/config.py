@@ -197,7 +197,7 @@ def _rules(f: dataclasses.Field) -> dict[str, Any]:
     return {k: f.metadata[k] for k in CONSTRAINTS if f.metadata.get(k) is not None and f.metadata[k] is not False}
 
 
-def _plugin(kind: str, raw: Any, where: str) -> Any:
+def plugin_section(kind: str, raw: Any, where: str) -> Any:
     """A ``{name: ..., **keys}`` recipe section validated against the named plugin's dataclass."""
     if not isinstance(raw, dict) or "name" not in raw:
         choices = ", ".join(sorted(registered(kind)))
@@ -227,7 +227,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
                 raise ConfigError(f"missing required key {path!r}")
             continue
         if f.metadata.get("plugin"):
-            kwargs[name] = _plugin(f.metadata["plugin"], data[name], path)
+            kwargs[name] = plugin_section(f.metadata["plugin"], data[name], path)
             continue
         value = _coerce(hints[name], data[name], path)
         check(value, path, **_rules(f))

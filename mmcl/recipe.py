@@ -238,7 +238,8 @@ class Recipe:
         check_model = getattr(self.model, "check_recipe", None)  # a model config's checks against the recipe
         if check_model is not None:
             check_model(self)
-        objective_class(self.objective).check_recipe(self.objective, self)
+        for cls, cfg, _ in objective_parts(self):
+            cls.check_recipe(cfg, self)
         check_views(self)
         if self.train.fsdp and self.eval.requested():
             raise C.ConfigError("train.fsdp: evaluation during training (eval.*) is not supported with a sharded model "
@@ -263,6 +264,12 @@ def objective_class(cfg: Any) -> type[Objective]:
     return builder
 
 
+def objective_parts(recipe: Recipe) -> list[tuple[type[Objective], Any, str]]:
+    """The recipe's objective, or the parts of a combined one, as ``(class, config, recipe key)``
+    (see :meth:`Objective.components`): what the contract checks."""
+    return objective_class(recipe.objective).components(recipe.objective)
+
+
 def _kinds(kinds: frozenset[str]) -> str:
     return " or ".join(sorted(kinds))
 
@@ -273,23 +280,25 @@ def check_contract(recipe: Recipe) -> None:
     :func:`mmcl.registry.model_declaration`), and both read ``data.kind``. A mismatch is one
     :class:`ConfigError` naming the keys, what is missing and the models that would fit, where it
     used to load and then fail at the first step (``KeyError: 'image_features'``)."""
-    objective = objective_class(recipe.objective)
-    o, m, kind = plugin_name("objective", recipe.objective), plugin_name("model", recipe.model), recipe.data.kind
+    m, kind = plugin_name("model", recipe.model), recipe.data.kind
     declared = model_declaration(m)
     if declared is None:
+        o = plugin_name("objective", recipe.objective)
         raise C.ConfigError(f"model.name {m} does not declare the data kinds it reads and the outputs it produces "
                             f"(class attributes data_kinds and outputs), so objective.name {o} cannot be checked "
                             "against it")
     model_kinds, outputs = declared
-    missing = [x for x in objective.needs_outputs if x not in outputs]
-    if missing:
-        about = f" ({objective.needs_model})" if objective.needs_model else ""
-        raise C.ConfigError(f"objective.name {o} reads model output{'s' if len(missing) > 1 else ''} "
-                            f"{', '.join(missing)}, which model.name {m} does not produce (it produces "
-                            f"{', '.join(outputs)}); objective {o} needs {objective.fitting_models_text()}{about}")
-    if kind not in objective.data_kinds:
-        raise C.ConfigError(f"objective.name {o} trains on data.kind {_kinds(objective.data_kinds)}, "
-                            f"but data.kind is {kind}")
+    for objective, cfg, where in objective_parts(recipe):
+        o = plugin_name("objective", cfg)
+        missing = [x for x in objective.needs_outputs if x not in outputs]
+        if missing:
+            about = f" ({objective.needs_model})" if objective.needs_model else ""
+            raise C.ConfigError(f"{where}.name {o} reads model output{'s' if len(missing) > 1 else ''} "
+                                f"{', '.join(missing)}, which model.name {m} does not produce (it produces "
+                                f"{', '.join(outputs)}); objective {o} needs {objective.fitting_models_text()}{about}")
+        if kind not in objective.data_kinds:
+            raise C.ConfigError(f"{where}.name {o} trains on data.kind {_kinds(objective.data_kinds)}, "
+                                f"but data.kind is {kind}")
     if kind not in model_kinds:
         raise C.ConfigError(f"model.name {m} reads data.kind {_kinds(model_kinds)}, but data.kind is {kind}")
 
@@ -298,7 +307,7 @@ def merged_micro_batches(recipe: Recipe) -> int:
     """How many micro-batches each optimizer step merges into one contrastive batch: ``optim.grad_accum``
     for an objective whose loss couples the samples of a batch (:attr:`Objective.couples_batch`),
     else 1 (plain accumulation)."""
-    return recipe.optim.grad_accum if objective_class(recipe.objective).couples_batch else 1
+    return recipe.optim.grad_accum if any(cls.couples_batch for cls, _, _ in objective_parts(recipe)) else 1
 
 
 def device_vote_obstacle(recipe: Recipe, fp16_scaler: bool = False) -> str | None:
@@ -306,28 +315,30 @@ def device_vote_obstacle(recipe: Recipe, fp16_scaler: bool = False) -> str | Non
     optimizer must skip a step by itself (fused AdamW/SGD told ``found_inf``), fp16's grad scaler
     keeps its own vote, and an objective that updates state after each step (queues, teachers) must
     know on the host whether the step applied."""
-    objective = objective_class(recipe.objective)
     if not recipe.optim.fused:
         return "optim.fused is false (only the fused AdamW/SGD kernels skip a step on the device)"
     if fp16_scaler or recipe.train.mixed_precision == "fp16":
         return "fp16 training: its grad scaler keeps its own vote"
-    if objective.after_optimizer_step is not Objective.after_optimizer_step:
-        return f"objective {plugin_name('objective', recipe.objective)} updates state after each step"
+    for objective, cfg, _ in objective_parts(recipe):
+        if objective.after_optimizer_step is not Objective.after_optimizer_step:
+            return f"objective {plugin_name('objective', cfg)} updates state after each step"
     return None
 
 
 def check_views(recipe: Recipe) -> None:
     """A model of per-view embeddings makes at least the objective's ``min_views`` (checked after the
     objective's own ``check_recipe``, whose messages about crops are more specific)."""
-    objective = objective_class(recipe.objective)
-    o, m = plugin_name("objective", recipe.objective), plugin_name("model", recipe.model)
+    m = plugin_name("model", recipe.model)
     views = getattr(recipe.model, "output_views", None)  # a per-view model config says how many it makes
-    if "z:views" in objective.needs_outputs and views is not None and views(recipe.data) < objective.min_views:
-        d = recipe.data
-        source = f"data.view_fields names {len(d.view_fields)} fields" if d.view_fields else f"data.views is {d.views}"
-        raise C.ConfigError(f"objective.name {o} compares {objective.min_views} or more views of each sample, but "
-                            f"model.name {m} makes {views(d)} here ({source}); set data.views: {objective.min_views}"
-                            f"{' or name more view_fields' if d.view_fields else ''}")
+    for objective, cfg, where in objective_parts(recipe):
+        o = plugin_name("objective", cfg)
+        if "z:views" in objective.needs_outputs and views is not None and views(recipe.data) < objective.min_views:
+            d = recipe.data
+            source = (f"data.view_fields names {len(d.view_fields)} fields" if d.view_fields
+                      else f"data.views is {d.views}")
+            raise C.ConfigError(f"{where}.name {o} compares {objective.min_views} or more views of each sample, but "
+                                f"model.name {m} makes {views(d)} here ({source}); set data.views: "
+                                f"{objective.min_views}{' or name more view_fields' if d.view_fields else ''}")
 
 
 def check_transforms(data: DataConfig) -> None:

@@ -93,6 +93,13 @@ class Objective(nn.Module):
                               f"are {width} wide (model.projector.dims); end objective.predictor.dims with {width}")
 
     @classmethod
+    def components(cls, cfg: Any, where: str = "objective") -> list[tuple[type[Objective], Any, str]]:
+        """The objectives this one is made of, as ``(class, validated config, recipe key)``, which the
+        recipe checks one by one against the data and the model: the objective itself, except for one
+        that combines others (:mod:`mmcl.objectives.combined`), which lists its parts."""
+        return [(cls, cfg, where)]
+
+    @classmethod
     def check_model(cls, model: Any) -> None:
         """Refuse a built model that lacks an attribute ``setup`` reads (``needs_model_attributes``):
         for objectives set up outside a checked recipe, e.g. in tests."""
