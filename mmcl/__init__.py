@@ -4,7 +4,8 @@ through Accelerate.
 The public API, importable from ``mmcl`` directly (each loaded on first use, so that ``import mmcl``
 stays light); ``docs/api.md`` lists it with examples:
 
-- :func:`mmcl.create_model`, :func:`mmcl.create_objective`, :func:`mmcl.fit`, :func:`mmcl.recipe_from` (:mod:`mmcl.api`);
+- :func:`mmcl.create_model`, :func:`mmcl.create_objective`, :func:`mmcl.fit`, :func:`mmcl.recipe_from`
+  (:mod:`mmcl.api`);
 - :func:`mmcl.load_recipe`, :class:`mmcl.Trainer`, :func:`mmcl.make_loader`;
 - :func:`mmcl.from_pretrained`, :func:`mmcl.save_pretrained`, :func:`mmcl.merge_models` (WiSE-FT),
   :func:`mmcl.write_report`.

@@ -110,12 +110,14 @@ def fit(recipe: str | Path | dict[str, Any], overrides: Iterable[str] = (), resu
 
     >>> import subprocess, sys, tempfile
     >>> data = tempfile.mkdtemp()   # mmcl-prep digits: 32 px image-caption shards of scikit-learn's digits
-    >>> _ = subprocess.run([sys.executable, "-m", "data_prep", "digits", "--out", data], check=True, capture_output=True)
+    >>> _ = subprocess.run([sys.executable, "-m", "data_prep", "digits", "--out", data], check=True,
+    ...                    capture_output=True)
     >>> final = fit({"data": {"train_shards": f"{data}/train-{{000000..000004}}.tar", "image_size": 32,
     ...                       "transform": "digits", "mean": [0.5] * 3, "std": [0.5] * 3, "num_workers": 0},
     ...              "model": {"name": "clip", "open_clip_config": "mmcl-tiny-vit"},
     ...              "objective": {"name": "clip"},
-    ...              "run": {"output_dir": f"{data}/run"}}, ["train.steps=3", "data.batch_size=32", "train.progress=false"])
+    ...              "run": {"output_dir": f"{data}/run"}},
+    ...             ["train.steps=3", "data.batch_size=32", "train.progress=false"])
     mmcl: 1 process on cpu, precision no
     ...
     >>> final.name, sorted(p.name for p in final.glob("*.safetensors"))

@@ -270,6 +270,12 @@ def objective_parts(recipe: Recipe) -> list[tuple[type[Objective], Any, str]]:
     return objective_class(recipe.objective).components(recipe.objective)
 
 
+def data_kinds_provided(data: DataConfig) -> set[str]:
+    """What the batches hold, as data kinds: ``data.kind``, and ``multi_view`` too for image-text data
+    with ``data.view_transforms`` (each image's augmented views beside the pair, for SLIP)."""
+    return {data.kind} | ({"multi_view"} if data.kind == "image_text" and data.view_transforms else set())
+
+
 def _kinds(kinds: frozenset[str]) -> str:
     return " or ".join(sorted(kinds))
 
@@ -288,6 +294,9 @@ def check_contract(recipe: Recipe) -> None:
                             f"(class attributes data_kinds and outputs), so objective.name {o} cannot be checked "
                             "against it")
     model_kinds, outputs = declared
+    configured = getattr(recipe.model, "configured_outputs", None)  # outputs only some configurations add
+    outputs = (*outputs, *configured()) if configured else outputs
+    provided = data_kinds_provided(recipe.data)
     for objective, cfg, where in objective_parts(recipe):
         o = plugin_name("objective", cfg)
         missing = [x for x in objective.needs_outputs if x not in outputs]
@@ -296,8 +305,10 @@ def check_contract(recipe: Recipe) -> None:
             raise C.ConfigError(f"{where}.name {o} reads model output{'s' if len(missing) > 1 else ''} "
                                 f"{', '.join(missing)}, which model.name {m} does not produce (it produces "
                                 f"{', '.join(outputs)}); objective {o} needs {objective.fitting_models_text()}{about}")
-        if kind not in objective.data_kinds:
-            raise C.ConfigError(f"{where}.name {o} trains on data.kind {_kinds(objective.data_kinds)}, "
+        if not objective.data_kinds & provided:
+            views = " (or image_text with data.view_transforms naming its views)" \
+                if "multi_view" in objective.data_kinds else ""
+            raise C.ConfigError(f"{where}.name {o} trains on data.kind {_kinds(objective.data_kinds)}{views}, "
                                 f"but data.kind is {kind}")
     if kind not in model_kinds:
         raise C.ConfigError(f"model.name {m} reads data.kind {_kinds(model_kinds)}, but data.kind is {kind}")
@@ -367,9 +378,10 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
     >>> import pathlib, tempfile, yaml
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "clip.yaml"
-    >>> _ = path.write_text(yaml.safe_dump({"data": {"train_shards": "shards/train-{000000..000009}.tar", "image_size": 32},
-    ...                                     "model": {"name": "clip", "open_clip_config": "mmcl-tiny-vit"},
-    ...                                     "objective": {"name": "clip"}}))
+    >>> _ = path.write_text(yaml.safe_dump({
+    ...     "data": {"train_shards": "shards/train-{000000..000009}.tar", "image_size": 32},
+    ...     "model": {"name": "clip", "open_clip_config": "mmcl-tiny-vit"},
+    ...     "objective": {"name": "clip"}}))
     >>> recipe = load_recipe(path, ["train.steps=10", "optim.lr=1e-3"])
     >>> recipe.train.steps, recipe.optim.lr, recipe.data.batch_size   # the rest keeps its defaults
     (10, 0.001, 256)

@@ -96,8 +96,8 @@ def write_report(run: str | Path, results: list[dict[str, Any]] | None = None) -
 
     >>> import json, pathlib, tempfile
     >>> run = pathlib.Path(tempfile.mkdtemp())   # what a run logs, one JSON record per logging step
-    >>> _ = (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 4 / s, "lr": 1e-3 * s,
-    ...                                                           "samples_per_s": 900.0}) + "\\n" for s in range(1, 6)))
+    >>> records = [{"step": s, "loss": 4 / s, "lr": 1e-3 * s, "samples_per_s": 900.0} for s in range(1, 6)]
+    >>> _ = (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\\n" for r in records))
     >>> page = write_report(run)
     >>> page.name, sorted(p.name for p in page.parent.iterdir())
     ('report.md', ['curves.png', 'report.md'])

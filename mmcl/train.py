@@ -134,7 +134,8 @@ class Trainer:
 
     >>> import subprocess, sys, tempfile, mmcl
     >>> data = tempfile.mkdtemp()   # mmcl-prep digits: 32 px image-caption shards of scikit-learn's digits
-    >>> _ = subprocess.run([sys.executable, "-m", "data_prep", "digits", "--out", data], check=True, capture_output=True)
+    >>> _ = subprocess.run([sys.executable, "-m", "data_prep", "digits", "--out", data], check=True,
+    ...                    capture_output=True)
     >>> recipe = mmcl.recipe_from("configs/clip_digits.yaml", [f"data.train_shards={data}/train-{{000000..000004}}.tar",
     ...     f"run.output_dir={data}/run", "train.steps=4", "train.save_every=2", "train.progress=false",
     ...     "data.num_workers=0", "data.batch_size=32", f"eval.zeroshot_shards={data}/val-000000.tar"])

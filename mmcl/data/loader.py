@@ -60,7 +60,10 @@ class DataConfig:
     view_fields: list[str] = spec(default_factory=list,
                                   help="multi_view: one view per image field instead (e.g. [png, depth.png])")
     colour: Literal["rgb", "lab", "ycbcr"] = spec("rgb", help="colour space the model sees (CMC's splits)")
-    view_transforms: list[str] = field(default_factory=list)
+    view_transforms: list[str] = spec(default_factory=list,
+                                      help="multi_view: one transform per view (default: transform for each); "
+                                           "image_text: extra augmented views of each training image, batch['views'] "
+                                           "(SLIP: a self-supervised objective on the image tower beside CLIP's)")
     multi_crop: MultiCropConfig | None = None
     mean: list[float] = field(default_factory=lambda: list(OPENAI_MEAN))
     std: list[float] = field(default_factory=lambda: list(OPENAI_STD))
@@ -241,7 +244,8 @@ def make_loader(cfg: DataConfig, shards: str | None = None, *, train: bool = Tru
 
     >>> import subprocess, sys, tempfile
     >>> data = tempfile.mkdtemp()   # mmcl-prep digits: 32 px image-caption shards of scikit-learn's digits
-    >>> _ = subprocess.run([sys.executable, "-m", "data_prep", "digits", "--out", data], check=True, capture_output=True)
+    >>> _ = subprocess.run([sys.executable, "-m", "data_prep", "digits", "--out", data], check=True,
+    ...                    capture_output=True)
     >>> cfg = DataConfig(train_shards=f"{data}/train-{{000000..000004}}.tar", image_size=32, batch_size=16,
     ...                  num_workers=0)
     >>> loader = make_loader(cfg, tokenizer=lambda captions: captions)   # a model's tokenizer in practice
@@ -266,7 +270,9 @@ def make_loader(cfg: DataConfig, shards: str | None = None, *, train: bool = Tru
         name = cfg.transform if train else "eval"
         tf = build_transform(name, size, mean, std, cfg.colour, normalize=cfg.normalize == "workers",
                              **(cfg.transform_args if train else {}))
-        sample_fn = image_text_sample(tf, cfg.image_keys, cfg.text_key, cfg.max_pixels)
+        views = [build_transform(n, size, mean, std, cfg.colour, normalize=cfg.normalize == "workers",
+                                 **cfg.transform_args) for n in cfg.view_transforms] if train else []
+        sample_fn = image_text_sample(tf, cfg.image_keys, cfg.text_key, cfg.max_pixels, views)
         required = {MISSING_IMAGE: tuple(cfg.image_keys), MISSING_CAPTION: (cfg.text_key,)}
     else:
         tfs = view_transforms(cfg, train)

@@ -90,8 +90,10 @@ def seeded(seed: int, fn: Callable[[Any], torch.Tensor], x: Any) -> torch.Tensor
 
 
 def image_text_sample(transform: Callable[[Any], torch.Tensor], image_keys: Sequence[str] = IMAGE_KEYS,
-                      text_key: str = "txt", max_pixels: int = MAX_PIXELS) -> SampleFn:
-    """Sample function for image-text pairs: ``{image, text, label, id, key}``."""
+                      text_key: str = "txt", max_pixels: int = MAX_PIXELS,
+                      view_transforms: Sequence[Callable[[Any], torch.Tensor]] = ()) -> SampleFn:
+    """Sample function for image-text pairs: ``{image, text, label, id, key}``, plus ``views``, one
+    augmented view of the image per ``view_transforms`` (SLIP: a self-supervised loss beside CLIP's)."""
 
     def fn(sample: dict[str, Any], seed: int) -> dict[str, Any]:
         try:
@@ -102,8 +104,10 @@ def image_text_sample(transform: Callable[[Any], torch.Tensor], image_keys: Sequ
             raise Skip(MISSING_CAPTION)
         label, sid = read_meta(sample)  # cheap checks before decoding
         img = decode_image(first_image(sample, image_keys), max_pixels)
-        return {"image": seeded(seed, transform, img), "text": text, "label": label, "id": sid,
-                "key": sample["__key__"]}
+        out = {"image": seeded(seed, transform, img), "text": text, "label": label, "id": sid, "key": sample["__key__"]}
+        if view_transforms:  # seeds of their own, apart from the image's
+            out["views"] = [seeded(seed * 31 + 1 + v, t, img) for v, t in enumerate(view_transforms)]
+        return out
 
     return fn
 

@@ -63,9 +63,10 @@ def zeroshot(model: Any, shards: str, *, preprocess: dict[str, Any], templates: 
 
     >>> import subprocess, sys, tempfile, mmcl
     >>> data = tempfile.mkdtemp()   # mmcl-prep digits: 32 px image-caption shards of scikit-learn's digits
-    >>> _ = subprocess.run([sys.executable, "-m", "data_prep", "digits", "--out", data], check=True, capture_output=True)
+    >>> _ = subprocess.run([sys.executable, "-m", "data_prep", "digits", "--out", data], check=True,
+    ...                    capture_output=True)
     >>> model, _, _ = mmcl.create_model("clip", open_clip_config="mmcl-tiny-vit")   # untrained: near chance
-    >>> pre = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}             # a saved model's mmcl_config["preprocess"]
+    >>> pre = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}   # a saved model's mmcl_config["preprocess"]
     >>> result = zeroshot(model, f"{data}/test-{{000000..000001}}.tar", preprocess=pre, templates="digits",
     ...                   num_workers=0)
     >>> result["class_names"][:3], 0 <= result["top1"] <= result["top5"] <= 1, result["skipped"]
@@ -91,9 +92,10 @@ def retrieval_eval(model: Any, shards: str, *, preprocess: dict[str, Any], batch
 
     >>> import subprocess, sys, tempfile, mmcl
     >>> data = tempfile.mkdtemp()   # mmcl-prep digits: 32 px image-caption shards of scikit-learn's digits
-    >>> _ = subprocess.run([sys.executable, "-m", "data_prep", "digits", "--out", data], check=True, capture_output=True)
+    >>> _ = subprocess.run([sys.executable, "-m", "data_prep", "digits", "--out", data], check=True,
+    ...                    capture_output=True)
     >>> model, _, _ = mmcl.create_model("clip", open_clip_config="mmcl-tiny-vit")   # untrained: near chance
-    >>> pre = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}             # a saved model's mmcl_config["preprocess"]
+    >>> pre = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}   # a saved model's mmcl_config["preprocess"]
     >>> result = retrieval_eval(model, f"{data}/test-{{000000..000001}}.tar", preprocess=pre, num_workers=0)
     >>> result["n"], sorted(k for k in result if k.startswith("image_to_text"))
     (360, ['image_to_text_R@1', 'image_to_text_R@10', 'image_to_text_R@5'])
@@ -141,9 +143,10 @@ def frozen_feature_evals(model: Any, train_shards: str, test_shards: list[str], 
 
     >>> import subprocess, sys, tempfile, mmcl
     >>> data = tempfile.mkdtemp()   # mmcl-prep digits: 32 px image-caption shards of scikit-learn's digits
-    >>> _ = subprocess.run([sys.executable, "-m", "data_prep", "digits", "--out", data], check=True, capture_output=True)
+    >>> _ = subprocess.run([sys.executable, "-m", "data_prep", "digits", "--out", data], check=True,
+    ...                    capture_output=True)
     >>> model, _, _ = mmcl.create_model("clip", open_clip_config="mmcl-tiny-vit")   # untrained: near chance
-    >>> pre = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}             # a saved model's mmcl_config["preprocess"]
+    >>> pre = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}   # a saved model's mmcl_config["preprocess"]
     >>> results = frozen_feature_evals(model, f"{data}/train-{{000000..000004}}.tar", [f"{data}/val-000000.tar"],
     ...                                preprocess=pre, knn=True, linear=True, num_workers=0)
     >>> [(r["task"], r["dataset"]["name"]) for r in results]

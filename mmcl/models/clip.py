@@ -24,6 +24,7 @@ from torch import nn
 
 from mmcl.config import spec
 from mmcl.errors import ConfigError
+from mmcl.models.heads import HeadConfig, build_head
 from mmcl.registry import register
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -71,6 +72,23 @@ class ClipModelConfig:
                                                 "about a third more compute for far less activation memory")
     patch_dropout: float = spec(0.0, ge=0, lt=1, help="FLIP: share of image patches dropped at random in training "
                                                       "(ViT image towers of open_clip)")
+    view_projector: HeadConfig | None = spec(None, help="SLIP: a head on the image embeddings of data.view_transforms' "
+                                                        "views, giving out['z'] for a self-supervised objective "
+                                                        "combined with CLIP's (training only: final/ keeps the towers)")
+
+    def embedding_width(self) -> int | None:
+        """Width of the per-view embeddings (the view projector's last layer), which a predictor of a
+        combined objective maps to; None without a view projector."""
+        return self.view_projector.dims[-1] if self.view_projector is not None else None
+
+    def configured_outputs(self) -> tuple[str, ...]:
+        """Outputs this configuration adds to :attr:`ClipModel.outputs`: per-view embeddings with a
+        ``view_projector``."""
+        return ("z:views",) if self.view_projector is not None else ()
+
+    def output_views(self, data: Any) -> int:
+        """Views embedded per sample (``z:views``): one per ``data.view_transforms`` entry."""
+        return len(data.view_transforms) if self.view_projector is not None else 0
 
     def validate(self) -> None:
         """Exactly one source of the open_clip architecture."""
@@ -240,6 +258,8 @@ class ClipModel(nn.Module):
         self.hf_tokenizer_path = hf_tokenizer_path
         if hf_text is not None:
             self.clip.text = hf_text
+        # SLIP: the views' image embeddings through an MLP head, for a self-supervised objective
+        self.view_head = build_head(cfg.view_projector, model_cfg["embed_dim"]) if cfg.view_projector else None
         if cfg.lock_image:  # open_clip's own locking: every group of the tower but the last N
             self.clip.lock_image_tower(unlocked_groups=cfg.image_unlocked_groups)
         if cfg.lock_text:
@@ -330,6 +350,13 @@ class ClipModel(nn.Module):
 
     # -------------------------------------------------------------------------- use
     @property
+    def embed_dim(self) -> int:
+        """Width of ``out['z']`` with a view projector (what a view objective sizes its heads and
+        queues to), else of the CLIP embeddings."""
+        head = self.cfg.view_projector
+        return head.dims[-1] if head is not None else self.model_cfg["embed_dim"]
+
+    @property
     def image_size(self) -> int:
         """Side of the square input image."""
         size = self.model_cfg["vision_cfg"].get("image_size", 224)
@@ -368,11 +395,15 @@ class ClipModel(nn.Module):
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Embed a batch's images and texts; the objective turns these into a loss. ``logit_bias``
         only when the model has one (``model.init_logit_bias``): see :attr:`outputs`."""
-        out = {"image_features": self.encode_image(batch["image"]),
-               "text_features": self.encode_text(batch["text"]),
-               "logit_scale": self.logit_scale()}
+        out = {"logit_scale": self.logit_scale()}
+        if "image" in batch:  # a momentum copy for a view objective is called with views only
+            out["image_features"] = self.encode_image(batch["image"])
+        if "text" in batch:
+            out["text_features"] = self.encode_text(batch["text"])
         if self.clip.logit_bias is not None:
             out["logit_bias"] = self.clip.logit_bias
+        if self.view_head is not None and "views" in batch:
+            out["z"] = [self.view_head(self.encode_image(v, normalize=False)) for v in batch["views"]]
         return out
 
     def after_optimizer_step(self, step: int) -> None:
@@ -429,6 +460,7 @@ class ClipModel(nn.Module):
 
         cfg = from_dict(ClipModelConfig, config["mmcl_model"])
         cfg.pretrained = None
+        cfg.view_projector = None  # a training-only head: the folder holds the towers
         model_cfg = config["model_cfg"]
         hf_text, tok_path = None, None
         if "hf_text" in model_cfg:

@@ -1,0 +1,73 @@
+"""SLIP: image-text data with augmented views of each image (``data.view_transforms``), a CLIP model
+with a view head (``model.view_projector``) and CLIP + SimCLR combined in one recipe
+(``configs/slip_digits.yaml``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import mmcl
+from mmcl.data import DataConfig
+from mmcl.errors import ConfigError
+from mmcl.recipe import load_recipe
+from mmcl.train import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def slip(digits_dir: Path, out: Path, *extra: str):  # noqa: ANN201
+    return load_recipe(ROOT / "configs" / "slip_digits.yaml", [
+        f"data.train_shards={digits_dir}/train-{{000000..000004}}.tar", f"run.output_dir={out}", "data.batch_size=32",
+        "data.num_workers=0", "train.steps=3", "train.log_every=1", "train.progress=false",
+        "eval.zeroshot_shards=null", *extra])
+
+
+def test_image_text_batches_carry_augmented_views_for_training_only(digits_dir: Path) -> None:
+    """Each view is the same image under its own augmentation (neither the CLIP image nor the other
+    view); evaluation loaders give the pair alone."""
+    cfg = DataConfig(train_shards=f"{digits_dir}/train-000000.tar", image_size=32, transform="digits",
+                     view_transforms=["digits_ssl", "digits_ssl"], batch_size=8, num_workers=0, normalize="workers")
+    loader = mmcl.make_loader(cfg)
+    loader.set_epoch(0)
+    batch = next(iter(loader))
+    views = batch["views"]
+    assert len(views) == 2 and views[0].shape == views[1].shape == batch["image"].shape == (8, 3, 32, 32)
+    assert not torch.equal(views[0], views[1]) and not torch.equal(views[0], batch["image"])
+    evaluation = mmcl.make_loader(cfg, train=False)
+    evaluation.set_epoch(0)
+    assert "views" not in next(iter(evaluation))
+
+
+def test_the_slip_recipe_trains_both_losses_and_saves_the_towers(digits_dir: Path, tmp_path: Path) -> None:
+    """Both parts are logged and add up to the loss; ``final/`` holds the CLIP towers (the view head is
+    for training only) and loads with open_clip-identical embeddings."""
+    trainer = Trainer(slip(digits_dir, tmp_path / "run"))
+    final = trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "loss" in r][-1]
+    assert last["loss"] == pytest.approx(last["clip/loss"] + last["simclr/loss"], abs=1e-5)
+    assert trainer.unwrapped.view_head is not None
+    model = mmcl.from_pretrained(final)
+    assert model.view_head is None
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.encode_image(x), trainer.unwrapped.cpu().eval().encode_image(x), atol=1e-6)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["data.view_transforms=[]"], r"objective.parts\[1\].name simclr trains on data.kind multi_view \(or image_text "
+                                  r"with data.view_transforms naming its views\), but data.kind is image_text"),
+    (["model.view_projector=null"], r"objective.parts\[1\].name simclr reads model output z:views, which model.name "
+                                    r"clip does not produce"),
+    (["data.view_transforms=[digits_ssl]"], r"objective.parts\[1\].name simclr compares 2 or more views"),
+    (["objective.parts=[{name: clip}, {name: simsiam, predictor: {dims: [32, 32]}}]"],
+     r"objective.predictor.dims ends with 32 but the model's embeddings are 64 wide"),
+])
+def test_slip_recipes_that_cannot_work_are_refused(extra: list[str], message: str, digits_dir: Path,
+                                                   tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=message):
+        slip(digits_dir, tmp_path, *extra)
