@@ -71,3 +71,16 @@ def test_slip_recipes_that_cannot_work_are_refused(extra: list[str], message: st
                                                    tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=message):
         slip(digits_dir, tmp_path, *extra)
+
+
+def test_clip_with_a_momentum_teacher_on_the_views(digits_dir: Path, tmp_path: Path) -> None:
+    """CLIP + BYOL: the BYOL target is a momentum copy of the whole CLIP model, called on the views
+    alone; it moves away from the online weights as the steps go, and both losses are logged."""
+    trainer = Trainer(slip(digits_dir, tmp_path / "run", "objective.parts=[{name: clip}, {name: byol, predictor: "
+                                                          "{dims: [64, 64]}}]"))
+    trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"clip/loss", "byol/loss", "byol/momentum"} <= set([r for r in rows if "loss" in r][-1])
+    target = dict(trainer.acc.unwrap_model(trainer.objective).parts[1].target.net.named_parameters())
+    online = dict(trainer.unwrapped.named_parameters())
+    assert any(not torch.equal(online[k], target[k]) for k in online if k.startswith("clip.visual."))
