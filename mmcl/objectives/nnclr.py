@@ -2,7 +2,8 @@
 past projections, of the other view's projection.
 
 With ``z1, z2`` the normalised projections of the two views, ``p1, p2`` the normalised predictions
-(``predictor(z)``; ``z`` itself without a predictor) and ``NN(z)`` the support-set row closest to
+(``predictor`` applied to the projections before normalising, as in the paper; ``z`` itself
+without a predictor) and ``NN(z)`` the support-set row closest to
 ``z`` (cosine, no gradient), the loss is the paper's pseudo-code ``(L(NN(z1), p2) + L(NN(z2), p1)) / 2``
 with ``L(n, p) = CE(n·p_allᵀ / τ, own index)``: each neighbour against the predictions of the global
 batch. ``symmetric: true`` (the default, as the paper's released loss and the Keras example) also
@@ -108,9 +109,9 @@ class NNCLRLoss(ViewObjective):
 
     def forward(self, out: dict[str, Any], batch: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg, rank = self.cfg, world()[0]
-        z1, z2 = (F.normalize(z, dim=-1) for z in out["z"][:2])
         head = getattr(self, "predictor", None)
-        p1, p2 = (F.normalize(head(z), dim=-1) if head is not None else z for z in (z1, z2))
+        z1, z2 = (F.normalize(z, dim=-1) for z in out["z"][:2])
+        p1, p2 = (F.normalize(head(z), dim=-1) if head is not None else F.normalize(z, dim=-1) for z in out["z"][:2])
         support = self.support.keys.clone()
         losses, accs = [], []
         for z, p in ((z1, p2), (z2, p1)):  # the neighbour of one view against the prediction of the other
