@@ -121,7 +121,8 @@ class NNCLRLoss(ViewObjective):
             losses += terms
             accs += term_accs
         self._pending.append(gather_no_grad(z1.detach()))
-        return torch.stack(losses).mean(), {"acc": torch.stack(accs).mean(), "embedding_std": embedding_std(out["z"][0])}
+        metrics = {"acc": torch.stack(accs).mean(), "embedding_std": embedding_std(out["z"][0])}
+        return torch.stack(losses).mean(), metrics
 
     def after_optimizer_step(self, step: int) -> None:
         """Enqueue the (gathered) view-1 projections of the forwards since the last step."""

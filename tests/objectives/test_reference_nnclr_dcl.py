@@ -21,10 +21,31 @@ from mmcl.config import from_dict
 from mmcl.errors import ConfigError
 from mmcl.registry import registered
 
-from .test_reference_contrastive import (B, ENCODER, HEAD, STEPS, assert_close, assert_grads, assert_loss,
-                                         assert_metrics, cross_entropy_rows, fake_topology, forward, head_forward,
-                                         head_leaves, leaf, model_from, nt_xent_rows, objective_from, spread, start,
-                                         top1_rows, two_views, unit, update)
+from .test_reference_contrastive import (
+    ENCODER,
+    HEAD,
+    STEPS,
+    B,
+    assert_close,
+    assert_grads,
+    assert_loss,
+    assert_metrics,
+    cross_entropy_rows,
+    fake_topology,
+    forward,
+    head_forward,
+    head_leaves,
+    leaf,
+    model_from,
+    nt_xent_rows,
+    objective_from,
+    spread,
+    start,
+    top1_rows,
+    two_views,
+    unit,
+    update,
+)
 
 
 # --------------------------------------------------------------------------------------------- DCL, DCLW
