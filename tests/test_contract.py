@@ -37,7 +37,8 @@ MODEL = {"clip": "model={name: clip, open_clip_config: mmcl-tiny-vit}", "encoder
 # One shipped recipe per objective that reads an embedding per view.
 VIEW_OBJECTIVES = {"simclr": "simclr_digits", "invaspread": "invaspread_digits", "instdisc": "instdisc_digits",
                    "moco": "moco_v2_digits", "mocov3": "moco_v3_digits", "byol": "byol_digits",
-                   "simsiam": "simsiam_digits", "swav": "swav_digits", "dino": "dino_digits", "cmc": "cmc_digits"}
+                   "simsiam": "simsiam_digits", "swav": "swav_digits", "dino": "dino_digits", "cmc": "cmc_digits",
+                   "nnclr": "nnclr_digits", "dcl": "dcl_digits"}
 VIEW_FIX = "needs model: {name: encoder} or model: {name: multiview} (an embedding per view)"
 
 

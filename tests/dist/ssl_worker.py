@@ -1,7 +1,7 @@
 """Run under ``torchrun --nproc_per_node 1`` and ``2``: one forward/backward of every single-modal
 and multi-view objective through Accelerate (DDP for the model, and for objectives with trained
-heads) on the same global batch of views; rank 0 saves the mean loss, all gradients, MoCo's queue
-and the memory banks of InstDisc and CMC (bank mode).
+heads) on the same global batch of views; rank 0 saves the mean loss, all gradients, MoCo's queue,
+NNCLR's support set after its step and the memory banks of InstDisc and CMC (bank mode).
 
 Encoders and heads use GroupNorm / no norm, so per-process BatchNorm statistics cannot make the
 two runs differ: what is compared is the objectives' cross-process maths.
@@ -33,6 +33,11 @@ OBJECTIVES = {
     "byol": ({"name": "byol", "predictor": {"dims": [32, 16], **HEAD}}, ENCODER),
     "simsiam": ({"name": "simsiam", "predictor": {"dims": [8, 16], **HEAD}}, ENCODER),
     "invaspread": ({"name": "invaspread", "temperature": 0.1}, ENCODER),
+    "dcl": ({"name": "dcl", "temperature": 0.2}, ENCODER),
+    "dclw": ({"name": "dclw", "temperature": 0.2, "sigma": 0.5}, ENCODER),
+    # support set of 12 rows; after the step it holds the 8 gathered view-1 projections at rows 0..7
+    "nnclr": ({"name": "nnclr", "queue_size": 12, "temperature": 0.2, "predictor": {"dims": [32, 16], **HEAD}},
+              ENCODER),
     "cmc": ({"name": "cmc", "mode": "core", "temperature": 0.1}, MULTIVIEW),
     "cmc_full_lab": ({"name": "cmc", "mode": "full", "temperature": 0.1},
                      {**MULTIVIEW, "channels": [[0], [1], [2]]}),
@@ -88,6 +93,11 @@ def main(out_path: str) -> None:
             results[name] = {"rows": [b.rows.clone() for b in banks], "seen": [b.seen.clone() for b in banks]}
         if name == "dino":
             results[name]["center"] = acc.unwrap_model(objective).center.clone()
+        if name == "nnclr":
+            obj = acc.unwrap_model(objective)
+            obj.after_optimizer_step(1)
+            results[name]["support"] = obj.support.keys.clone()
+            results[name]["support_ptr"] = int(obj.support.ptr)
         if name == "moco":
             results[name]["queue"] = acc.unwrap_model(objective).queue.keys.clone()
             results[name]["ptr"] = int(acc.unwrap_model(objective).queue.ptr)

@@ -31,7 +31,7 @@ def test_two_process_ssl_objectives_equal_one_process(tmp_path: Path) -> None:
         torchrun(HERE / "ssl_worker.py", str(tmp_path / f"{procs}.pt"), nproc=procs)
     one, two = (torch.load(tmp_path / f"{p}.pt") for p in (1, 2))
     assert set(one) == {"simclr", "moco", "mocov3", "byol", "simsiam", "invaspread", "cmc", "cmc_full_lab", "cpc",
-                        "cpc_gru", "instdisc", "cmc_bank", "swav", "dino", "sinkhorn"}
+                        "cpc_gru", "instdisc", "cmc_bank", "swav", "dino", "sinkhorn", "dcl", "dclw", "nnclr"}
     # Sinkhorn over the global batch: each process's share of the assignments is the one-process result
     assert torch.allclose(one["sinkhorn"], two["sinkhorn"], atol=1e-6)
     assert torch.allclose(two["sinkhorn"].sum(dim=1), torch.ones(8), atol=1e-5)
@@ -50,3 +50,6 @@ def test_two_process_ssl_objectives_equal_one_process(tmp_path: Path) -> None:
     # every process enqueued every process's keys, in rank order: the queues are the one-process queue
     assert torch.allclose(one["moco"]["queue"], two["moco"]["queue"], atol=1e-6)
     assert one["moco"]["ptr"] == two["moco"]["ptr"] == 8
+    # NNCLR: every process enqueued every process's view-1 projections, in rank order, after the step
+    assert torch.allclose(one["nnclr"]["support"], two["nnclr"]["support"], atol=1e-6)
+    assert one["nnclr"]["support_ptr"] == two["nnclr"]["support_ptr"] == 8

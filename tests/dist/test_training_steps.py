@@ -1,6 +1,7 @@
 """The real trainer for several optimizer steps in 2 gloo processes against 1 process on the same
 global batches (``trainer_worker.py``): every objective whose negatives are the global batch (CLIP
-with its learned temperature, SimCLR, InvaSpread, MoCo v3, SimSiam, CPC, CMC core and full),
+with its learned temperature, SimCLR, InvaSpread, MoCo v3, SimSiam, CPC, CMC core and full, DCL,
+DCLW, NNCLR with its support set),
 momentum teachers, MoCo's queue wrapping around, DINO's centre, SwAV's frozen prototypes, memory
 banks by loss over steps, gradient accumulation under DDP, SyncBN, MoCo's shuffle-BN, and exact
 resume of 2 processes with and without it."""
@@ -16,7 +17,8 @@ import torch
 from .launch import torchrun
 
 HERE = Path(__file__).parent
-IN_BATCH = ["clip", "siglip", "siglip_ring", "simclr", "invaspread", "mocov3", "simsiam", "cpc", "cmc", "cmc_full"]
+IN_BATCH = ["clip", "siglip", "siglip_ring", "simclr", "invaspread", "mocov3", "simsiam", "cpc", "cmc", "cmc_full",
+            "dcl", "dclw", "nnclr"]
 CPU_CASES = ["byol", "moco", "dino", "swav", "swav_queue", "instdisc", "cmc_bank", "simclr_accum", "byol_accum",
              "moco_sync_bn", "clip_grad_cache", "clip_tiled", "siglip_grad_cache", "simclr_accum_grad_cache", *IN_BATCH]
 TOL = 1e-5
@@ -105,6 +107,13 @@ def test_momentum_teachers_queue_and_centre_over_steps(runs: dict[int, dict[str,
     # DINO: the centre moved at every step (and equally in both runs, checked above)
     centres = [s["center"] for s in runs[2]["dino"]["snapshots"]]
     assert not centres[0].any() and all(not torch.equal(a, b) for a, b in zip(centres, centres[1:]))
+
+
+def test_nnclr_support_set_over_steps(runs: dict[int, dict[str, Any]]) -> None:
+    """4 pushes of 8 gathered projections into 12 rows (the pointer before each step and at the end);
+    the final support set is the same in both runs (``test_in_batch_objectives_over_steps``)."""
+    for procs in (1, 2):
+        assert [int(s["support_ptr"]) for s in runs[procs]["nnclr"]["snapshots"]] == [0, 8, 4, 0, 8], procs
 
 
 def test_swav_prototypes_stay_frozen_then_train(runs: dict[int, dict[str, Any]]) -> None:

@@ -43,6 +43,7 @@ from mmcl.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 GN = ["model.backbone.norm=gn", "model.backbone.width=8", "model.backbone.depth=2"]
+SGD = ["optim.name=sgd", "optim.lr=1.0", "optim.momentum=0.9"]
 DIGITS = "zero one two three four five six seven eight nine".split()
 
 
@@ -116,6 +117,16 @@ CASES.update({
                         data_of="siglip"),
     "simclr": Case("simclr", [*GN, "model.projector={dims: [32, 16], norm: none}"]),
     "invaspread": Case("invaspread", [*GN, "model.projector={dims: [16], norm: none}"]),
+    # DCL, DCLW, NNCLR with plain SGD: at these tiny encoders' start every embedding is nearly the same
+    # (cosine 0.9996), AdamW's normalisation turns the float32 noise of near-zero gradient entries
+    # into steps, and the 1- and 2-process weights drift apart by 1e-5..5e-5 within 4 steps
+    "dcl": Case("dcl", [*GN, "model.projector={dims: [32, 16], norm: none}", *SGD]),
+    "dclw": Case("dcl", [*GN, "model.projector={dims: [32, 16], norm: none}", *SGD,
+                         "objective={name: dclw, temperature: 0.2, sigma: 0.5}"]),
+    # the neighbours' support set of 12 rows, filled by 8 gathered projections a step: wraps from step 2 on;
+    # a larger step, as the first neighbours (random support rows) give small gradients
+    "nnclr": Case("nnclr", [*GN, "model.projector={dims: [32, 16], norm: none}", "objective.queue_size=12",
+                            "objective.predictor={dims: [32, 16], norm: none}", *SGD, "optim.lr=5.0"]),
     "mocov3": Case("moco_v3", [*GN, "model.projector={dims: [32, 16], norm: none}",
                                "objective.predictor={dims: [32, 16], norm: none}", "objective.momentum=0.8"]),
     "simsiam": Case("simsiam", [*GN, "model.projector={dims: [32, 16], norm: none}",
@@ -211,7 +222,7 @@ def globally_drawn_negatives(self: bank_module.MemoryBank, n: int, k: int) -> to
 
 def snapshot(objective: torch.nn.Module) -> dict[str, torch.Tensor]:
     """What the objective holds before a forward: normalised SwAV prototypes, DINO's centre, MoCo's
-    queue pointer (the state after the previous step)."""
+    queue pointer, NNCLR's support-set pointer (the state after the previous step)."""
     out = {}
     if hasattr(objective, "prototypes"):
         out["prototypes"] = F.normalize(objective.prototypes.weight.detach(), dim=1).clone()
@@ -219,6 +230,8 @@ def snapshot(objective: torch.nn.Module) -> dict[str, torch.Tensor]:
         out["center"] = objective.center.clone()
     if hasattr(objective, "queue") and hasattr(objective.queue, "ptr"):
         out["ptr"] = objective.queue.ptr.clone()
+    if hasattr(objective, "support"):
+        out["support_ptr"] = objective.support.ptr.clone()
     return out
 
 
