@@ -33,6 +33,9 @@ OBJECTIVES = {
     "byol": ({"name": "byol", "predictor": {"dims": [32, 16], **HEAD}}, ENCODER),
     "simsiam": ({"name": "simsiam", "predictor": {"dims": [8, 16], **HEAD}}, ENCODER),
     "invaspread": ({"name": "invaspread", "temperature": 0.1}, ENCODER),
+    # batch statistics (standardisation, correlation, variance, covariance) of the global batch
+    "barlow_twins": ({"name": "barlow_twins", "lambd": 0.05}, ENCODER),
+    "vicreg": ({"name": "vicreg"}, ENCODER),
     "cmc": ({"name": "cmc", "mode": "core", "temperature": 0.1}, MULTIVIEW),
     "cmc_full_lab": ({"name": "cmc", "mode": "full", "temperature": 0.1},
                      {**MULTIVIEW, "channels": [[0], [1], [2]]}),
