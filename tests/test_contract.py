@@ -37,7 +37,8 @@ MODEL = {"clip": "model={name: clip, open_clip_config: mmcl-tiny-vit}", "encoder
 # One shipped recipe per objective that reads an embedding per view.
 VIEW_OBJECTIVES = {"simclr": "simclr_digits", "invaspread": "invaspread_digits", "instdisc": "instdisc_digits",
                    "moco": "moco_v2_digits", "mocov3": "moco_v3_digits", "byol": "byol_digits",
-                   "simsiam": "simsiam_digits", "swav": "swav_digits", "dino": "dino_digits", "cmc": "cmc_digits"}
+                   "simsiam": "simsiam_digits", "swav": "swav_digits", "dino": "dino_digits", "cmc": "cmc_digits",
+                   "barlow_twins": "barlow_twins_digits", "vicreg": "vicreg_digits"}
 VIEW_FIX = "needs model: {name: encoder} or model: {name: multiview} (an embedding per view)"
 
 
@@ -233,7 +234,7 @@ def test_every_registered_objective_derives_from_the_base_and_declares_what_it_n
     assert kinds == {"image_text", "multi_view"}
     table = registered("objective")
     assert {"byol", "clip", "cmc", "cpc", "dino", "instdisc", "invaspread", "moco", "mocov3", "simclr", "simsiam",
-            "swav"} <= set(table)
+            "swav", "barlow_twins", "vicreg"} <= set(table)
     for name, (_, builder) in table.items():
         assert isinstance(builder, type) and issubclass(builder, Objective), name
         assert builder.data_kinds and builder.data_kinds <= kinds, name
