@@ -37,7 +37,7 @@ from mmcl.registry import build, plugin_name
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["simclr", "simclr_v2", "moco_v1", "moco_v2", "moco_v3", "byol", "simsiam", "invaspread", "instdisc", "cmc",
-           "cpc", "swav", "dino", "nnclr", "dcl"]
+           "cpc", "swav", "dino", "nnclr", "dcl", "barlow_twins", "vicreg"]
 
 
 def describe_views(recipe: Recipe) -> str:

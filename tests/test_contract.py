@@ -38,7 +38,8 @@ MODEL = {"clip": "model={name: clip, open_clip_config: mmcl-tiny-vit}", "encoder
 VIEW_OBJECTIVES = {"simclr": "simclr_digits", "invaspread": "invaspread_digits", "instdisc": "instdisc_digits",
                    "moco": "moco_v2_digits", "mocov3": "moco_v3_digits", "byol": "byol_digits",
                    "simsiam": "simsiam_digits", "swav": "swav_digits", "dino": "dino_digits", "cmc": "cmc_digits",
-                   "nnclr": "nnclr_digits", "dcl": "dcl_digits"}
+                   "nnclr": "nnclr_digits", "dcl": "dcl_digits", "barlow_twins": "barlow_twins_digits",
+                   "vicreg": "vicreg_digits"}
 VIEW_FIX = "needs model: {name: encoder} or model: {name: multiview} (an embedding per view)"
 
 
@@ -237,7 +238,7 @@ def test_every_registered_objective_derives_from_the_base_and_declares_what_it_n
     assert kinds == {"image_text", "multi_view"}
     table = registered("objective")
     assert {"byol", "clip", "cmc", "cpc", "dino", "instdisc", "invaspread", "moco", "mocov3", "simclr", "simsiam",
-            "swav"} <= set(table)
+            "swav", "barlow_twins", "vicreg"} <= set(table)
     for name, (_, builder) in table.items():
         assert isinstance(builder, type) and issubclass(builder, Objective), name
         if builder.components.__func__ is not Objective.components.__func__:

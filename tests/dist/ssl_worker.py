@@ -38,6 +38,9 @@ OBJECTIVES = {
     # support set of 12 rows; after the step it holds the 8 gathered view-1 projections at rows 0..7
     "nnclr": ({"name": "nnclr", "queue_size": 12, "temperature": 0.2, "predictor": {"dims": [32, 16], **HEAD}},
               ENCODER),
+    # batch statistics (standardisation, correlation, variance, covariance) of the global batch
+    "barlow_twins": ({"name": "barlow_twins", "lambd": 0.05}, ENCODER),
+    "vicreg": ({"name": "vicreg"}, ENCODER),
     "cmc": ({"name": "cmc", "mode": "core", "temperature": 0.1}, MULTIVIEW),
     "cmc_full_lab": ({"name": "cmc", "mode": "full", "temperature": 0.1},
                      {**MULTIVIEW, "channels": [[0], [1], [2]]}),

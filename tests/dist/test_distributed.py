@@ -31,7 +31,8 @@ def test_two_process_ssl_objectives_equal_one_process(tmp_path: Path) -> None:
         torchrun(HERE / "ssl_worker.py", str(tmp_path / f"{procs}.pt"), nproc=procs)
     one, two = (torch.load(tmp_path / f"{p}.pt") for p in (1, 2))
     assert set(one) == {"simclr", "moco", "mocov3", "byol", "simsiam", "invaspread", "cmc", "cmc_full_lab", "cpc",
-                        "cpc_gru", "instdisc", "cmc_bank", "swav", "dino", "sinkhorn", "dcl", "dclw", "nnclr"}
+                        "cpc_gru", "instdisc", "cmc_bank", "swav", "dino", "sinkhorn", "dcl", "dclw", "nnclr",
+                        "barlow_twins", "vicreg"}
     # Sinkhorn over the global batch: each process's share of the assignments is the one-process result
     assert torch.allclose(one["sinkhorn"], two["sinkhorn"], atol=1e-6)
     assert torch.allclose(two["sinkhorn"].sum(dim=1), torch.ones(8), atol=1e-5)
@@ -46,7 +47,8 @@ def test_two_process_ssl_objectives_equal_one_process(tmp_path: Path) -> None:
         assert set(a["grads"]) == set(b["grads"]) and len(a["grads"]) >= 6, name
         diff = max((a["grads"][k] - b["grads"][k]).abs().max().item() for k in a["grads"])
         scale = max(g.abs().max().item() for g in a["grads"].values())
-        assert diff < 1e-5 and scale > 1e-4, (name, diff, scale)
+        # float32 round-off relative to the gradients' size (Barlow Twins' reach 24 on these batches)
+        assert diff < 1e-5 * max(1.0, scale) and scale > 1e-4, (name, diff, scale)
     # every process enqueued every process's keys, in rank order: the queues are the one-process queue
     assert torch.allclose(one["moco"]["queue"], two["moco"]["queue"], atol=1e-6)
     assert one["moco"]["ptr"] == two["moco"]["ptr"] == 8

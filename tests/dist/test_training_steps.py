@@ -1,7 +1,7 @@
 """The real trainer for several optimizer steps in 2 gloo processes against 1 process on the same
 global batches (``trainer_worker.py``): every objective whose negatives are the global batch (CLIP
 with its learned temperature, SimCLR, InvaSpread, MoCo v3, SimSiam, CPC, CMC core and full, DCL,
-DCLW, NNCLR with its support set),
+DCLW, NNCLR with its support set; the batch statistics of Barlow Twins and VICReg),
 momentum teachers, MoCo's queue wrapping around, DINO's centre, SwAV's frozen prototypes, memory
 banks by loss over steps, gradient accumulation under DDP, SyncBN, MoCo's shuffle-BN, and exact
 resume of 2 processes with and without it."""
@@ -18,7 +18,7 @@ from .launch import torchrun
 
 HERE = Path(__file__).parent
 IN_BATCH = ["clip", "siglip", "siglip_ring", "simclr", "invaspread", "mocov3", "simsiam", "cpc", "cmc", "cmc_full",
-            "dcl", "dclw", "nnclr"]
+            "dcl", "dclw", "nnclr", "barlow_twins", "vicreg"]
 CPU_CASES = ["byol", "moco", "dino", "swav", "swav_queue", "instdisc", "cmc_bank", "simclr_accum", "byol_accum",
              "moco_sync_bn", "clip_grad_cache", "clip_tiled", "siglip_grad_cache", "simclr_accum_grad_cache", *IN_BATCH]
 TOL = 1e-5
@@ -70,7 +70,9 @@ def assert_same_run(runs: dict[int, dict[str, Any]], name: str,
 def test_in_batch_objectives_over_steps(name: str, runs: dict[int, dict[str, Any]]) -> None:
     """Negatives (CPC: other patches; SimSiam: none) from every process's rows, gathered with
     gradient: 2 processes on half batches train as 1 process on the whole batch, step after step."""
-    one, two = assert_same_run(runs, name)
+    # Barlow Twins' loss (about 15) has gradients of about 24: weights equal to 1e-7 after a step give
+    # logged losses equal to 3e-5 (a per-process standardisation would be off by more than 1e-1)
+    one, two = assert_same_run(runs, name, tol=5 * TOL if name == "barlow_twins" else TOL)
     learned = {"clip": ["clip.logit_scale"], "siglip": ["clip.logit_scale", "clip.logit_bias"],
                "siglip_ring": ["clip.logit_scale", "clip.logit_bias"]}
     for key in learned.get(name, []):  # the temperature (and SigLIP's bias) is learned, and learned the same

@@ -131,6 +131,13 @@ CASES.update({
                                "objective.predictor={dims: [32, 16], norm: none}", "objective.momentum=0.8"]),
     "simsiam": Case("simsiam", [*GN, "model.projector={dims: [32, 16], norm: none}",
                                 "objective.predictor={dims: [8, 16], norm: none}"]),
+    # no negatives: the standardisation and cross-correlation (Barlow Twins), the variance and
+    # covariance (VICReg) are statistics of the global batch. SGD: both losses ignore a shift of the
+    # projections, so the last bias's true gradient is 0 and AdamW would step it by ±lr on float noise
+    "barlow_twins": Case("barlow_twins", [*GN, "model.projector={dims: [32, 16], norm: none}", "optim.name=sgd",
+                                          "optim.lr=0.01"]),
+    "vicreg": Case("vicreg", [*GN, "model.projector={dims: [32, 16], norm: none}", "optim.name=sgd",
+                              "optim.lr=0.1"]),
     # 6 x 6 grid of 12 px patches, 2 rows ahead (negatives: every target patch of the global batch)
     "cpc": Case("cpc", ["model.backbone.width=8", "model.context_dim=16", "model.context_layers=2",
                         "objective.steps=2"]),
