@@ -22,16 +22,18 @@ from mmcl.evaluate.run import frozen_feature_evals, zeroshot
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(recipe: str, data: Path, out: Path, steps: int, seed: int) -> dict:
+def run(recipe: str, data: Path, out: Path, steps: int, seed: int, overrides: list[str]) -> dict:
     """Train one recipe and evaluate its final model; the row of the table."""
     start = time.time()
     final = mmcl.fit(ROOT / "configs" / f"{recipe}.yaml", [
         f"data.train_shards={data}/train-{{000000..000004}}.tar", f"run.output_dir={out / recipe}",
-        f"train.steps={steps}", f"run.seed={seed}", "train.progress=false", "eval.zeroshot_shards=null"])
+        f"train.steps={steps}", f"run.seed={seed}", "train.progress=false", "eval.zeroshot_shards=null",
+        *(overrides if recipe != "clip_digits" else [])])
     wall = time.time() - start
     model = mmcl.from_pretrained(final)
     pre = model.mmcl_config["preprocess"]
-    row = {"recipe": recipe, "steps": steps, "seed": seed, "wall_s": round(wall, 1)}
+    row = {"recipe": recipe, "steps": steps, "seed": seed, "wall_s": round(wall, 1),
+           "overrides": overrides if recipe != "clip_digits" else []}
     for split in ("test", "test-shifted"):
         res = zeroshot(model, f"{data}/{split}-{{000000..000001}}.tar", preprocess=pre, templates="digits",
                        num_workers=0)
@@ -50,11 +52,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/slip_bench"))
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
+    parser.add_argument("--recipes", default="clip_digits,slip_digits", help="comma-separated")
+    parser.add_argument("--set", action="append", default=[], dest="overrides",
+                        help="KEY=VALUE for the SLIP recipe (repeatable)")
     args = parser.parse_args()
     data = args.out / "digits"
     if not (data / "manifest.json").is_file():
         prep(["digits", "--out", str(data), "--no-progress"])
-    rows = [run(recipe, data, args.out, args.steps, args.seed) for recipe in ("clip_digits", "slip_digits")]
+    rows = [run(recipe, data, args.out, args.steps, args.seed, args.overrides) for recipe in args.recipes.split(",")]
     keys = ["recipe", "zeroshot_test", "zeroshot_test-shifted", "knn_test", "knn_test-shifted", "wall_s"]
     print(" | ".join(keys))
     for row in rows:

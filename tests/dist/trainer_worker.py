@@ -110,6 +110,10 @@ CASES = {
 CASES.update({
     # the open_clip tiny ViT and text transformer (LayerNorm), learned logit_scale, grad_clip 1.0
     "clip": Case("clip", ["eval.zeroshot_shards=null"]),
+    # SLIP: CLIP + SimCLR (combined) on the views through the CLIP image tower's view head. SGD: under
+    # AdamW float32 noise on near-zero gradients grew to 1.1e-5 in 4 steps (losses equal to 5e-7)
+    "slip": Case("slip", ["eval.zeroshot_shards=null", "model.view_projector={dims: [32, 16], norm: none}",
+                         "optim.name=sgd", "optim.lr=0.5", "optim.momentum=0.9"]),
     # SigLIP: learned scale and bias; texts all-gathered, or passed around the ring of processes in
     # chunks of 3 (on the same batches: the two must train alike)
     "siglip": Case("siglip", ["eval.zeroshot_shards=null"]),
@@ -187,6 +191,9 @@ def global_batches(recipe: Recipe, case: Case, n: int, seed: int,
             digits = torch.randint(10, (case.global_batch,), generator=g).tolist()
             batch["image"] = torch.randn(case.global_batch, 3, d.image_size, d.image_size, generator=g)
             batch["text"] = tokenizer([f"a handwritten digit {DIGITS[i]}" for i in digits])
+            if d.view_transforms:  # SLIP: augmented views of each image beside the pair
+                batch["views"] = [torch.randn(case.global_batch, 3, d.image_size, d.image_size, generator=g)
+                                  for _ in d.view_transforms]
         else:
             batch["views"] = [torch.randn(case.global_batch, 3, s, s, generator=g) for s in sizes]
         out.append(batch)
