@@ -73,7 +73,8 @@ def test_in_batch_objectives_over_steps(name: str, runs: dict[int, dict[str, Any
     # Barlow Twins' loss (about 15) has gradients of about 24: weights equal to 1e-7 after a step give
     # logged losses equal to 3e-5 (a per-process standardisation would be off by more than 1e-1)
     one, two = assert_same_run(runs, name, tol=5 * TOL if name == "barlow_twins" else TOL)
-    learned = {"clip": ["clip.logit_scale"], "slip": ["clip.logit_scale"], "siglip": ["clip.logit_scale", "clip.logit_bias"],
+    learned = {"clip": ["clip.logit_scale"], "slip": ["clip.logit_scale"],
+               "siglip": ["clip.logit_scale", "clip.logit_bias"],
                "siglip_ring": ["clip.logit_scale", "clip.logit_bias"]}
     for key in learned.get(name, []):  # the temperature (and SigLIP's bias) is learned, and learned the same
         start, end = one["start"][key], one["model"][key]
