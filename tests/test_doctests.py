@@ -60,8 +60,8 @@ def public_names() -> list[str]:
     import mmcl.objectives  # noqa: F401
     from mmcl.registry import registered
 
-    classes = [f"{b.__module__}.{b.__qualname__}"
-               for kind in ("model", "objective") for _, b in registered(kind).values()]
+    classes = [f"{b.__module__}.{b.__qualname__}" for kind in ("model", "objective")
+               for _, b in registered(kind).values() if b.__module__.startswith("mmcl.")]  # not tests' plugins
     return sorted({*(f"mmcl.{n}" for n in mmcl.__all__), *classes, *PUBLIC})
 
 
