@@ -10,6 +10,7 @@ the transforms it names exist.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -238,8 +239,11 @@ class Recipe:
         check_model = getattr(self.model, "check_recipe", None)  # a model config's checks against the recipe
         if check_model is not None:
             check_model(self)
-        for cls, cfg, _ in objective_parts(self):
-            cls.check_recipe(cfg, self)
+        for cls, cfg, where in objective_parts(self):
+            try:
+                cls.check_recipe(cfg, self)
+            except C.ConfigError as e:  # an objective names its keys objective.KEY; a part's are where.KEY
+                raise C.ConfigError(re.sub(r"\bobjective\.(?!parts\[)", f"{where}.", str(e))) from None
         check_views(self)
         if self.train.fsdp and self.eval.requested():
             raise C.ConfigError("train.fsdp: evaluation during training (eval.*) is not supported with a sharded model "

@@ -65,7 +65,7 @@ def test_the_slip_recipe_trains_both_losses_and_saves_the_towers(digits_dir: Pat
                                     r"clip does not produce"),
     (["data.view_transforms=[digits_ssl]"], r"objective.parts\[1\].name simclr compares 2 or more views"),
     (["objective.parts=[{name: clip}, {name: simsiam, predictor: {dims: [32, 32]}}]"],
-     r"objective.predictor.dims ends with 32 but the model's embeddings are 64 wide"),
+     r"objective.parts\[1\].predictor.dims ends with 32 but the model's embeddings are 64 wide"),
 ])
 def test_slip_recipes_that_cannot_work_are_refused(extra: list[str], message: str, digits_dir: Path,
                                                    tmp_path: Path) -> None:
