@@ -353,8 +353,7 @@ class ClipModel(nn.Module):
     def embed_dim(self) -> int:
         """Width of ``out['z']`` with a view projector (what a view objective sizes its heads and
         queues to), else of the CLIP embeddings."""
-        head = self.cfg.view_projector
-        return head.dims[-1] if head is not None else self.model_cfg["embed_dim"]
+        return self.cfg.embedding_width() or self.model_cfg["embed_dim"]
 
     @property
     def image_size(self) -> int:

@@ -57,11 +57,6 @@ class CombinedConfig:
         return list(self._parts)
 
 
-def _class(cfg: Any) -> type[Objective]:
-    """The registered Objective subclass of a part's validated config."""
-    return next(builder for config_cls, builder in registered("objective").values() if type(cfg) is config_cls)
-
-
 @register("objective", "combined", CombinedConfig)
 class CombinedLoss(Objective):
     """The weighted sum of its parts' losses, each part's metrics under its name.
@@ -94,7 +89,8 @@ class CombinedLoss(Objective):
     @classmethod
     def components(cls, cfg: CombinedConfig, where: str = "objective") -> list[tuple[type[Objective], Any, str]]:
         """Each part, under its recipe key ``objective.parts[N]``."""
-        return [(_class(part), part, f"{where}.parts[{i}]") for i, (_, _, part) in enumerate(cfg.configs())]
+        table = registered("objective")
+        return [(table[name][1], part, f"{where}.parts[{i}]") for i, (name, _, part) in enumerate(cfg.configs())]
 
     def setup(self, model: nn.Module, total_steps: int) -> None:
         """Set every part up for the model (after checking it has what each part's setup reads)."""
