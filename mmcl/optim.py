@@ -1,5 +1,6 @@
 """Optimizers by name (AdamW, SGD, LARS), with parameter groups that exempt biases and norms
-from weight decay (and, for LARS, from the trust-ratio scaling, as in SimCLR and BYOL)."""
+from weight decay (and, for LARS, from the trust-ratio scaling, as in SimCLR and BYOL), and may
+give them their own learning rate (``optim.exempt_lr_scale``, as in Barlow Twins)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,17 @@ import torch
 from torch import nn
 
 
-def param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(modules: list[nn.Module], weight_decay: float, lr: float | None = None,
+                 exempt_lr_scale: float = 1.0) -> list[dict[str, Any]]:
     """Two groups over the trainable parameters of ``modules``: decayed matrices, and exempt
-    biases, norms, gains and anything a module lists in ``no_weight_decay()``."""
+    biases, norms, gains and anything a module lists in ``no_weight_decay()``. With ``lr``, each
+    group carries its own rate: ``lr`` and ``lr * exempt_lr_scale`` (Barlow Twins' biases and norms
+    train 0.024× slower); a ``LambdaLR`` then scales both by the same schedule.
+
+    >>> net = nn.Sequential(nn.Linear(3, 2), nn.LayerNorm(2))
+    >>> [(len(g["params"]), g["weight_decay"], g["lr"]) for g in param_groups([net], 0.1, lr=1.0, exempt_lr_scale=0.5)]
+    [(1, 0.1, 1.0), (3, 0.0, 0.5)]
+    """
     decay, no_decay = [], []
     for module in modules:
         exempt = set(getattr(module, "no_weight_decay", lambda: set())())
@@ -22,8 +31,11 @@ def param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str
                 no_decay.append(p)
             else:
                 decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+    if lr is not None:
+        groups[0]["lr"], groups[1]["lr"] = lr, lr * exempt_lr_scale
+    return groups
 
 
 class LARS(torch.optim.Optimizer):
@@ -63,7 +75,7 @@ class LARS(torch.optim.Optimizer):
 
 def build_optimizer(cfg: Any, modules: list[nn.Module]) -> torch.optim.Optimizer:
     """The optimizer an ``OptimConfig`` names, over the trainable parameters of ``modules``."""
-    groups = param_groups(modules, cfg.weight_decay)
+    groups = param_groups(modules, cfg.weight_decay, cfg.lr, cfg.exempt_lr_scale)
     if cfg.name == "lars":
         return LARS(groups, lr=cfg.lr, momentum=cfg.momentum)
     for g in groups:

@@ -47,6 +47,9 @@ class OptimConfig:
     warmup_steps: int = spec(0, ge=0, help="may exceed train.steps (the whole run warms up), as smoke tests do")
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = spec(0.0, ge=0, le=1)
+    exempt_lr_scale: float = spec(1.0, gt=0, help="lr of the biases, norms and gains (the parameters exempt from "
+                                                  "weight decay and LARS' trust ratio) as a multiple of optim.lr, "
+                                                  "on the same schedule: Barlow Twins trains them at 0.0048 / 0.2")
     grad_clip: float | None = spec(1.0, gt=0)
     grad_accum: int = spec(1, ge=1)
     fused: bool = spec(False, help="adamw and sgd: torch's fused kernel, one launch for every parameter (CUDA, "

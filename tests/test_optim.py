@@ -60,3 +60,31 @@ def test_schedule_is_transformers_cosine_one_step_earlier_in_the_warmup() -> Non
         assert math.isclose(lr_factor(s, total, warmup, "cosine", floor), want, rel_tol=1e-12), s
     assert lr_factor(0, total, warmup, "cosine", floor) == 1 / warmup
     assert [lr_factor(s, total, 2, "constant", floor) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("name", ["lars", "sgd", "adamw"])
+def test_exempt_lr_scale_gives_biases_and_norms_their_own_rate_on_the_same_schedule(name: str) -> None:
+    """``optim.exempt_lr_scale`` (Barlow Twins trains biases and norms at 0.0048 against 0.2 for the
+    weights): in the first step, under a schedule at half the rate, matrices move exactly as without
+    it and every exempt parameter moves ``scale`` times as far (for AdamW, whose first step is
+    ``lr · sign(g)``, too)."""
+    from mmcl.optim import build_optimizer
+    from mmcl.recipe import OptimConfig
+
+    def first_step(scale: float) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double()
+        before = {n: p.detach().clone() for n, p in net.named_parameters()}
+        optimizer = build_optimizer(OptimConfig(name=name, lr=0.5, weight_decay=0.01, exempt_lr_scale=scale), [net])
+        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5)
+        assert [g["lr"] for g in optimizer.param_groups] == [0.25, 0.25 * scale]
+        x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
+        nn.functional.cross_entropy(net(x), y).backward()
+        optimizer.step()
+        return {n: p.detach() - before[n] for n, p in net.named_parameters()}
+
+    plain, scaled = first_step(1.0), first_step(0.024)
+    for n, moved in plain.items():
+        exempt = n.endswith("bias") or n.startswith("1.")  # "1." is the LayerNorm
+        assert moved.abs().sum() > 0, n
+        torch.testing.assert_close(scaled[n], moved * 0.024 if exempt else moved, rtol=1e-9, atol=0), n
