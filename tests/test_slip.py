@@ -84,3 +84,25 @@ def test_clip_with_a_momentum_teacher_on_the_views(digits_dir: Path, tmp_path: P
     target = dict(trainer.acc.unwrap_model(trainer.objective).parts[1].target.net.named_parameters())
     online = dict(trainer.unwrapped.named_parameters())
     assert any(not torch.equal(online[k], target[k]) for k in online if k.startswith("clip.visual."))
+
+
+def test_clip_with_dino_on_the_views(digits_dir: Path, tmp_path: Path) -> None:
+    """``configs/clip_dino_digits.yaml``: the DINO teacher, a momentum copy of the CLIP model, embeds the
+    views alone (never the batch's texts), moves away from the student, and DINO's collapse monitors
+    are logged beside CLIP's loss."""
+    recipe = load_recipe(ROOT / "configs" / "clip_dino_digits.yaml", [
+        f"data.train_shards={digits_dir}/train-{{000000..000004}}.tar", f"run.output_dir={tmp_path / 'run'}",
+        "data.batch_size=32", "data.num_workers=0", "train.steps=3", "train.log_every=1", "train.progress=false",
+        "eval.zeroshot_shards=null"])
+    trainer = Trainer(recipe)
+    teacher = trainer.acc.unwrap_model(trainer.objective).parts[1].target.net.model
+    texts_seen = []
+    teacher.clip.text.register_forward_hook(lambda *args: texts_seen.append(1))
+    trainer.fit()
+    assert not texts_seen
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "loss" in r][-1]
+    assert {"clip/loss", "dino/loss", "dino/teacher_entropy", "dino/kl_teacher_student"} <= set(last)
+    assert last["loss"] == pytest.approx(last["clip/loss"] + 0.5 * last["dino/loss"], abs=1e-5)
+    online = dict(trainer.unwrapped.named_parameters())
+    assert any(not torch.equal(online[k], p) for k, p in teacher.named_parameters() if k.startswith("clip.visual."))

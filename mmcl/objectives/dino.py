@@ -169,7 +169,8 @@ class DINOLoss(MomentumObjective):
         cfg = self.cfg
         frozen = int(self.step) < cfg.freeze_last_layer_steps
         student = [self.last(z, frozen) for z in out["z"]]
-        teacher = self.target({**batch, "views": batch["views"][:cfg.global_crops]})
+        teacher = self.target({"views": batch["views"][:cfg.global_crops]})  # views alone: a CLIP teacher
+        # (CLIP + DINO) would otherwise embed the batch's image and text too
         temp = teacher_temperature(int(self.step), cfg)
         log_t, log_s = log_probs(student, teacher, self.center, cfg.student_temperature, temp)
         loss = cross_entropy_pairs(log_t, log_s)
