@@ -62,8 +62,9 @@ def data_spec(data: Path) -> tuple[str, str, str, str]:
     return f"{data}/{splits['train']['pattern']}", f"{data}/{splits['test']['pattern']}", templates, about
 
 
-def run(recipe: str, precision: str, data: Path, out: Path, steps: int, workers: int) -> dict:
-    run_dir = out / f"{recipe}_{precision}"
+def run(recipe: str, precision: str, data: Path, out: Path, steps: int, workers: int,
+        overrides: list[str] = ()) -> dict:
+    run_dir = out / (f"{recipe}_{precision}" + "".join(f"_{kv}".replace("/", "-") for kv in overrides))
     train, test, templates, _ = data_spec(data)
     sets = {"run.output_dir": run_dir, "data.train_shards": train, "data.num_workers": workers,
             "data.resample": "true", "data.epoch_samples": 10**6, "train.mixed_precision": repr(precision),
@@ -79,16 +80,18 @@ def run(recipe: str, precision: str, data: Path, out: Path, steps: int, workers:
            "--mixed_precision", precision, "--dynamo_backend", "no", "-m", "mmcl", "train", "--config", str(config)]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
+    for kv in overrides:
+        cmd += ["--set", kv]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
-        return {"recipe": recipe, "precision": precision, "error": "\n".join(tail)}
+        return {"recipe": recipe, "precision": precision, "overrides": list(overrides), "error": "\n".join(tail)}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     logs = [r for r in rows if "samples_per_s" in r]
     evals = {k: v for r in rows for k, v in r.items() if k.startswith(("knn", "zeroshot"))}
-    return {"recipe": recipe, "precision": precision, "batch": _batch(run_dir),
+    return {"recipe": recipe, "precision": precision, "overrides": list(overrides), "batch": _batch(run_dir),
             "samples_per_s": _mean(r["samples_per_s"] for r in logs[1:]),
             "data_wait": _mean(r["data_wait"] for r in logs[1:]),
             "step_samples_per_s": _mean(r["samples_per_s"] / max(1e-6, 1 - r["data_wait"]) for r in logs[1:]),
@@ -117,6 +120,8 @@ def main() -> None:
                     help="shards with train and test splits from mmcl-prep digits or photos (built if not given)")
     ap.add_argument("--photos", type=int, default=0,
                     help="build N samples of 224 px photo crops (mmcl-prep photos) instead of 224 px digits")
+    ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                    help="a recipe key for every run (repeatable), e.g. data.decode=device")
     ap.add_argument("--out", type=Path, default=None, help="run folders (default: a temporary folder)")
     ap.add_argument("--results", type=Path, default=None,
                     help="append the rows, each with its run's date and command, to the JSON list in this file")
@@ -146,7 +151,7 @@ def main() -> None:
     rows = []
     for recipe in args.recipes.split(","):
         for precision in args.precisions.split(","):
-            row = run(recipe, precision, data, out, args.steps, args.workers)
+            row = run(recipe, precision, data, out, args.steps, args.workers, args.overrides)
             rows.append({**row, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **this_run})
             if args.results:  # after every run, so a run cut short keeps what it measured
                 args.results.parent.mkdir(parents=True, exist_ok=True)
@@ -155,7 +160,8 @@ def main() -> None:
                 print(f"{recipe:9s} {precision:4s} FAILED\n{row['error']}", flush=True)
                 continue
             knn = " ".join(f"{k}={v:.3f}" for k, v in row.items() if k.startswith(("knn", "zeroshot")))
-            print(f"{recipe:9s} {precision:4s} batch {row['batch']:4d}  {row['samples_per_s']:6.0f} samples/s "
+            print(f"{recipe:9s} {precision:4s} {' '.join(args.overrides)} batch {row['batch']:4d}  "
+                  f"{row['samples_per_s']:6.0f} samples/s "
                   f"(waiting for data {row['data_wait']:4.0%}; {row['step_samples_per_s']:6.0f} without the wait)  "
                   f"{row['gpu_mem_gb']:5.1f} GiB  loss {row['last_loss']:.3f} finite={row['finite']}  "
                   f"{row['wall_s']:.0f} s  {knn}", flush=True)

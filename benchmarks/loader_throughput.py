@@ -1,4 +1,5 @@
-"""Loader throughput in samples/s, normalising in the workers vs on the device, side by side.
+"""Loader throughput in samples/s, normalising in the workers vs on the device, and (image-text) decoding
+the JPEGs in the workers vs on the device, side by side.
 
     python benchmarks/loader_throughput.py [--data photos|digits] [--size 224] [--workers 2] [--rounds 3]
 
@@ -8,6 +9,8 @@ them for each configuration, interleaved round by round (A, B, A, B, ...), and p
 samples/s, the bytes per batch that cross to the device and the ratio. "device" is
 ``data.normalize: device`` (uint8 batches, normalised by ``Loader.prepare`` where the model runs:
 here the CPU, so its cost is counted); "workers" converts to float and normalises in the workers.
+"decode on device" is ``data.decode: device`` (the workers read JPEG headers and draw crops; the
+batch is decoded, cropped and normalised by ``Loader.prepare`` on ``--device``: on a GPU, nvJPEG).
 """
 
 from __future__ import annotations
@@ -25,16 +28,20 @@ from data_prep.cli import main as prep
 from mmcl.data import DataConfig, make_loader
 
 
-def one_pass(cfg: DataConfig, tokenizer, epoch: int) -> tuple[float, int]:
-    """(samples/s, bytes of images per batch) over one epoch, ``Loader.prepare`` included."""
+def one_pass(cfg: DataConfig, tokenizer, epoch: int, device: str) -> tuple[float, int]:
+    """(samples/s, bytes of images per batch that cross to the device) over one epoch, ``Loader.prepare``
+    on ``device`` included (and waited for)."""
     loader = make_loader(cfg, tokenizer=tokenizer)
     loader.set_epoch(epoch)
     n, nbytes, start = 0, 0, time.perf_counter()
     for batch in loader:
-        images = [batch["image"]] if "image" in batch else batch["views"]
+        images = ([batch["image"]] if "image" in batch else []) + batch.get("views", []) + \
+            batch.get("jpeg", {}).get("data", [])
         nbytes = sum(x.numel() * x.element_size() for x in images)
-        batch = loader.prepare(batch, "cpu")
+        batch = loader.prepare(batch, device)
         n += len(batch["key"])
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     loader.close()
     return n / seconds, nbytes
@@ -61,6 +68,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--size", type=int, default=224, help="image side of the built shards and the batches")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where Loader.prepare puts the batches")
     args = ap.parse_args()
     folder = args.shards or build(args)[0]
     shards = "::".join(str(p) for p in sorted(folder.glob("train-*.tar")))
@@ -68,20 +77,26 @@ def main() -> None:
                 shuffle_buffer=1000)
     tok = open_clip.SimpleTokenizer(context_length=16)
     print(f"{torch.get_num_threads()} torch threads, {args.workers} loader workers, batch {args.batch}, "
-          f"{args.rounds} interleaved rounds, medians")
+          f"batches to {args.device}, {args.rounds} interleaved rounds, medians")
+    variants = {"normalise in workers": {"normalize": "workers"}, "normalise on device": {"normalize": "device"},
+                "decode on device": {"normalize": "device", "decode": "device"}}
     for name, kind, transform, tokenizer in (("image-text (clip)", "image_text", "clip", tok),
                                              ("2-view (simclr)", "multi_view", "simclr", None)):
-        rates: dict[str, list[float]] = {"workers": [], "device": []}
+        chosen = {v: kw for v, kw in variants.items() if kind == "image_text" or "decode" not in kw}
+        rates: dict[str, list[float]] = {v: [] for v in chosen}
         sizes: dict[str, int] = {}
         for r in range(args.rounds + 1):  # round 0 warms the page cache
-            for where in ("workers", "device"):
-                cfg = DataConfig(**base, kind=kind, transform=transform, normalize=where)
-                rate, sizes[where] = one_pass(cfg, tokenizer, r)
+            for variant, kw in chosen.items():
+                cfg = DataConfig(**base, kind=kind, transform=transform, **kw)
+                rate, sizes[variant] = one_pass(cfg, tokenizer, r, args.device)
                 if r:
-                    rates[where].append(rate)
-        w, d = statistics.median(rates["workers"]), statistics.median(rates["device"])
-        print(f"{name:20s} workers {w:7.0f} samples/s ({sizes['workers'] / 2**20:5.1f} MiB/batch)   "
-              f"device {d:7.0f} samples/s ({sizes['device'] / 2**20:5.1f} MiB/batch)   device/workers {d / w:.2f}")
+                    rates[variant].append(rate)
+        first = statistics.median(rates["normalise in workers"])
+        print(name)
+        for variant in chosen:
+            rate = statistics.median(rates[variant])
+            print(f"  {variant:22s} {rate:7.0f} samples/s  {sizes[variant] / 2**20:6.2f} MiB/batch to the device  "
+                  f"{rate / first:.2f}x")
 
 
 if __name__ == "__main__":

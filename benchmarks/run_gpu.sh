@@ -8,7 +8,7 @@ out=${1:-benchmarks/out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
-want() { [[ " ${STEPS:-1 2 3 4 5 6 7} " == *" $1 "* ]]; }
+want() { [[ " ${STEPS:-1 2 3 4 5 6 7 8} " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used,memory.total --format=csv
 $py -c "import torch, open_clip, accelerate, transformers; print('torch', torch.__version__, 'open_clip', open_clip.__version__, 'accelerate', accelerate.__version__, 'transformers', transformers.__version__)"
 # 1. the training step, mmcl against open_clip's loop (ViT-B-32, bf16), at open_clip's batch and a larger one
@@ -49,4 +49,12 @@ fi
 # 7. the largest CLIP ViT-B/32 batch within 24 GiB: plain, gradient checkpointing, gradient caching + tiled loss
 if want 7; then
   timeout 420 $py benchmarks/clip_max_batch.py --budget-gib 24 2>&1 | tee "$out/clip_max_batch.log" | grep -v Warning
+fi
+# 8. the photos run of step 5 with the JPEGs decoded and cropped on the GPU (data.decode: device, nvJPEG), then the
+#    loader alone on the same kind of shards: workers decoding against the GPU decoding, side by side
+if want 8; then
+  timeout 240 $py benchmarks/gpu_recipes.py --recipes clip_vit_b32 --precisions bf16 --steps 30 --photos 20000 \
+    --set data.decode=device --results "$out/gpu_recipes.json" 2>&1 | tee -a "$out/gpu_recipes.log" | grep -v Warning
+  timeout 240 $py benchmarks/loader_throughput.py --samples 8192 --workers 4 --rounds 2 --batch 256 2>&1 \
+    | tee "$out/loader_throughput.log" | grep -v Warning
 fi

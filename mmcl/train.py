@@ -683,8 +683,10 @@ class Trainer:
                 batches += 1
                 if epoch == start_epoch and batches <= done:
                     continue  # a checkpoint of an older mmcl: read again up to where it stopped
-                samples += len(batch["key"]) * acc.num_processes
                 batch = self.loader.prepare(batch, acc.device, self.memory_format)
+                if batch is None:
+                    continue  # data.decode: device met a JPEG nothing decodes; counted with the skipped samples
+                samples += len(batch["key"]) * acc.num_processes
                 if self.merge > 1:  # optim.grad_accum micro-batches make one contrastive batch
                     merging.append(batch)
                     if len(merging) < self.merge:

@@ -13,6 +13,7 @@ from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader
 
 from mmcl.config import spec
+from mmcl.data.device_decode import DEVICE_TRANSFORMS, ClipCrop, DeviceDecoder
 from mmcl.data.remote import ReadPolicy, check_backends
 from mmcl.data.samples import IMAGE_KEYS, MISSING_CAPTION, MISSING_IMAGE, collate, image_text_sample, multi_view_sample
 from mmcl.data.shards import count_samples, entries_per_shard, expand_shards
@@ -70,6 +71,10 @@ class DataConfig:
     image_keys: list[str] = field(default_factory=lambda: list(IMAGE_KEYS))
     text_key: str = "txt"
     max_pixels: int = spec(MAX_PIXELS, ge=1, help="larger images are skipped (too_large), as mmcl-prep --max-pixels")
+    decode: Literal["workers", "device"] = spec(
+        "workers", help="where training JPEGs are decoded and cropped: in the loader's workers, or together on the "
+                        "device (nvJPEG on a GPU) when the workers cannot keep up; image_text with transform clip "
+                        "only; other images are decoded in the workers either way (docs/data.md)")
     normalize: Literal["device", "workers"] = spec(
         "device", help="where uint8 images become normalised floats: on the device, batch by batch (a quarter of "
                        "the bytes to pin and copy, and no float work in the workers), or in the loader's workers")
@@ -81,9 +86,21 @@ class DataConfig:
                                                              "for the network, retries included (null: no limit)")
 
     def validate(self) -> None:
-        """Multi-crop views are crops of one image field."""
+        """Multi-crop views are crops of one image field; the device decodes only what it can also crop."""
         if self.multi_crop and self.view_fields:
             raise ConfigError("data.multi_crop and data.view_fields cannot be combined")
+        if self.decode == "device":
+            if self.kind != "image_text" or self.view_transforms:
+                raise ConfigError("data.decode: device decodes the images of image-text pairs (data.kind image_text "
+                                  "without data.view_transforms): augmented views are made from Pillow images in "
+                                  "the workers; set data.decode: workers")
+            if self.transform not in DEVICE_TRANSFORMS:
+                raise ConfigError(f"data.decode: device crops as transform {' or '.join(DEVICE_TRANSFORMS)} does, but "
+                                  f"data.transform is {self.transform}, whose augmentations run in the workers; set "
+                                  f"data.decode: workers")
+            if self.normalize != "device":
+                raise ConfigError("data.decode: device makes the images on the device, so they are normalised there: "
+                                  "set data.normalize: device")
 
     def read_policy(self) -> ReadPolicy:
         """The time-outs and retries remote shards are read with."""
@@ -100,9 +117,10 @@ class Loader:
     each worker's stream stands in the epoch (:meth:`position`)."""
 
     def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool = False,
-                 normalize: Normalize | None = None):
+                 normalize: Normalize | None = None, decoder: DeviceDecoder | None = None):
         self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
         self.normalize = normalize  # None: the workers normalise
+        self.decoder = decoder  # data.decode: device
         self.skipped: Counter[str] = Counter()
         self._at: dict[int, tuple[int, int]] = {}  # worker -> (samples given out, batches) at the last batch yielded
         self._last = -1  # the worker of the last batch yielded
@@ -163,12 +181,20 @@ class Loader:
                 yield batch
 
     def prepare(self, batch: dict[str, Any], device: torch.device | str,
-                memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, Any]:
+                memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, Any] | None:
         """A batch as the model takes it: tensors moved to ``device`` (asynchronously from pinned
         memory), then, with ``data.normalize: device``, the ``uint8`` images (``image``, each of
         ``views``) normalised there, in ``memory_format`` (``torch.channels_last`` for a model
-        converted to it). Every consumer of the loader's batches calls this."""
+        converted to it). Every consumer of the loader's batches calls this. With ``data.decode:
+        device``, the batch's JPEGs are decoded and cropped there first (:class:`DeviceDecoder`); None
+        when one of them cannot be decoded at all (the batch is skipped, counted in :attr:`skipped`)."""
+        jpegs = batch.pop("jpeg", None)  # decode_jpeg reads the bytes from host memory, on any device
         batch = to_device(batch, device)
+        if jpegs is not None:
+            batch["image"], skipped = self.decoder(jpegs, batch.get("image"), device)
+            if skipped:  # a JPEG nothing can decode: the batch is dropped, counted
+                self.skipped.update(skipped)
+                return None
         finish = self.normalize or (lambda x: x)
         if "image" in batch:
             batch["image"] = finish(batch["image"]).contiguous(memory_format=memory_format)
@@ -272,7 +298,8 @@ def make_loader(cfg: DataConfig, shards: str | None = None, *, train: bool = Tru
                              **(cfg.transform_args if train else {}))
         views = [build_transform(n, size, mean, std, cfg.colour, normalize=cfg.normalize == "workers",
                                  **cfg.transform_args) for n in cfg.view_transforms] if train else []
-        sample_fn = image_text_sample(tf, cfg.image_keys, cfg.text_key, cfg.max_pixels, views)
+        crop = ClipCrop(**cfg.transform_args) if train and cfg.decode == "device" else None
+        sample_fn = image_text_sample(tf, cfg.image_keys, cfg.text_key, cfg.max_pixels, views, crop)
         required = {MISSING_IMAGE: tuple(cfg.image_keys), MISSING_CAPTION: (cfg.text_key,)}
     else:
         tfs = view_transforms(cfg, train)
@@ -291,4 +318,5 @@ def make_loader(cfg: DataConfig, shards: str | None = None, *, train: bool = Tru
         rank=rank, world_size=world_size, num_workers=workers, remote=policy,
         shard_bytes={u: e["bytes"] for u, e in entries.items() if "bytes" in e} if train else None)
     on_device = Normalize(mean, std, cfg.colour) if cfg.normalize == "device" else None
-    return Loader(stream, workers, pin_memory=torch.cuda.is_available(), normalize=on_device)
+    decoder = DeviceDecoder(size) if train and cfg.decode == "device" else None
+    return Loader(stream, workers, pin_memory=torch.cuda.is_available(), normalize=on_device, decoder=decoder)

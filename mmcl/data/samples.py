@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import get_worker_info
 
+from mmcl.data.device_decode import jpeg_size
 from mmcl.data.stream import SampleFn, Skip
 from mmcl.decode import MAX_PIXELS, BadImage
 from mmcl.decode import decode_image as _decode
@@ -91,9 +92,14 @@ def seeded(seed: int, fn: Callable[[Any], torch.Tensor], x: Any) -> torch.Tensor
 
 def image_text_sample(transform: Callable[[Any], torch.Tensor], image_keys: Sequence[str] = IMAGE_KEYS,
                       text_key: str = "txt", max_pixels: int = MAX_PIXELS,
-                      view_transforms: Sequence[Callable[[Any], torch.Tensor]] = ()) -> SampleFn:
+                      view_transforms: Sequence[Callable[[Any], torch.Tensor]] = (),
+                      device_crop: Callable[[tuple[int, int]], torch.Tensor] | None = None) -> SampleFn:
     """Sample function for image-text pairs: ``{image, text, label, id, key}``, plus ``views``, one
-    augmented view of the image per ``view_transforms`` (SLIP: a self-supervised loss beside CLIP's)."""
+    augmented view of the image per ``view_transforms`` (SLIP: a self-supervised loss beside CLIP's).
+
+    With ``device_crop`` (``data.decode: device``), a plain JPEG is left undecoded: ``{jpeg, crop}``
+    (its bytes, and the box ``device_crop`` draws for its size) instead of ``image``, for
+    :class:`~mmcl.data.device_decode.DeviceDecoder`; other images are decoded here as without it."""
 
     def fn(sample: dict[str, Any], seed: int) -> dict[str, Any]:
         try:
@@ -103,8 +109,14 @@ def image_text_sample(transform: Callable[[Any], torch.Tensor], image_keys: Sequ
         if not text:
             raise Skip(MISSING_CAPTION)
         label, sid = read_meta(sample)  # cheap checks before decoding
-        img = decode_image(first_image(sample, image_keys), max_pixels)
-        out = {"image": seeded(seed, transform, img), "text": text, "label": label, "id": sid, "key": sample["__key__"]}
+        data = first_image(sample, image_keys)
+        out = {"text": text, "label": label, "id": sid, "key": sample["__key__"]}
+        size = jpeg_size(data, max_pixels) if device_crop is not None else None
+        if size is not None:  # decoded on the device; the crop drawn as the transform would draw it
+            return {**out, "jpeg": torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                    "crop": seeded(seed, device_crop, size)}
+        img = decode_image(data, max_pixels)
+        out["image"] = seeded(seed, transform, img)
         if view_transforms:  # seeds of their own, apart from the image's
             out["views"] = [seeded(seed * 31 + 1 + v, t, img) for v, t in enumerate(view_transforms)]
         return out
@@ -137,8 +149,12 @@ def collate(items: list[dict[str, Any]], tokenizer: Callable[[list[str]], Any] |
         "id": torch.tensor([it["id"] for it in items], dtype=torch.long),
         "key": [it["key"] for it in items],
     }
-    if "image" in items[0]:
-        out["image"] = torch.stack([it["image"] for it in items])
+    jpegs = [i for i, it in enumerate(items) if "jpeg" in it]
+    if jpegs:  # data.decode: device; the images decoded here are the others, in order
+        out["jpeg"] = {"data": [items[i]["jpeg"] for i in jpegs],
+                       "crop": torch.stack([items[i]["crop"] for i in jpegs]), "at": jpegs}
+    if any("image" in it for it in items):
+        out["image"] = torch.stack([it["image"] for it in items if "image" in it])
     if "views" in items[0]:
         out["views"] = [torch.stack([it["views"][v] for it in items]) for v in range(len(items[0]["views"]))]
     if "text" in items[0]:
