@@ -50,9 +50,12 @@ fi
 if want 7; then
   timeout 420 $py benchmarks/clip_max_batch.py --budget-gib 24 2>&1 | tee "$out/clip_max_batch.log" | grep -v Warning
 fi
-# 8. the photos run of step 5 with the JPEGs decoded and cropped on the GPU (data.decode: device, nvJPEG), then the
-#    loader alone on the same kind of shards: workers decoding against the GPU decoding, side by side
+# 8. JPEGs decoded and cropped on the GPU (data.decode: device, nvJPEG): first its check (same pixels as the workers,
+#    no memory corrupted by the decoder while the GPU is busy, decode speed), then the photos run of step 5 with it,
+#    then the loader alone on the same kind of shards: workers decoding against the GPU decoding, side by side
 if want 8; then
+  timeout 180 $py benchmarks/device_decode_check.py --samples 2048 --tries 100 2>&1 \
+    | tee "$out/device_decode_check.log" | grep -v Warning
   timeout 240 $py benchmarks/gpu_recipes.py --recipes clip_vit_b32 --precisions bf16 --steps 30 --photos 20000 \
     --set data.decode=device --results "$out/gpu_recipes.json" 2>&1 | tee -a "$out/gpu_recipes.log" | grep -v Warning
   timeout 240 $py benchmarks/loader_throughput.py --samples 8192 --workers 4 --rounds 2 --batch 256 2>&1 \

@@ -84,6 +84,21 @@ class ClipCrop:
         return torch.tensor(RandomResizedCrop.get_params(shape_only, self.scale, self.ratio))
 
 
+def drain(device: torch.device | str) -> None:
+    """Wait for the work queued on the device's current CUDA stream (nothing elsewhere).
+
+    ``decode_jpeg`` on CUDA writes its outputs from a stream of its own that does not wait for the
+    caller's, into memory the caching allocator may just have taken back from tensors that queued
+    kernels still read; on H100s nvJPEG's hardware path does the same even on the caller's stream
+    (pytorch/vision#9606, meta-pytorch/torchcodec#1634: reductions corrupted in 134 of 200 tries).
+    Draining the caller's stream first is the fix those reports measured clean. The decode itself
+    already waits for its own stream, so what this costs is the host running ahead of the GPU by
+    the rest of a step; ``benchmarks/device_decode_check.py`` checks it on a GPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
 class DeviceDecoder:
     """Decode a batch's JPEGs on the device, crop each to its box and resize it to ``size`` (bilinear,
     antialiased, as ``RandomResizedCrop`` does); the images the workers decoded keep their places."""
@@ -95,12 +110,14 @@ class DeviceDecoder:
     def decode(self, data: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor | str]:
         """``uint8 [3, H, W]`` images on ``device``: all at once, else one by one, a refused one by
         Pillow on the CPU; the reason (``bad_image``, ``truncated_image``) for one nothing decodes."""
+        drain(device)
         try:
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
         except RuntimeError:
             return [self._one(d, device) for d in data]
 
     def _one(self, data: torch.Tensor, device: torch.device | str) -> torch.Tensor | str:
+        drain(device)
         try:
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
         except RuntimeError as e:
