@@ -36,10 +36,10 @@ def one_pass(cfg: DataConfig, tokenizer, epoch: int, device: str) -> tuple[float
     n, nbytes, start = 0, 0, time.perf_counter()
     for batch in loader:
         images = ([batch["image"]] if "image" in batch else []) + batch.get("views", []) + \
-            batch.get("jpeg", {}).get("data", [])
+            ([batch["jpeg"]["bytes"]] if "jpeg" in batch else [])
         nbytes = sum(x.numel() * x.element_size() for x in images)
-        batch = loader.prepare(batch, device)
         n += len(batch["key"])
+        loader.prepare(batch, device)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

@@ -38,7 +38,7 @@ from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
 from mmcl.data.stream import Skip
-from mmcl.decode import TOO_MANY_PIXELS, BadImage, decode_image
+from mmcl.decode import MAX_PIXELS, TOO_MANY_PIXELS, BadImage, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,8 @@ class DeviceDecoder:
     """Decode a batch's JPEGs on the device, crop each to its box and resize it to ``size`` (bilinear,
     antialiased, as ``RandomResizedCrop`` does); the images the workers decoded keep their places."""
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, size: int, max_pixels: int = MAX_PIXELS):
+        self.size, self.max_pixels = size, max_pixels
         self.fallbacks = 0  # JPEGs the device refused, decoded on the CPU instead
 
     def decode(self, data: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor | str]:
@@ -121,25 +121,28 @@ class DeviceDecoder:
         try:
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
         except RuntimeError as e:
+            try:
+                image = TF.pil_to_tensor(decode_image(data.numpy().tobytes(), self.max_pixels)).to(device)
+            except BadImage as bad:
+                return bad.reason
             self.fallbacks += 1
             if self.fallbacks == 1:
                 log.warning("a JPEG the device cannot decode (%s) was decoded on the CPU; later ones are only counted",
                             str(e).strip().splitlines()[-1][:200])
-            try:
-                return TF.pil_to_tensor(decode_image(data.numpy().tobytes())).to(device)
-            except BadImage as bad:
-                return bad.reason
+            return image
 
     def __call__(self, jpegs: dict[str, Any], decoded: torch.Tensor | None,
                  device: torch.device | str) -> tuple[torch.Tensor | None, Counter[str]]:
-        """The batch's ``uint8 [B, 3, size, size]`` images: ``jpegs`` (``data``, ``crop`` boxes and their
-        places ``at``) decoded here, ``decoded`` (already on ``device``) in the other places; and what
-        was skipped. A JPEG that passed its header check but that neither the device nor Pillow can
-        decode (its data corrupt) cannot leave a hole in a batch whose size every process shares:
-        the whole batch is skipped instead (``None``), counted as ``in_batch_of_a_bad_jpeg``."""
+        """The batch's ``uint8 [B, 3, size, size]`` images, and what was skipped. ``jpegs`` holds the JPEGs'
+        ``bytes`` end to end with the ``ends`` of each, their ``crop`` boxes and their places ``at``;
+        ``decoded`` (already on ``device``) fills the other places. A JPEG that passed its header check
+        but that neither the device nor Pillow can decode (its data corrupt) cannot leave a hole in a
+        batch whose size every process shares: the whole batch is skipped instead (``None``), counted
+        as ``in_batch_of_a_bad_jpeg``."""
         at = jpegs["at"]
         n = len(at) + (0 if decoded is None else len(decoded))
-        images = self.decode(jpegs["data"], device)
+        ends = jpegs["ends"].tolist()
+        images = self.decode([jpegs["bytes"][a:b] for a, b in zip([0, *ends[:-1]], ends)], device)
         bad = Counter(img for img in images if isinstance(img, str))
         if bad:
             return None, bad + Counter({IN_BATCH_OF_A_BAD_JPEG: n - sum(bad.values())})

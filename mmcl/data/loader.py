@@ -318,5 +318,5 @@ def make_loader(cfg: DataConfig, shards: str | None = None, *, train: bool = Tru
         rank=rank, world_size=world_size, num_workers=workers, remote=policy,
         shard_bytes={u: e["bytes"] for u, e in entries.items() if "bytes" in e} if train else None)
     on_device = Normalize(mean, std, cfg.colour) if cfg.normalize == "device" else None
-    decoder = DeviceDecoder(size) if train and cfg.decode == "device" else None
+    decoder = DeviceDecoder(size, cfg.max_pixels) if train and cfg.decode == "device" else None
     return Loader(stream, workers, pin_memory=torch.cuda.is_available(), normalize=on_device, decoder=decoder)

@@ -99,7 +99,8 @@ def image_text_sample(transform: Callable[[Any], torch.Tensor], image_keys: Sequ
 
     With ``device_crop`` (``data.decode: device``), a plain JPEG is left undecoded: ``{jpeg, crop}``
     (its bytes, and the box ``device_crop`` draws for its size) instead of ``image``, for
-    :class:`~mmcl.data.device_decode.DeviceDecoder`; other images are decoded here as without it."""
+    :class:`~mmcl.data.device_decode.DeviceDecoder`; other images are decoded here as without it.
+    :func:`collate` joins a batch's JPEGs into one byte tensor with their ``ends``."""
 
     def fn(sample: dict[str, Any], seed: int) -> dict[str, Any]:
         try:
@@ -113,8 +114,7 @@ def image_text_sample(transform: Callable[[Any], torch.Tensor], image_keys: Sequ
         out = {"text": text, "label": label, "id": sid, "key": sample["__key__"]}
         size = jpeg_size(data, max_pixels) if device_crop is not None else None
         if size is not None:  # decoded on the device; the crop drawn as the transform would draw it
-            return {**out, "jpeg": torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                    "crop": seeded(seed, device_crop, size)}
+            return {**out, "jpeg": data, "crop": seeded(seed, device_crop, size)}
         img = decode_image(data, max_pixels)
         out["image"] = seeded(seed, transform, img)
         if view_transforms:  # seeds of their own, apart from the image's
@@ -151,7 +151,11 @@ def collate(items: list[dict[str, Any]], tokenizer: Callable[[list[str]], Any] |
     }
     jpegs = [i for i, it in enumerate(items) if "jpeg" in it]
     if jpegs:  # data.decode: device; the images decoded here are the others, in order
-        out["jpeg"] = {"data": [items[i]["jpeg"] for i in jpegs],
+        # one tensor of all their bytes: a tensor sent from a worker holds a file descriptor until it is read,
+        # and a few prefetched batches of one tensor per image would exhaust a 1024-descriptor limit
+        blob = bytearray(b"".join(items[i]["jpeg"] for i in jpegs))
+        out["jpeg"] = {"bytes": torch.frombuffer(blob, dtype=torch.uint8),
+                       "ends": torch.tensor([len(items[i]["jpeg"]) for i in jpegs]).cumsum(0),
                        "crop": torch.stack([items[i]["crop"] for i in jpegs]), "at": jpegs}
     if any("image" in it for it in items):
         out["image"] = torch.stack([it["image"] for it in items if "image" in it])

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -128,3 +130,30 @@ def test_a_clip_recipe_trains_on_device_decoded_jpegs(tmp_path: Path) -> None:
     assert len(losses) == 3 and all(np.isfinite(losses))
     assert [r["skipped"] for r in rows if "loss" in r][-1] == {
         "truncated_image": 1, "too_large": 1, "missing_caption": 1, "bad_image": 1, "in_batch_of_a_bad_jpeg": 7}
+
+
+def test_a_batch_of_jpegs_crosses_from_a_worker_as_one_tensor(tmp_path: Path) -> None:
+    """A tensor a worker sends holds a file descriptor until the main process reads it: one per JPEG
+    ran a process with the common 1024-descriptor limit out of them within 4 prefetched batches of
+    256. With 200 descriptors, 3 epochs of batches of 200 JPEGs go through."""
+    rng = np.random.default_rng(0)
+    tiny = {f"{i:04d}": {"jpg": jpeg(Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8))),
+                         "txt": b"noise"} for i in range(1000)}
+    shard = write_tar(tmp_path / "tiny-0.tar", tiny)
+    script = f"""
+import resource, sys
+sys.path.insert(0, {str(ROOT / 'tests')!r})
+resource.setrlimit(resource.RLIMIT_NOFILE, (200, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from conftest import cfg_for
+from mmcl.data import make_loader
+loader = make_loader(cfg_for({str(shard)!r}, transform="clip", decode="device", batch_size=200, num_workers=1),
+                     tokenizer=lambda texts: texts)
+n = 0
+for epoch in range(3):
+    loader.set_epoch(epoch)
+    n += sum(len(loader.prepare(b, "cpu")["key"]) for b in loader)
+loader.close()
+print(n)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0 and done.stdout.split()[-1] == "3000", done.stderr[-2000:]
