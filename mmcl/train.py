@@ -129,6 +129,10 @@ def _timed(batches: Iterator[Any], waited: dict[str, float]) -> Iterator[Any]:
         yield item
 
 
+
+# what a run writes in its folder, set aside when another run starts afresh there (recipe.yaml is rewritten)
+EARLIER_RUN_FILES = ("metrics.jsonl", "summary.json", "checkpoints", "final", "report", "wandb")
+
 class Trainer:
     """Runs one recipe. ``Trainer(recipe).fit(resume=None)`` returns the final model folder.
 
@@ -625,7 +629,10 @@ class Trainer:
         r, acc = self.recipe, self.acc
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                self._set_aside_earlier_run()
             write_atomic(self.out / "recipe.yaml", yaml.safe_dump(recipe_dict(r), sort_keys=False))
+        acc.wait_for_everyone()  # the folder is this run's before any process reads or writes it
         acc.print(self.sizes())
         if hasattr(self.unwrapped, "starts_from"):
             acc.print("mmcl: " + ", ".join(f"{tower} tower from {source}"
@@ -634,7 +641,7 @@ class Trainer:
         if resume and found is None:
             acc.print(f"no checkpoint in {self.out / 'checkpoints'}; starting from scratch")
         position = self.load_checkpoint(found) if found else (0, 0, 0)
-        if found:  # a run started afresh in a used folder keeps the log it finds, as before
+        if found:  # the log keeps what the run logged up to its checkpoint
             self._forget_after(self.state.step)
         # TensorBoard drops what the interrupted run logged after the checkpoint, as metrics.jsonl does
         kwargs: dict[str, dict[str, Any]] = {"wandb": {"dir": str(self.out)}}  # its files in the run, not the cwd
@@ -644,6 +651,26 @@ class Trainer:
         if found:
             acc.print(f"resumed from {found} at step {self.state.step}")
         return position
+
+    def _set_aside_earlier_run(self) -> None:
+        """Started afresh (no ``--resume``) in a folder an earlier run used, a run first moves that run's
+        log, checkpoints, final model, report and tracker files to ``RUN/earlier/<UTC time>/``. Left in
+        place, ``--resume latest`` would pick the earlier run's checkpoint whenever its step is higher,
+        pruning could delete this run's own newer checkpoints first, and the log would mix two runs."""
+        names = [*EARLIER_RUN_FILES, self.recipe.run.name or self.out.name]  # the last: TensorBoard's folder
+        found = [n for n in dict.fromkeys(names) if (self.out / n).exists()]
+        if not found:
+            return
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        dest = self.out / "earlier" / stamp
+        n = 1
+        while dest.exists():  # two fresh starts within a second
+            dest, n = self.out / "earlier" / f"{stamp}-{n}", n + 1
+        dest.mkdir(parents=True)
+        for name in found:
+            (self.out / name).rename(dest / name)
+        self.acc.print(f"mmcl: {self.out} held an earlier run: its {', '.join(found)} moved to {dest} "
+                       "(--resume latest continues a run instead of starting afresh)")
 
     def _forget_after(self, step: int) -> None:
         """Drop from ``metrics.jsonl`` what a run logged after ``step`` (the checkpoint it resumes

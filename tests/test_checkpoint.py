@@ -163,3 +163,23 @@ def test_not_enough_space_is_refused_before_writing(digits_dir: Path, tmp_path: 
                                                     r"about [0-9.]+ MiB and 0.0 MiB are free"):
         trainer.fit()
     assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
+
+
+def test_a_fresh_run_in_a_used_folder_sets_the_earlier_run_aside(full_run: Path, digits_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    """Before, a run started afresh where a 6-step run had finished kept that run's step-6 checkpoint
+    beside its own: pruning deleted its own step 1 first, ``--resume latest`` then took the other run's
+    step 6, and the log held both runs' steps. Now the earlier run's files move to ``earlier/<time>/``
+    and the folder holds this run alone; resuming it continues this run."""
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    Trainer(recipe(digits_dir, run, "train.steps=3", "train.save_every=1", "train.keep_checkpoints=2",
+                   "eval.zeroshot_shards=null")).fit()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
+    assert sorted(losses(run)) == [1, 2, 3]
+    [earlier] = (run / "earlier").iterdir()
+    assert sorted(p.name for p in (earlier / "checkpoints").iterdir()) == sorted(
+        p.name for p in (full_run / "checkpoints").iterdir())
+    assert losses(earlier) == losses(full_run) and (earlier / "final" / "mmcl_config.json").is_file()
+    resumed = resume(digits_dir, run, "train.steps=4")
+    assert sorted(resumed) == [1, 2, 3, 4]  # continued from this run's step 3, not the earlier run's step 6
