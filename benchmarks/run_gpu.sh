@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU benchmark of docs/performance.md in one go, results and logs under OUT (default benchmarks/out):
-#   bash benchmarks/run_gpu.sh [OUT]            every step (about 25 minutes)
+#   bash benchmarks/run_gpu.sh [OUT]            every step (about 35 minutes)
 #   STEPS="1 6" bash benchmarks/run_gpu.sh OUT   only those steps (a device call may last 10 minutes at most)
 # Each step has its own time limit, so one that hangs does not take the others' time.
 set -u

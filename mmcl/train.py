@@ -130,8 +130,9 @@ def _timed(batches: Iterator[Any], waited: dict[str, float]) -> Iterator[Any]:
 
 
 
-# what a run writes in its folder, set aside when another run starts afresh there (recipe.yaml is rewritten)
-EARLIER_RUN_FILES = ("metrics.jsonl", "summary.json", "checkpoints", "final", "report", "wandb")
+# what a run writes in its folder, set aside when another run starts afresh there (and TensorBoard's folder)
+EARLIER_RUNS = "earlier_runs"  # RUN/earlier_runs/<UTC time>/
+EARLIER_RUN_FILES = ("recipe.yaml", "metrics.jsonl", "summary.json", "checkpoints", "final", "report", "wandb")
 
 class Trainer:
     """Runs one recipe. ``Trainer(recipe).fit(resume=None)`` returns the final model folder.
@@ -434,7 +435,12 @@ class Trainer:
                 module.load_state_dict(ckpt.read_state(folder / f"{name}.safetensors"), strict=True)
         if not self.sharded:
             self.optimizer.load_state_dict(ckpt.read_state(folder / "optimizer.safetensors"))
+        recipe_lrs = list(self.scheduler.base_lrs)
         self.scheduler.load_state_dict(ckpt.read_state(folder / "scheduler.safetensors"))
+        if not all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(self.scheduler.base_lrs, recipe_lrs)):
+            acc.print(f"mmcl: the run goes on at the learning rates it was started with, {self.scheduler.base_lrs} "
+                      f"(weights, then biases and norms); this recipe's optim.lr and optim.exempt_lr_scale give "
+                      f"{recipe_lrs}, which only a run started afresh takes")
         if acc.scaler is not None and "scaler.safetensors" in listed:
             acc.scaler.load_state_dict(ckpt.read_state(folder / "scaler.safetensors"))
         self.state.load_state_dict(json.loads((folder / ckpt.STATE).read_text()))
@@ -627,9 +633,12 @@ class Trainer:
         """Write the recipe, start the trackers and restore the checkpoint ``resume`` names, if any;
         returns the (epoch, batches trained in it, batches to read again) to continue from."""
         r, acc = self.recipe, self.acc
+        found = ckpt.find_checkpoint(self.out, resume, warn=acc.print) if resume else None
+        if resume and found is None:
+            acc.print(f"no checkpoint in {self.out / 'checkpoints'}; starting from scratch")
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            if not resume:
+            if found is None:  # starting from scratch: whatever an earlier run left here is not this run's
                 self._set_aside_earlier_run()
             write_atomic(self.out / "recipe.yaml", yaml.safe_dump(recipe_dict(r), sort_keys=False))
         acc.wait_for_everyone()  # the folder is this run's before any process reads or writes it
@@ -637,9 +646,6 @@ class Trainer:
         if hasattr(self.unwrapped, "starts_from"):
             acc.print("mmcl: " + ", ".join(f"{tower} tower from {source}"
                                            for tower, source in self.unwrapped.starts_from().items()))
-        found = ckpt.find_checkpoint(self.out, resume, warn=acc.print) if resume else None
-        if resume and found is None:
-            acc.print(f"no checkpoint in {self.out / 'checkpoints'}; starting from scratch")
         position = self.load_checkpoint(found) if found else (0, 0, 0)
         if found:  # the log keeps what the run logged up to its checkpoint
             self._forget_after(self.state.step)
@@ -653,19 +659,22 @@ class Trainer:
         return position
 
     def _set_aside_earlier_run(self) -> None:
-        """Started afresh (no ``--resume``) in a folder an earlier run used, a run first moves that run's
-        log, checkpoints, final model, report and tracker files to ``RUN/earlier/<UTC time>/``. Left in
-        place, ``--resume latest`` would pick the earlier run's checkpoint whenever its step is higher,
-        pruning could delete this run's own newer checkpoints first, and the log would mix two runs."""
-        names = [*EARLIER_RUN_FILES, self.recipe.run.name or self.out.name]  # the last: TensorBoard's folder
-        found = [n for n in dict.fromkeys(names) if (self.out / n).exists()]
-        if not found:
+        """A run starting from scratch (no ``--resume``, or no checkpoint to resume) in a folder an
+        earlier run used (it holds that run's ``recipe.yaml``) first moves that run's recipe, log,
+        checkpoints, final model, report and TensorBoard and wandb files to ``RUN/earlier_runs/<UTC time>/``.
+        Left in place, ``--resume latest`` would pick the earlier run's checkpoint whenever its step is
+        higher, pruning could delete this run's own newer checkpoints first, and the log would mix two
+        runs. Anything else in the folder stays where it is."""
+        if not (self.out / "recipe.yaml").is_file():
             return
+        tracker = self.recipe.run.name or self.out.resolve().name  # TensorBoard's folder, when a plain name
+        plain = Path(tracker).name == tracker and tracker not in ("", ".", "..", EARLIER_RUNS)
+        names = [*EARLIER_RUN_FILES, *([tracker] if plain else [])]
+        found = [n for n in dict.fromkeys(names) if (self.out / n).exists()]
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        dest = self.out / "earlier" / stamp
-        n = 1
+        dest, n = self.out / EARLIER_RUNS / stamp, 1
         while dest.exists():  # two fresh starts within a second
-            dest, n = self.out / "earlier" / f"{stamp}-{n}", n + 1
+            dest, n = self.out / EARLIER_RUNS / f"{stamp}-{n}", n + 1
         dest.mkdir(parents=True)
         for name in found:
             (self.out / name).rename(dest / name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import resource
 import shutil
 import signal
@@ -169,7 +170,7 @@ def test_a_fresh_run_in_a_used_folder_sets_the_earlier_run_aside(full_run: Path,
                                                                  tmp_path: Path) -> None:
     """Before, a run started afresh where a 6-step run had finished kept that run's step-6 checkpoint
     beside its own: pruning deleted its own step 1 first, ``--resume latest`` then took the other run's
-    step 6, and the log held both runs' steps. Now the earlier run's files move to ``earlier/<time>/``
+    step 6, and the log held both runs' steps. Now the earlier run's files move to ``earlier_runs/<time>/``
     and the folder holds this run alone; resuming it continues this run."""
     run = tmp_path / "run"
     shutil.copytree(full_run, run)
@@ -177,9 +178,50 @@ def test_a_fresh_run_in_a_used_folder_sets_the_earlier_run_aside(full_run: Path,
                    "eval.zeroshot_shards=null")).fit()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
     assert sorted(losses(run)) == [1, 2, 3]
-    [earlier] = (run / "earlier").iterdir()
+    [earlier] = (run / "earlier_runs").iterdir()
     assert sorted(p.name for p in (earlier / "checkpoints").iterdir()) == sorted(
         p.name for p in (full_run / "checkpoints").iterdir())
     assert losses(earlier) == losses(full_run) and (earlier / "final" / "mmcl_config.json").is_file()
+    assert (earlier / "recipe.yaml").read_text() == (full_run / "recipe.yaml").read_text()
     resumed = resume(digits_dir, run, "train.steps=4")
     assert sorted(resumed) == [1, 2, 3, 4]  # continued from this run's step 3, not the earlier run's step 6
+
+
+@pytest.mark.parametrize("how", ["named_earlier_runs", "run_name_with_a_slash", "resume_finds_no_checkpoint",
+                                 "a_folder_of_other_files"])
+def test_setting_an_earlier_run_aside_takes_only_what_a_run_wrote(how: str, digits_dir: Path, tmp_path: Path) -> None:
+    """A run folder named ``earlier_runs`` (TensorBoard's folder then is too), a ``run.name`` that is a
+    path, and ``--resume latest`` with no checkpoint to resume (a run killed before its first save) all
+    set the earlier run aside; a folder no run wrote (no ``recipe.yaml``) keeps its files."""
+    run = tmp_path / ("earlier_runs" if how == "named_earlier_runs" else "run")
+    extra = ["train.steps=1", "eval.zeroshot_shards=null", "data.num_workers=0", "train.trackers=[tensorboard]"]
+    extra += ["run.name=exp/seed0"] if how == "run_name_with_a_slash" else []
+    if how == "a_folder_of_other_files":
+        run.mkdir()
+        (run / "notes.txt").write_text("mine")
+    else:
+        Trainer(recipe(digits_dir, run, *extra)).fit()
+        if how == "resume_finds_no_checkpoint":
+            shutil.rmtree(run / "checkpoints")
+    Trainer(recipe(digits_dir, run, *extra)).fit(resume="latest" if how == "resume_finds_no_checkpoint" else None)
+    assert sorted(losses(run)) == [1]
+    aside = run / "earlier_runs"
+    # the set-aside runs, not TensorBoard's own folders (named by a Unix time) when its folder is this one
+    earlier = [p for p in aside.iterdir() if re.fullmatch(r"\d{8}T\d{6}Z", p.name)] if aside.is_dir() else []
+    if how == "a_folder_of_other_files":
+        assert not earlier and (run / "notes.txt").read_text() == "mine"
+        return
+    assert len(earlier) == 1 and sorted(losses(earlier[0])) == [1] and (earlier[0] / "recipe.yaml").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001"]
+
+
+def test_a_resume_keeps_its_learning_rates_and_says_so_when_the_recipe_changed_them(
+        full_run: Path, digits_dir: Path, tmp_path: Path, capsys) -> None:
+    """The schedule's base rates come back with the checkpoint (the losses go on as the uninterrupted
+    run's), and a recipe asking for others is told that only a fresh run takes them."""
+    run = interrupted_copy(full_run, tmp_path / "run", 4)
+    after = resume(digits_dir, run, "optim.lr=0.01", "optim.exempt_lr_scale=0.5")
+    reference = losses(full_run)
+    assert all(abs(after[s] - reference[s]) < 1e-5 for s in (5, 6))
+    out = capsys.readouterr().out
+    assert "the run goes on at the learning rates it was started with" in out and "[0.01, 0.005]" in out

@@ -525,14 +525,3 @@ def test_a_siglip_model_exports_with_its_bias(digits_dir: Path, tmp_path: Path) 
                              + model.logit_bias())
     assert (theirs - ours).abs().max() < 1e-5
     assert "model.config.logit_bias" in (run / "final" / "README.md").read_text()
-
-
-def test_a_fresh_run_in_a_used_folder_keeps_the_log_it_finds(digits_dir: Path, tmp_path: Path) -> None:
-    """Only a resume drops what was logged after its checkpoint: a run started without --resume
-    appends to the metrics.jsonl already there (it dropped every earlier record)."""
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "metrics.jsonl").write_text('{"step": 5, "loss": 1.0}\n')
-    Trainer(recipe(digits_dir, run, "train.steps=1", "eval.zeroshot_shards=null", "data.num_workers=0")).fit()
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps[:2] == [5, 1]
