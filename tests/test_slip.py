@@ -74,35 +74,39 @@ def test_slip_recipes_that_cannot_work_are_refused(extra: list[str], message: st
 
 
 def test_clip_with_a_momentum_teacher_on_the_views(digits_dir: Path, tmp_path: Path) -> None:
-    """CLIP + BYOL: the BYOL target is a momentum copy of the whole CLIP model, called on the views
-    alone; it moves away from the online weights as the steps go, and both losses are logged."""
+    """CLIP + BYOL: the BYOL target is a momentum copy of the CLIP model's image tower and view head
+    (not of its text tower, which it would never use); it moves away from the online weights as the
+    steps go, and both losses are logged."""
     trainer = Trainer(slip(digits_dir, tmp_path / "run", "objective.parts=[{name: clip}, {name: byol, predictor: "
                                                           "{dims: [64, 64]}}]"))
     trainer.fit()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"clip/loss", "byol/loss", "byol/momentum"} <= set([r for r in rows if "loss" in r][-1])
-    target = dict(trainer.acc.unwrap_model(trainer.objective).parts[1].target.net.named_parameters())
-    online = dict(trainer.unwrapped.named_parameters())
-    assert any(not torch.equal(online[k], target[k]) for k in online if k.startswith("clip.visual."))
+    target = trainer.acc.unwrap_model(trainer.objective).parts[1].target.net
+    online = trainer.unwrapped
+    assert {k.split(".")[0] for k in target.state_dict()} == {"visual", "head"}
+    assert [k for k, _ in target.visual.named_parameters()] == [k for k, _ in online.clip.visual.named_parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(target.visual.parameters(), online.clip.visual.parameters()))
 
 
 def test_clip_with_dino_on_the_views(digits_dir: Path, tmp_path: Path) -> None:
-    """``configs/clip_dino_digits.yaml``: the DINO teacher, a momentum copy of the CLIP model, embeds the
-    views alone (never the batch's texts), moves away from the student, and DINO's collapse monitors
-    are logged beside CLIP's loss."""
+    """``configs/clip_dino_digits.yaml``: the DINO teacher, a momentum copy of the CLIP model's image
+    tower and view head, embeds the two views alone (not the batch's image), moves away from the
+    student, and DINO's collapse monitors are logged beside CLIP's loss."""
     recipe = load_recipe(ROOT / "configs" / "clip_dino_digits.yaml", [
         f"data.train_shards={digits_dir}/train-{{000000..000004}}.tar", f"run.output_dir={tmp_path / 'run'}",
         "data.batch_size=32", "data.num_workers=0", "train.steps=3", "train.log_every=1", "train.progress=false",
         "eval.zeroshot_shards=null"])
     trainer = Trainer(recipe)
     teacher = trainer.acc.unwrap_model(trainer.objective).parts[1].target.net.model
-    texts_seen = []
-    teacher.clip.text.register_forward_hook(lambda *args: texts_seen.append(1))
+    assert {k.split(".")[0] for k in teacher.state_dict()} == {"visual", "head"}  # no text tower
+    images_seen = []
+    teacher.visual.register_forward_hook(lambda *args: images_seen.append(args[1][0].shape[0]))
     trainer.fit()
-    assert not texts_seen
+    assert images_seen == [32, 32] * 3  # two views of 32 images a step: the views alone
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in rows if "loss" in r][-1]
     assert {"clip/loss", "dino/loss", "dino/teacher_entropy", "dino/kl_teacher_student"} <= set(last)
     assert last["loss"] == pytest.approx(last["clip/loss"] + 0.5 * last["dino/loss"], abs=1e-5)
-    online = dict(trainer.unwrapped.named_parameters())
-    assert any(not torch.equal(online[k], p) for k, p in teacher.named_parameters() if k.startswith("clip.visual."))
+    online = trainer.unwrapped.clip.visual
+    assert any(not torch.equal(a, b) for a, b in zip(teacher.visual.parameters(), online.parameters()))

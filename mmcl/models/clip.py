@@ -211,6 +211,18 @@ class HFTextTower(nn.Module):
         return self.proj(pooled)
 
 
+class ViewTower(nn.Module):
+    """A CLIP image tower and the view head on it, as :meth:`ClipModel.forward` embeds views:
+    ``{"views": [...]}`` to ``{"z": [...]}``."""
+
+    def __init__(self, visual: nn.Module, head: nn.Module):
+        super().__init__()
+        self.visual, self.head = visual, head
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, list[torch.Tensor]]:
+        return {"z": [self.head(self.visual(v)) for v in batch["views"]]}
+
+
 class HFTokenizer:
     """Callable tokenizer returning padded ``input_ids`` / ``attention_mask`` tensors."""
 
@@ -404,6 +416,13 @@ class ClipModel(nn.Module):
         if self.view_head is not None and "views" in batch:
             out["z"] = [self.view_head(self.encode_image(v, normalize=False)) for v in batch["views"]]
         return out
+
+    def views_network(self) -> nn.Module:
+        """What embeds ``batch["views"]`` (the image tower and the view head, sharing this model's
+        parameters): the part a momentum teacher (CLIP + BYOL or DINO) copies, without the text tower."""
+        if self.view_head is None:
+            return self
+        return ViewTower(self.clip.visual, self.view_head)
 
     def after_optimizer_step(self, step: int) -> None:
         """Keep the stored temperature inside [0, log(max)] as open_clip does."""

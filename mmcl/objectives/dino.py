@@ -28,7 +28,7 @@ from mmcl.config import spec
 from mmcl.dist import all_reduce_sum, world
 from mmcl.errors import ConfigError
 from mmcl.objectives.infonce import embedding_std
-from mmcl.objectives.momentum import MomentumObjective, MomentumTarget
+from mmcl.objectives.momentum import MomentumObjective, MomentumTarget, views_network
 from mmcl.registry import register
 
 
@@ -151,7 +151,8 @@ class DINOLoss(MomentumObjective):
         """The last layer on the model's embeddings, and the teacher: an EMA of model + last layer."""
         self.check_model(model)
         self.last = WeightNormLinear(model.embed_dim, self.cfg.out_dim, not self.cfg.norm_last_layer)
-        self.target = MomentumTarget(_Student(model, self.last), self.cfg.momentum, "cosine", total_steps)
+        self.target = MomentumTarget(_Student(views_network(model), self.last), self.cfg.momentum, "cosine",
+                                     total_steps)
 
     def after_optimizer_step(self, step: int) -> None:
         super().after_optimizer_step(step)
@@ -169,8 +170,7 @@ class DINOLoss(MomentumObjective):
         cfg = self.cfg
         frozen = int(self.step) < cfg.freeze_last_layer_steps
         student = [self.last(z, frozen) for z in out["z"]]
-        teacher = self.target({"views": batch["views"][:cfg.global_crops]})  # views alone: a CLIP teacher
-        # (CLIP + DINO) would otherwise embed the batch's image and text too
+        teacher = self.target({"views": batch["views"][:cfg.global_crops]})
         temp = teacher_temperature(int(self.step), cfg)
         log_t, log_s = log_probs(student, teacher, self.center, cfg.student_temperature, temp)
         loss = cross_entropy_pairs(log_t, log_s)

@@ -23,6 +23,14 @@ def cosine_momentum(step: int, total: int, base: float) -> float:
     return 1.0 - (1.0 - base) * (math.cos(math.pi * min(step, total) / total) + 1.0) / 2.0
 
 
+def views_network(model: nn.Module) -> nn.Module:
+    """The part of ``model`` that embeds a batch's views, which a momentum target copies: the model's
+    own ``views_network()`` (a CLIP model's image tower and view head, not its text tower), else the
+    whole model."""
+    own = getattr(model, "views_network", None)
+    return own() if own is not None else model
+
+
 class MomentumTarget(nn.Module):
     """An EMA copy of ``online``; call :meth:`update` after each optimizer step.
 
@@ -75,7 +83,7 @@ class MomentumObjective(ViewObjective):
         self.check_model(model)
         if getattr(self.cfg, "predictor", None) is not None:
             self.predictor = build_head(self.cfg.predictor, model.embed_dim)
-        self.target = MomentumTarget(model, self.cfg.momentum, self.schedule, total_steps)
+        self.target = MomentumTarget(views_network(model), self.cfg.momentum, self.schedule, total_steps)
 
     def after_optimizer_step(self, step: int) -> None:
         self.target.update(step)
