@@ -13,6 +13,15 @@ class DataError(MmclError):
     """Shards or samples are missing, empty or lack a field the recipe needs."""
 
 
+class Stopped(MmclError):
+    """Training stopped on a signal (a scheduler's SIGTERM before preemption or at a time limit)
+    after writing a checkpoint; ``exit_code`` is the shell's for that signal (143 for SIGTERM)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def user_message(e: BaseException) -> str:
     """The message to show; errors re-raised from DataLoader workers carry a traceback to drop."""
     text = str(e)
@@ -27,6 +36,9 @@ def run_cli(fn, *args) -> int:  # noqa: ANN001
 
     try:
         return fn(*args)
+    except Stopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
     except MmclError as e:
         print(f"error: {user_message(e)}", file=sys.stderr)
         return 2

@@ -30,7 +30,7 @@ from mmcl import checkpoint as ckpt
 from mmcl.data import make_loader
 from mmcl.data.stream import WorkerPositions, sample_seed
 from mmcl.dist import world
-from mmcl.errors import MmclError
+from mmcl.errors import MmclError, Stopped
 from mmcl.evaluate.run import flat_metrics
 from mmcl.files import write_atomic
 from mmcl.fsdp import Sharded, check_launch, launch_error, local
@@ -87,6 +87,36 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class _Signal:
+    """Whether a signal arrived (:func:`stop_on_sigterm`)."""
+
+    signalled = False
+
+
+@contextmanager
+def stop_on_sigterm() -> Iterator[_Signal]:
+    """While training, a SIGTERM (what Slurm and Kubernetes send before preemption or at a time limit,
+    some seconds before SIGKILL) asks the loop to write a checkpoint and stop at the next step instead
+    of dying mid-step; a second SIGTERM kills as usual. Outside the main thread nothing is changed."""
+    seen = _Signal()
+
+    def handler(signum: int, frame: Any) -> None:  # noqa: ARG001
+        if seen.signalled:  # asked twice: die now
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.raise_signal(signal.SIGTERM)
+        seen.signalled = True
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield seen
+        return
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager
@@ -267,6 +297,17 @@ class Trainer:
         stacked = torch.stack([torch.as_tensor(f, dtype=torch.float32, device=self.acc.device).reshape(())
                                for f in flags])
         return [v > 0 for v in self.acc.reduce(stacked, "sum").tolist()]
+
+    def _stop_now(self, signalled: bool, step: int) -> bool:
+        """Whether a SIGTERM reached any process, so that all save and stop at the same step: at every
+        step with one process or with the vote on the host (a step that already waits for the host);
+        with the vote on the device and several processes, at logging steps only, so that no step
+        waits for the host for it."""
+        if self.acc.num_processes == 1:
+            return signalled
+        if self.vote_on_device and step % self.recipe.train.log_every:
+            return False
+        return self._any(signalled)
 
     def _any(self, flag: bool | torch.Tensor) -> bool:
         """True on every process when ``flag`` is true on any (see :meth:`_votes`)."""
@@ -712,7 +753,7 @@ class Trainer:
         merging: list[dict[str, Any]] = []
         evals: list[dict[str, Any]] = []
         self.model.train()
-        with closing(self.loader), loader_worker_deaths(self.loader):  # workers stop when fit ends
+        with closing(self.loader), loader_worker_deaths(self.loader), stop_on_sigterm() as stop:
             for epoch, batch in _timed(self.loader.forever(start_epoch), waited):
                 if epoch != current:
                     current, batches = epoch, 0
@@ -739,10 +780,17 @@ class Trainer:
                 if r.train.eval_every and step % r.train.eval_every == 0 and step != r.train.steps:
                     evals = self.evaluate()
                     self._log({"step": step, **flat_metrics(evals)})
-                if (r.train.save_every and step % r.train.save_every == 0) or step == r.train.steps:
+                saved = (r.train.save_every and step % r.train.save_every == 0) or step == r.train.steps
+                if saved:
                     self.save_checkpoint(epoch, batches)
                 if step >= r.train.steps:
                     break
+                if self._stop_now(stop.signalled, step):
+                    if not saved:
+                        self.save_checkpoint(epoch, batches)
+                    raise Stopped(f"SIGTERM at step {step:,} of {r.train.steps:,}: checkpoint "
+                                  f"{self.out / 'checkpoints' / f'step_{step:08d}'} written; continue with "
+                                  f"--resume latest", exit_code=128 + signal.SIGTERM)
         self._bar.close()
         return self._finish(t0, evals)
 

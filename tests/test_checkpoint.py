@@ -225,3 +225,36 @@ def test_a_resume_keeps_its_learning_rates_and_says_so_when_the_recipe_changed_t
     assert all(abs(after[s] - reference[s]) < 1e-5 for s in (5, 6))
     out = capsys.readouterr().out
     assert "the run goes on at the learning rates it was started with" in out and "[0.01, 0.005]" in out
+
+
+def test_sigterm_writes_a_checkpoint_and_stops_then_resume_continues(digits_dir: Path, tmp_path: Path) -> None:
+    """What Slurm and Kubernetes send before preemption or at a time limit: before, the run died
+    mid-step and lost everything since its last checkpoint (here: all of it, save_every 0). Now it
+    finishes the step, writes a checkpoint, says where, exits 143, and ``--resume latest`` goes on
+    from that step."""
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    sets = [f"data.train_shards={digits_dir}/train-{{000000..000004}}.tar", f"run.output_dir={run}",
+            "data.batch_size=32", "data.num_workers=1", "train.log_every=1", "train.save_every=0",
+            "train.progress=false", "eval.zeroshot_shards=null"]
+    cmd = [sys.executable, "-m", "mmcl", "train", "--config", str(ROOT / "configs" / "clip_digits.yaml")]
+    proc = subprocess.Popen([*cmd, *[a for s in [*sets, "train.steps=1000"] for a in ("--set", s)]],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.jsonl").is_file() or len(losses(run)) < 3:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    step = max(losses(run))
+    assert f"stopped: SIGTERM at step {step} of 1,000: checkpoint" in err and "--resume latest" in err
+    assert ckpt.is_complete(run / "checkpoints" / f"step_{step:08d}")
+    done = subprocess.run([*cmd, *[a for s in [*sets, f"train.steps={step + 2}"] for a in ("--set", s)],
+                           "--resume", "latest"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resumed from {run / 'checkpoints' / f'step_{step:08d}'} at step {step}" in done.stdout
+    assert sorted(losses(run)) == list(range(1, step + 3))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -161,7 +162,8 @@ class Loader:
             self._loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
                                       pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
                                       prefetch_factor=4 if self.num_workers else None,
-                                      generator=torch.Generator().manual_seed(self.stream.seed))
+                                      generator=torch.Generator().manual_seed(self.stream.seed),
+                                      worker_init_fn=_ignore_sigterm)
         batches = iter(self._loader)
         while True:
             try:
@@ -230,6 +232,13 @@ class Loader:
                                 f"samples for batch size {self.stream.batch_size}"
                                 + (f" (skipped: {dict(self.skipped)})" if self.skipped else ""))
             epoch += 1
+
+
+def _ignore_sigterm(worker_id: int) -> None:  # noqa: ARG001
+    """Loader workers ignore SIGTERM: a scheduler (Slurm, torchrun's agent) sends it to every process of
+    a job, and the main process, which stops at the next step and writes a checkpoint, needs its
+    workers until then; it stops them itself, and they exit when it dies."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def view_transforms(cfg: DataConfig, train: bool) -> list[Callable[[Any], torch.Tensor]]:

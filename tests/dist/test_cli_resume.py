@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -115,6 +116,32 @@ def test_killed_two_process_cli_run_resumes_to_the_uninterrupted_weights(digits_
     diff = max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].numel())
     assert diff <= 1e-6, diff
     assert all(torch.equal(a[k], b[k]) for k in a), f"equal to {diff:.1e} but not bitwise"
+
+
+def test_sigterm_to_a_two_process_launch_saves_at_one_step_and_resume_goes_on(digits_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    """A scheduler's SIGTERM to ``accelerate launch``: torchrun's agent passes it to both processes
+    (and their loader workers, which ignore it: before, they died first and the run stopped with a
+    worker-death error and no checkpoint). Both processes agree on one step, write its checkpoint
+    together and say so; ``--resume latest`` goes on from there."""
+    run = tmp_path / "run"
+    proc = start(command(digits_dir, run, "--set", "train.steps=400", "--set", "train.save_every=0"),
+                 tmp_path / "stopped.log")
+    deadline = time.monotonic() + 240
+    while len(records(run)) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "stopped.log").read_text()[-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    out = (tmp_path / "stopped.log").read_text()
+    [step] = checkpoints(run)
+    assert out.count(f"stopped: SIGTERM at step {step} of 400: checkpoint") == 2, out[-3000:]
+    assert "loader worker died" not in out
+    files = {p.name for p in (run / "checkpoints" / f"step_{step:08d}").iterdir()}
+    assert {"manifest.json", "process_0.safetensors", "process_1.safetensors"} <= files
+    finish(start(command(digits_dir, run, "--set", f"train.steps={step + 2}", "--resume", "latest"),
+                 tmp_path / "resumed.log"), tmp_path / "resumed.log")
+    assert [r["step"] for r in records(run)] == list(range(1, step + 3))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with GPUs Accelerate sees every torchrun process")
