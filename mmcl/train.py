@@ -788,6 +788,7 @@ class Trainer:
                 if self._stop_now(stop.signalled, step):
                     if not saved:
                         self.save_checkpoint(epoch, batches)
+                    self.acc.end_training()  # the trackers write out what they hold
                     raise Stopped(f"SIGTERM at step {step:,} of {r.train.steps:,}: checkpoint "
                                   f"{self.out / 'checkpoints' / f'step_{step:08d}'} written; continue with "
                                   f"--resume latest", exit_code=128 + signal.SIGTERM)
