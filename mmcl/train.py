@@ -99,13 +99,12 @@ class _Signal:
 def stop_on_sigterm() -> Iterator[_Signal]:
     """While training, a SIGTERM (what Slurm and Kubernetes send before preemption or at a time limit,
     some seconds before SIGKILL) asks the loop to write a checkpoint and stop at the next step instead
-    of dying mid-step; a second SIGTERM kills as usual. Outside the main thread nothing is changed."""
+    of dying mid-step. Later SIGTERMs change nothing: under Slurm a process gets one from Slurm and one
+    from torchrun's agent within milliseconds, and SIGKILL follows the grace period anyway. Outside
+    the main thread nothing is changed."""
     seen = _Signal()
 
     def handler(signum: int, frame: Any) -> None:  # noqa: ARG001
-        if seen.signalled:  # asked twice: die now
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.raise_signal(signal.SIGTERM)
         seen.signalled = True
 
     try:
@@ -115,8 +114,8 @@ def stop_on_sigterm() -> Iterator[_Signal]:
         return
     try:
         yield seen
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    finally:  # a handler installed from C reads as None and cannot be put back: the default then
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 @contextmanager
@@ -789,6 +788,7 @@ class Trainer:
                     if not saved:
                         self.save_checkpoint(epoch, batches)
                     self.acc.end_training()  # the trackers write out what they hold
+                    self._bar.close()
                     raise Stopped(f"SIGTERM at step {step:,} of {r.train.steps:,}: checkpoint "
                                   f"{self.out / 'checkpoints' / f'step_{step:08d}'} written; continue with "
                                   f"--resume latest", exit_code=128 + signal.SIGTERM)

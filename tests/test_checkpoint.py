@@ -231,7 +231,7 @@ def test_sigterm_writes_a_checkpoint_and_stops_then_resume_continues(digits_dir:
     """What Slurm and Kubernetes send before preemption or at a time limit: before, the run died
     mid-step and lost everything since its last checkpoint (here: all of it, save_every 0). Now it
     finishes the step, writes a checkpoint, says where, exits 143, and ``--resume latest`` goes on
-    from that step."""
+    from that step. A second SIGTERM right after the first changes nothing."""
     import subprocess
     import sys
     import time
@@ -248,6 +248,7 @@ def test_sigterm_writes_a_checkpoint_and_stops_then_resume_continues(digits_dir:
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)  # under Slurm, one from Slurm and one from torchrun's agent
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
     step = max(losses(run))
@@ -258,3 +259,24 @@ def test_sigterm_writes_a_checkpoint_and_stops_then_resume_continues(digits_dir:
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"resumed from {run / 'checkpoints' / f'step_{step:08d}'} at step {step}" in done.stdout
     assert sorted(losses(run)) == list(range(1, step + 3))
+
+
+def test_loader_workers_outlive_sigterm_and_the_programs_they_start_do_not(tmp_path: Path) -> None:
+    """A loader worker lets SIGTERM pass (the main process stops it after its checkpoint), but a
+    program it starts (a ``pipe:`` shard command) ends on SIGTERM as usual: a handler, not
+    ``SIG_IGN``, which would carry over to it."""
+    import subprocess
+    import sys
+
+    script = """
+import os, signal, subprocess, time
+from mmcl.data.loader import _ignore_sigterm
+_ignore_sigterm(0)
+os.kill(os.getpid(), signal.SIGTERM)  # this process goes on
+child = subprocess.Popen(["sleep", "30"])
+time.sleep(0.2)
+child.terminate()
+print(child.wait(timeout=10))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.split()[-1] == "-15", done.stderr[-2000:]

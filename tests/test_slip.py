@@ -110,3 +110,28 @@ def test_clip_with_dino_on_the_views(digits_dir: Path, tmp_path: Path) -> None:
     assert last["loss"] == pytest.approx(last["clip/loss"] + 0.5 * last["dino/loss"], abs=1e-5)
     online = trainer.unwrapped.clip.visual
     assert any(not torch.equal(a, b) for a, b in zip(teacher.visual.parameters(), online.parameters()))
+
+
+@pytest.mark.parametrize("part", ["byol", "dino"])
+def test_a_teacher_saved_as_a_whole_clip_model_still_loads(part: str, digits_dir: Path, tmp_path: Path) -> None:
+    """Checkpoints written before the teachers copied only the views' network hold the whole CLIP
+    model under ``target.net``: they load into today's teacher (image tower and view head kept)."""
+    from mmcl.objectives.momentum import MomentumTarget
+
+    extra = "predictor: {dims: [64, 64]}" if part == "byol" else "out_dim: 32"
+    parts = f"objective.parts=[{{name: clip}}, {{name: {part}, {extra}}}]"
+    trainer = Trainer(slip(digits_dir, tmp_path / "run", parts))
+    objective = trainer.acc.unwrap_model(trainer.objective)
+    model = trainer.unwrapped
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))  # weights the teacher does not hold yet
+    old = objective.parts[1]
+    whole = MomentumTarget(model if part == "byol" else type(old.target.net)(model, old.last), 0.99)
+    state = {k: v for k, v in objective.state_dict().items() if ".target." not in k}
+    state.update({f"parts.1.target.{k}": v for k, v in whole.state_dict().items()})
+    assert any(".clip.transformer." in k or ".clip.text." in k for k in state)  # the text tower was in it
+    objective.load_state_dict(state, strict=True)
+    tower = old.target.net if part == "byol" else old.target.net.model
+    assert all(torch.equal(a, b) for a, b in zip(tower.visual.parameters(), model.clip.visual.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(tower.head.parameters(), model.view_head.parameters()))

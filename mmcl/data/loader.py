@@ -216,6 +216,10 @@ class Loader:
                     _remove_worker_pids(id(iterator))  # must not raise while the others are stopped
                     iterator._worker_pids_set = False
                 iterator._shutdown_workers()
+                for worker in getattr(iterator, "_workers", []):  # one stuck in a read outlived torch's SIGTERM,
+                    if worker.is_alive():  # which workers let pass (_ignore_sigterm)
+                        worker.kill()
+                        worker.join(timeout=10)
             self._loader = None
 
     def forever(self, start_epoch: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -235,10 +239,16 @@ class Loader:
 
 
 def _ignore_sigterm(worker_id: int) -> None:  # noqa: ARG001
-    """Loader workers ignore SIGTERM: a scheduler (Slurm, torchrun's agent) sends it to every process of
-    a job, and the main process, which stops at the next step and writes a checkpoint, needs its
-    workers until then; it stops them itself, and they exit when it dies."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """Loader workers outlive a SIGTERM: a scheduler (Slurm, torchrun's agent) sends it to every process
+    of a job, and the main process, which stops at the next step and writes a checkpoint, needs its
+    workers until then; it stops them itself (:meth:`Loader.close`), and they exit when it dies. A
+    handler that does nothing rather than ``SIG_IGN``, which programs a worker starts (``pipe:``
+    shard commands) would inherit."""
+    signal.signal(signal.SIGTERM, _do_nothing)
+
+
+def _do_nothing(signum: int, frame: Any) -> None:  # noqa: ARG001
+    """A signal handler that ignores the signal in this process only (not across exec)."""
 
 
 def view_transforms(cfg: DataConfig, train: bool) -> list[Callable[[Any], torch.Tensor]]:

@@ -213,14 +213,31 @@ class HFTextTower(nn.Module):
 
 class ViewTower(nn.Module):
     """A CLIP image tower and the view head on it, as :meth:`ClipModel.forward` embeds views:
-    ``{"views": [...]}`` to ``{"z": [...]}``."""
+    ``{"views": [...]}`` to ``{"z": [...]}``. It also loads the state of a whole :class:`ClipModel`
+    (keeping its image tower and view head): momentum teachers saved before 2026-11-29 were copies of
+    the whole model, and their checkpoints resume."""
 
     def __init__(self, visual: nn.Module, head: nn.Module):
         super().__init__()
         self.visual, self.head = visual, head
+        self.register_load_state_dict_pre_hook(_view_tower_keys)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, list[torch.Tensor]]:
         return {"z": [self.head(self.visual(v)) for v in batch["views"]]}
+
+
+def _view_tower_keys(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+    """A whole CLIP model's keys as a :class:`ViewTower`'s: ``clip.visual.*`` to ``visual.*``,
+    ``view_head.*`` to ``head.*``, the rest (text tower, temperature) dropped."""
+    if not any(k.startswith(prefix + "clip.visual.") for k in state):
+        return
+    for key in [k for k in state if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        value = state.pop(key)
+        if rest.startswith("clip.visual."):
+            state[prefix + rest[len("clip."):]] = value
+        elif rest.startswith("view_head."):
+            state[prefix + "head." + rest[len("view_head."):]] = value
 
 
 class HFTokenizer:
