@@ -239,6 +239,7 @@ class Trainer:
             self.objective.to(self.acc.device)
         self.state = TrainState()
         self._pending: list[dict[str, Any]] = []  # this optimizer step's micro-batch metrics (on the device)
+        self._signal, self._stop_agreed = _Signal(), False  # a SIGTERM seen here; seen anywhere (the last vote)
         # the host vote's verdict as a device tensor, for the metric weights (not one new tensor a step)
         self._verdicts = {flag: torch.tensor(flag, device=self.acc.device) for flag in (False, True)}
         # the logging window's metrics, each with its weight: 1 for a good step, 0 for a skipped one
@@ -299,14 +300,14 @@ class Trainer:
 
     def _stop_now(self, signalled: bool, step: int) -> bool:
         """Whether a SIGTERM reached any process, so that all save and stop at the same step: at every
-        step with one process or with the vote on the host (a step that already waits for the host);
-        with the vote on the device and several processes, at logging steps only, so that no step
-        waits for the host for it."""
+        step with one process, or with the vote on the host (in that vote's one collective); with the
+        vote on the device and several processes, at logging steps only, so that no step waits for
+        the host for it."""
         if self.acc.num_processes == 1:
             return signalled
-        if self.vote_on_device and step % self.recipe.train.log_every:
-            return False
-        return self._any(signalled)
+        if not self.vote_on_device:
+            return self._stop_agreed  # voted with the step's finite checks (train_step)
+        return step % self.recipe.train.log_every == 0 and self._any(signalled)
 
     def _any(self, flag: bool | torch.Tensor) -> bool:
         """True on every process when ``flag`` is true on any (see :meth:`_votes`)."""
@@ -570,7 +571,9 @@ class Trainer:
                 self.optimizer.optimizer.found_inf = bad.float()  # the fused kernel skips the update if set
                 self.optimizer.step()
             else:
-                loss_bad, norm_bad = self._votes(losses_bad, ~torch.isfinite(norm))
+                # the same collective tells every process whether a SIGTERM reached any (fit stops on it)
+                loss_bad, norm_bad, self._stop_agreed = self._votes(losses_bad, ~torch.isfinite(norm),
+                                                                    self._signal.signalled)
                 bad = self._verdicts[loss_bad or norm_bad]  # the vote as a device tensor, made once
                 if not (loss_bad or norm_bad) or (norm_bad and acc.scaler is not None):
                     self.optimizer.step()  # fp16 with a non-finite norm: the grad scaler skips it, lowers its scale
@@ -752,7 +755,7 @@ class Trainer:
         merging: list[dict[str, Any]] = []
         evals: list[dict[str, Any]] = []
         self.model.train()
-        with closing(self.loader), loader_worker_deaths(self.loader), stop_on_sigterm() as stop:
+        with closing(self.loader), loader_worker_deaths(self.loader), stop_on_sigterm() as self._signal:
             for epoch, batch in _timed(self.loader.forever(start_epoch), waited):
                 if epoch != current:
                     current, batches = epoch, 0
@@ -784,7 +787,7 @@ class Trainer:
                     self.save_checkpoint(epoch, batches)
                 if step >= r.train.steps:
                     break
-                if self._stop_now(stop.signalled, step):
+                if self._stop_now(self._signal.signalled, step):
                     if not saved:
                         self.save_checkpoint(epoch, batches)
                     self.acc.end_training()  # the trackers write out what they hold
