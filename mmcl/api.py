@@ -106,7 +106,9 @@ def recipe_from(recipe: str | Path | dict[str, Any], overrides: Iterable[str] = 
 
 def fit(recipe: str | Path | dict[str, Any], overrides: Iterable[str] = (), resume: str | None = None) -> Path:
     """Train a recipe (a YAML file or a dict, see :func:`recipe_from`) in this process, or in every
-    process of an ``accelerate launch``; returns the final model folder.
+    process of an ``accelerate launch``; returns the final model folder. A SIGTERM (preemption, a
+    time limit) writes a checkpoint and raises :class:`mmcl.errors.Stopped`; ``resume="latest"``
+    goes on from it.
 
     >>> import subprocess, sys, tempfile
     >>> data = tempfile.mkdtemp()   # mmcl-prep digits: 32 px image-caption shards of scikit-learn's digits
