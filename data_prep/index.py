@@ -26,6 +26,7 @@ import re
 import sys
 import tarfile
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,8 +85,40 @@ def _tail_fault(path: Path, offset: int, size: int, last: str | None) -> str | N
     return None
 
 
+def read_gzip_shard(path: Path) -> ShardIndex:
+    """Count the samples of a gzip-compressed tar shard (which the loader reads whatever its name),
+    reading every member through: a stream cut short or corrupt is found only by decompressing it.
+    A sample counts once the data of its first member is read, as the loader then has it."""
+    out = ShardIndex(path.name)
+    key, extensions, last = None, set(), None
+    try:
+        with tarfile.open(path, "r|gz") as tar:
+            for member in tar:
+                if not member.isreg():
+                    continue
+                tar.extractfile(member).read()  # decompressed: a cut or corrupt stream raises here
+                last = member.name
+                found = sample_key(member.name)
+                if found is None:
+                    continue
+                if found[0] != key:
+                    out.formats.update(extensions)
+                    key, extensions = found[0], set()
+                    out.samples += 1
+                extensions.add(found[1])
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        out.fault = f"not readable as a gzipped tar file: {_first_line(e)}" if last is None else \
+            f"read error after {last}: {_first_line(e)}; counted up to there, as the loader reads it"
+    out.formats.update(extensions)
+    return out
+
+
 def read_shard(path: Path) -> ShardIndex:
-    """Count the samples of one plain (uncompressed) tar shard, tolerating a cut or corrupt end."""
+    """Count the samples of one tar shard, tolerating a cut or corrupt end; a gzipped one (found by its
+    first bytes, as the loader finds it) by :func:`read_gzip_shard`."""
+    with path.open("rb") as f:
+        if f.read(2) == b"\x1f\x8b":
+            return read_gzip_shard(path)
     out = ShardIndex(path.name)
     size = path.stat().st_size
     key, extensions, last = None, set(), None

@@ -456,3 +456,30 @@ def test_real_img2dataset_end_to_end(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     figures = json.loads((tmp_path / "figures.json").read_text())
     assert figures["index"]["total"] == 20 and figures["index"]["img2dataset"]["failed_to_download"] == 3
+
+
+def test_a_gzipped_shard_is_counted_as_the_loader_reads_it(digits_dir: Path, tmp_path: Path) -> None:
+    """A gzip-compressed tar (the loader reads one whatever its name) was reported unreadable with 0
+    samples, and the loader then trusted that count. Now it is counted, whole or cut short anywhere,
+    exactly as the loader reads it."""
+    import gzip
+
+    from mmcl.data import DataConfig, make_loader
+
+    whole = gzip.compress((digits_dir / "train-000000.tar").read_bytes())
+    folder = tmp_path / "gz"
+    folder.mkdir()
+    for fraction in (1.0, 0.9, 0.5, 0.1, 0.01):
+        shard = folder / "00000.tar"
+        shard.write_bytes(whole[: int(len(whole) * fraction)])
+        assert prep_main(["index", str(folder), "--force"]) == 0
+        split = manifest(folder)["splits"]["train"]
+        loader = make_loader(DataConfig(train_shards=str(shard), image_size=32, batch_size=1, num_workers=0),
+                             train=False, tokenizer=lambda texts: texts)
+        read = sum(len(b["key"]) for b in loader)
+        assert split["total"] == read, (fraction, split, read)
+        if fraction == 1.0:
+            assert read == 256 and split["faults"] == {} and split["formats"] == {"json": 256, "png": 256, "txt": 256}
+        else:
+            assert split["faults"]["00000.tar"].startswith(("read error after", "not readable as a gzipped tar"))
+            assert loader.skipped == {"bad_shard": 1}
