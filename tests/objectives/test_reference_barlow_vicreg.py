@@ -18,22 +18,13 @@ import torch
 from mmcl.errors import ConfigError
 
 from .test_reference_contrastive import (
-    ENCODER,
     IMAGE,
-    STEPS,
     B,
     assert_close,
-    assert_grads,
     assert_loss,
-    assert_metrics,
-    forward,
+    assert_two_view_steps,
     leaf,
-    model_from,
     objective_from,
-    spread,
-    start,
-    two_views,
-    update,
 )
 
 
@@ -104,20 +95,7 @@ def test_objective_over_steps_of_a_real_encoder(name: str) -> None:
     """A tiny CNN encoder trained for several steps: the loss, the gradients of both views'
     projections and every logged metric equal the reference's at every step."""
     params, reference = METHODS[name]
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(1)
-    model = model_from("encoder", **ENCODER)
-    objective = objective_from(name, **params)
-    optimizer = start(model, objective, STEPS)
-    assert not list(objective.parameters())
-    for step in range(1, STEPS + 1):
-        out, loss, metrics = forward(model, objective, two_views(gen))
-        z1, z2 = leaf(out["z"][0]), leaf(out["z"][1])
-        ref, terms = reference(z1, z2)
-        assert_loss(loss, ref)
-        assert_grads([z.grad for z in out["z"]], [z1, z2], ref, "z")
-        assert_metrics(metrics, {**terms, "embedding_std": spread(z1)})
-        update(model, objective, optimizer, step)
+    assert_two_view_steps(name, params, reference)
 
 
 def test_barlow_twins_defaults_are_the_papers() -> None:

@@ -20,6 +20,7 @@ import copy
 import importlib
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -282,24 +283,35 @@ def invaspread_rows(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Ten
 IN_BATCH = {"simclr": (simclr_rows, 0.2), "invaspread": (invaspread_rows, 0.1)}
 
 
-@pytest.mark.parametrize("name", sorted(IN_BATCH))
-def test_in_batch_objective_over_steps_of_a_real_encoder(name: str) -> None:
-    """NT-Xent / invariance-spreading on a tiny CNN encoder: loss and gradients of both views, every step."""
-    rows, tau = IN_BATCH[name]
+Reference = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
+
+
+def assert_two_view_steps(name: str, params: dict[str, Any], reference: Reference) -> None:
+    """A tiny CNN encoder trained with objective ``name`` (no trained parameters of its own) for
+    ``STEPS`` steps on two views: at every step the loss, the gradients of both views' projections
+    and every logged metric equal ``reference(z1, z2)``'s loss and metrics (plus ``embedding_std``)."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     model = model_from("encoder", **ENCODER)
-    objective = objective_from(name, temperature=tau)
+    objective = objective_from(name, **params)
     optimizer = start(model, objective, STEPS)
     assert not list(objective.parameters())
     for step in range(1, STEPS + 1):
         out, loss, metrics = forward(model, objective, two_views(gen))
         z1, z2 = leaf(out["z"][0]), leaf(out["z"][1])
-        ref = rows(z1, z2, tau).mean()
+        ref, expected = reference(z1, z2)
         assert_loss(loss, ref)
         assert_grads([z.grad for z in out["z"]], [z1, z2], ref, "z")
-        assert_metrics(metrics, {"acc": top1_rows(*nt_xent_rows(z1, z2, tau)), "embedding_std": spread(z1)})
+        assert_metrics(metrics, {**expected, "embedding_std": spread(z1)})
         update(model, objective, optimizer, step)
+
+
+@pytest.mark.parametrize("name", sorted(IN_BATCH))
+def test_in_batch_objective_over_steps_of_a_real_encoder(name: str) -> None:
+    """NT-Xent / invariance-spreading on a tiny CNN encoder: loss and gradients of both views, every step."""
+    rows, tau = IN_BATCH[name]
+    assert_two_view_steps(name, {"temperature": tau}, lambda z1, z2: (
+        rows(z1, z2, tau).mean(), {"acc": top1_rows(*nt_xent_rows(z1, z2, tau))}))
 
 
 # --------------------------------------------------------------------------------------------- simulated processes
