@@ -51,27 +51,44 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Image bytes to 8-bit RGB (:func:`to_rgb`), or :class:`BadImage` saying why not.
+def _reason(e: Exception) -> str:
+    """Why Pillow could not open or decode an image, as a skip reason."""
+    if isinstance(e, BadImage):
+        return e.reason
+    if isinstance(e, Image.DecompressionBombError):
+        return TOO_MANY_PIXELS
+    if isinstance(e, UnidentifiedImageError):
+        return BAD_IMAGE
+    return TRUNCATED_IMAGE if "truncated" in str(e).lower() else BAD_IMAGE  # PIL's decoders raise many types
 
-    The pixel count is read from the header before any pixel is decoded, so a small file that
-    declares a huge image is refused without allocating it (PIL's own decompression-bomb
-    error is the second guard). A truncated image is refused, never padded with grey.
-    """
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """The image with its header read and no pixel decoded (Pillow opens lazily), or :class:`BadImage`:
+    a file that declares more than ``max_pixels`` pixels is refused before anything is allocated
+    (PIL's own decompression-bomb error is the second guard)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))  # lazy: reads the header only
-            if img.width * img.height > max_pixels:
-                raise BadImage(TOO_MANY_PIXELS)
+            img = Image.open(io.BytesIO(data))
+    except Exception as e:  # noqa: BLE001 (mapped to a reason)
+        raise BadImage(_reason(e)) from None
+    if img.width * img.height > max_pixels:
+        raise BadImage(TOO_MANY_PIXELS)
+    return img
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Image bytes to 8-bit RGB (:func:`to_rgb`), or :class:`BadImage` saying why not.
+
+    The pixel count is read from the header first (:func:`open_image`). A truncated image is
+    refused, never padded with grey.
+    """
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    img = open_image(data, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img.load()
             return to_rgb(img)
-    except BadImage:
-        raise
-    except Image.DecompressionBombError:
-        raise BadImage(TOO_MANY_PIXELS) from None
-    except UnidentifiedImageError:
-        raise BadImage(BAD_IMAGE) from None
-    except Exception as e:  # PIL's decoders raise many types on corrupt data
-        raise BadImage(TRUNCATED_IMAGE if "truncated" in str(e).lower() else BAD_IMAGE) from None
+    except Exception as e:  # noqa: BLE001 (mapped to a reason)
+        raise BadImage(_reason(e)) from None

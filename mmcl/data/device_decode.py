@@ -24,21 +24,18 @@ Evaluation loaders decode in their workers: their speed does not hold up trainin
 
 from __future__ import annotations
 
-import io
 import logging
-import warnings
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
 from mmcl.data.stream import Skip
-from mmcl.decode import MAX_PIXELS, TOO_MANY_PIXELS, BadImage, decode_image
+from mmcl.decode import MAX_PIXELS, TOO_MANY_PIXELS, BadImage, decode_image, open_image
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +50,7 @@ def jpeg_size(data: bytes, max_pixels: int) -> tuple[int, int] | None:
     image (the worker decodes it); :class:`Skip` ``too_large`` when the header declares more than
     ``max_pixels`` pixels.
 
+    >>> import io; from PIL import Image
     >>> buf = io.BytesIO(); Image.new("RGB", (40, 30)).save(buf, "JPEG")
     >>> jpeg_size(buf.getvalue(), max_pixels=10_000), jpeg_size(buf.getvalue()[:-100], max_pixels=10_000)
     ((30, 40), None)
@@ -60,15 +58,13 @@ def jpeg_size(data: bytes, max_pixels: int) -> tuple[int, int] | None:
     if not data.startswith(b"\xff\xd8") or not data.rstrip(_TRAILING).endswith(b"\xff\xd9"):
         return None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))  # lazy: the header only
-    except Exception:  # the worker's decoder says what is wrong with it
+        img = open_image(data, max_pixels)  # the header only
+    except BadImage as e:  # too large: skipped here; anything else the worker's decoder reports
+        if e.reason == TOO_MANY_PIXELS:
+            raise Skip(TOO_MANY_PIXELS) from None
         return None
     if img.format != "JPEG" or img.mode not in ("RGB", "L"):
         return None
-    if img.width * img.height > max_pixels:
-        raise Skip(TOO_MANY_PIXELS)
     return img.height, img.width
 
 

@@ -311,13 +311,14 @@ def make_loader(cfg: DataConfig, shards: str | None = None, *, train: bool = Tru
     wanted = cfg.num_workers if num_workers is None else num_workers
     workers = _workers_for(len(urls), world_size, wanted, cfg.resample and train)
     size, mean, std = cfg.image_size, tuple(cfg.mean), tuple(cfg.std)
+    on_device_decode = train and cfg.decode == "device"  # evaluation loaders decode in their workers
     if cfg.kind == "image_text":
         name = cfg.transform if train else "eval"
         tf = build_transform(name, size, mean, std, cfg.colour, normalize=cfg.normalize == "workers",
                              **(cfg.transform_args if train else {}))
         views = [build_transform(n, size, mean, std, cfg.colour, normalize=cfg.normalize == "workers",
                                  **cfg.transform_args) for n in cfg.view_transforms] if train else []
-        crop = ClipCrop(**cfg.transform_args) if train and cfg.decode == "device" else None
+        crop = ClipCrop(**cfg.transform_args) if on_device_decode else None
         sample_fn = image_text_sample(tf, cfg.image_keys, cfg.text_key, cfg.max_pixels, views, crop)
         required = {MISSING_IMAGE: tuple(cfg.image_keys), MISSING_CAPTION: (cfg.text_key,)}
     else:
@@ -337,5 +338,5 @@ def make_loader(cfg: DataConfig, shards: str | None = None, *, train: bool = Tru
         rank=rank, world_size=world_size, num_workers=workers, remote=policy,
         shard_bytes={u: e["bytes"] for u, e in entries.items() if "bytes" in e} if train else None)
     on_device = Normalize(mean, std, cfg.colour) if cfg.normalize == "device" else None
-    decoder = DeviceDecoder(size, cfg.max_pixels) if train and cfg.decode == "device" else None
+    decoder = DeviceDecoder(size, cfg.max_pixels) if on_device_decode else None
     return Loader(stream, workers, pin_memory=torch.cuda.is_available(), normalize=on_device, decoder=decoder)
