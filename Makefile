@@ -8,7 +8,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 DATA := data/digits
 DEMO_RUN := runs/clip_digits
 
-.PHONY: install demo test lint mutation clean
+.PHONY: install demo test gpu-smoke lint mutation clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+# Every GPU benchmark of benchmarks/run_gpu.sh at a tiny size on the CPU: a GPU session's 15 minutes are not
+# spent finding a broken script (about 4 minutes on 2 cores; CI runs it after the tests).
+gpu-smoke: $(STAMP)
+	rm -rf runs/gpu-smoke
+	SMOKE=1 BUDGET=1800 PYTHON=$(PY) bash benchmarks/run_gpu.sh runs/gpu-smoke
 
 # Mutation score of mmcl/objectives against the tests that cover each function (see docs/testing.md).
 mutation: $(STAMP)

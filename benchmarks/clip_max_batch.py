@@ -32,15 +32,11 @@ WAYS = {  # name: recipe overrides ({chunk}, {tile} filled in)
 
 def fits(model: str, batch: int, overrides: list[str], shards: str, out: Path, device: torch.device) -> bool:
     """Whether two training steps of ``batch`` samples run within the memory budget."""
-    from mmcl.recipe import load_recipe
-    from mmcl.train import Trainer
+    from benchmarks.clip_step import clip_trainer
 
     trainer = None
     try:
-        trainer = Trainer(load_recipe(ROOT / "configs" / "clip_vit_b32.yaml", [
-            f"model.open_clip_model={model}", f"data.batch_size={batch}", f"data.train_shards={shards}",
-            "data.num_workers=0", f"run.output_dir={out}", "train.progress=false", "optim.warmup_steps=0",
-            "train.mixed_precision=bf16", *overrides]))
+        trainer = clip_trainer(model, batch, ["train.mixed_precision=bf16", *overrides], shards, out)
         size = trainer.unwrapped.image_size
         text_cfg = trainer.unwrapped.model_cfg.get("text_cfg", {})
         for _ in range(2):

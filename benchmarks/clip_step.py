@@ -90,16 +90,18 @@ def open_clip_side(model_name: str, weights: dict[str, torch.Tensor], device: to
     return step, model
 
 
-def mmcl_side(model_name: str, batch_size: int, overrides: list[str], shards: str, out: Path,
-              compile_model: bool) -> Any:
-    """An mmcl Trainer for configs/clip_vit_b32.yaml with ``overrides`` (its loader is not used)."""
+def clip_trainer(model_name: str, batch_size: int, overrides: list[str], shards: str, out: Path) -> Any:
+    """An mmcl Trainer for configs/clip_vit_b32.yaml with open_clip's ``model_name`` at its own image size,
+    ``overrides`` on top; its loader points at ``shards`` but the benchmarks feed batches themselves."""
+    import open_clip
+
     from mmcl.recipe import load_recipe
     from mmcl.train import Trainer
 
-    sets = [f"model.open_clip_model={model_name}", f"data.batch_size={batch_size}", f"data.train_shards={shards}",
-            "data.num_workers=0", f"run.output_dir={out}", "train.progress=false", "optim.warmup_steps=0",
-            f"train.compile={str(compile_model).lower()}",
-            *(o.format(quarter=max(1, batch_size // 4)) for o in overrides)]
+    size = open_clip.get_model_config(model_name)["vision_cfg"]["image_size"]
+    sets = [f"model.open_clip_model={model_name}", f"data.image_size={size}", f"data.batch_size={batch_size}",
+            f"data.train_shards={shards}", "data.num_workers=0", f"run.output_dir={out}", "train.progress=false",
+            "optim.warmup_steps=0", *overrides]
     trainer = Trainer(load_recipe(ROOT / "configs" / "clip_vit_b32.yaml", sets))
     trainer.model.train()
     return trainer
@@ -178,8 +180,9 @@ def main() -> None:
     shards = make_shards(tmp / "digits")
 
     torch.manual_seed(0)
-    trainers = {v: mmcl_side(name, batch_size, VARIANTS[v], shards, tmp / f"run{i}", args.compile)
-                for i, v in enumerate(args.variants.split(","))}
+    trainers = {v: clip_trainer(name, batch_size, [f"train.compile={str(args.compile).lower()}",
+                                                   *(o.format(quarter=max(1, batch_size // 4)) for o in VARIANTS[v])],
+                                shards, tmp / f"run{i}") for i, v in enumerate(args.variants.split(","))}
     first = next(iter(trainers.values()))
     weights = {k: v.detach().clone() for k, v in first.unwrapped.clip.state_dict().items()}
     for t in trainers.values():  # every side starts from the same weights

@@ -13,7 +13,9 @@ for CLIP recipes, with the captions' own templates). Throughput is the mean
 ``samples_per_s`` of the logged windows after the first (images per second; each image gives the
 recipe's views), so it includes the loader; ``data_wait`` is the share of that time the trainer
 waited for a batch, and "without the wait" divides it out: the step throughput the GPU would give
-with a loader that keeps up. Needs a GPU; on a machine without one it says so and stops.
+with a loader that keeps up. Needs a GPU; on a machine without one it says so and stops, unless
+``--cpu-smoke`` asks for a run of the same path on the CPU at a tiny size (8 samples a batch, 32 px, the
+tiny open_clip ViT for CLIP recipes): a check that the script works, not a measurement.
 
 With ``--results FILE`` every row is appended to the JSON list in FILE as soon as it is measured,
 with what identifies its run: date, command, device, torch version, loader workers and steps.
@@ -62,8 +64,11 @@ def data_spec(data: Path) -> tuple[str, str, str, str]:
     return f"{data}/{splits['train']['pattern']}", f"{data}/{splits['test']['pattern']}", templates, about
 
 
+SMOKE = {"data.batch_size": 8, "data.image_size": 32}  # --cpu-smoke; CLIP recipes also get the tiny ViT
+
+
 def run(recipe: str, precision: str, data: Path, out: Path, steps: int, workers: int,
-        overrides: list[str] = ()) -> dict:
+        overrides: list[str] = (), smoke: bool = False) -> dict:
     run_dir = out / (f"{recipe}_{precision}" + "".join(f"_{kv}".replace("/", "-") for kv in overrides))
     train, test, templates, _ = data_spec(data)
     sets = {"run.output_dir": run_dir, "data.train_shards": train, "data.num_workers": workers,
@@ -71,13 +76,18 @@ def run(recipe: str, precision: str, data: Path, out: Path, steps: int, workers:
             "train.steps": steps, "train.log_every": 10, "train.save_every": 0, "train.progress": "false",
             "optim.warmup_steps": steps, "eval.num_workers": workers}
     config = recipe_file(recipe)
-    if "image_text" in config.read_text():  # CLIP recipes: zero-shot on the test split
+    clip = "image_text" in config.read_text()
+    if clip:  # CLIP recipes: zero-shot on the test split
         sets.update({"eval.zeroshot_shards": test, "eval.templates": templates})
     else:
         sets.update({"eval.knn_train_shards": train, "eval.knn_shards": f"['{test}']"})
+    if smoke:
+        sets.update({**SMOKE, **({"model.open_clip_model": "null", "model.open_clip_config": "mmcl-tiny-vit"}
+                                 if clip else {})})
     # --set values are YAML: train.mixed_precision is quoted, since a bare `no` reads as false
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", precision, "--dynamo_backend", "no", "-m", "mmcl", "train", "--config", str(config)]
+           *(["--cpu"] if smoke else []), "--mixed_precision", precision, "--dynamo_backend", "no",
+           "-m", "mmcl", "train", "--config", str(config)]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     for kv in overrides:
@@ -125,9 +135,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="run folders (default: a temporary folder)")
     ap.add_argument("--results", type=Path, default=None,
                     help="append the rows, each with its run's date and command, to the JSON list in this file")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="run on the CPU at a tiny size: checks that the script works, measures nothing")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("gpu_recipes.py: no CUDA device here; this benchmark measures GPU training")
+    if not torch.cuda.is_available() and not args.cpu_smoke:
+        sys.exit("gpu_recipes.py: no CUDA device here; this benchmark measures GPU training (--cpu-smoke checks "
+                 "the script on the CPU)")
     earlier = json.loads(args.results.read_text()) if args.results and args.results.is_file() else []
     if not isinstance(earlier, list):
         sys.exit(f"gpu_recipes.py: {args.results} does not hold a JSON list of rows; give another --results file")
@@ -143,15 +156,16 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "data_prep", "digits", "--out", str(data), "--size", "224",
                         "--format", "jpg", "--shard-size", "100", "--no-progress"], check=True, cwd=ROOT)
     about = data_spec(data)[3]
-    this_run = {"command": shlex.join(["python", *sys.argv]), "device": torch.cuda.get_device_name(),
+    device = "cpu (smoke test)" if args.cpu_smoke else torch.cuda.get_device_name()
+    this_run = {"command": shlex.join(["python", *sys.argv]), "device": device,
                 "torch": torch.__version__, "workers": args.workers, "steps": args.steps, "data": about}
     out = args.out or Path(tempfile.mkdtemp())
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.workers} loader workers, "
+    print(f"{device}, torch {torch.__version__}, {args.workers} loader workers, "
           f"{args.steps} steps per run; data {about}")
     rows = []
     for recipe in args.recipes.split(","):
         for precision in args.precisions.split(","):
-            row = run(recipe, precision, data, out, args.steps, args.workers, args.overrides)
+            row = run(recipe, precision, data, out, args.steps, args.workers, args.overrides, args.cpu_smoke)
             rows.append({**row, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **this_run})
             if args.results:  # after every run, so a run cut short keeps what it measured
                 args.results.parent.mkdir(parents=True, exist_ok=True)
@@ -165,6 +179,8 @@ def main() -> None:
                   f"(waiting for data {row['data_wait']:4.0%}; {row['step_samples_per_s']:6.0f} without the wait)  "
                   f"{row['gpu_mem_gb']:5.1f} GiB  loss {row['last_loss']:.3f} finite={row['finite']}  "
                   f"{row['wall_s']:.0f} s  {knn}", flush=True)
+    if any("error" in row for row in rows):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
