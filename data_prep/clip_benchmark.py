@@ -40,10 +40,10 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.captions import CLASS_TEMPLATES, DIGIT_TEMPLATES, PHOTO_TEMPLATES
-from data_prep.index import IMAGE_EXTENSIONS, sample_key
 from data_prep.writer import MANIFEST, ShardWriter, write_json
 from mmcl.errors import DataError
 from mmcl.files import write_atomic
+from mmcl.tarfiles import IMAGE_KEYS, sample_key
 
 CLASSNAMES = "classnames.txt"
 TEMPLATES = "zeroshot_classification_templates.txt"
@@ -173,7 +173,7 @@ def samples(path: Path, read_all: bool = True) -> Iterator[tuple[str, dict[str, 
 
 def label_of(members: dict[str, bytes], n_classes: int) -> int | str:
     """The sample's label from its ``.json``, or the reason to leave it out."""
-    if not any(ext in members for ext in IMAGE_EXTENSIONS):
+    if not any(ext in members for ext in IMAGE_KEYS):
         return MISSING_IMAGE
     try:
         meta = json.loads(members["json"]) if "json" in members else {}

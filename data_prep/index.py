@@ -34,17 +34,13 @@ from typing import Any
 
 from data_prep.writer import MANIFEST, write_json
 from mmcl.errors import DataError
+from mmcl.tarfiles import IMAGE_KEYS, sample_key
 
 MADE_BY = "mmcl-prep index"  # source.made_by: a manifest this command may replace without --force
 STATS_SUFFIX = "_stats.json"
 STATS_TOTALS = ("count", "successes", "failed_to_download", "failed_to_resize")
 SUCCESS = "success"  # img2dataset's status_dict counts its successes under this reason too
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")  # mmcl.data.samples.IMAGE_KEYS (importing it imports torch)
 BLOCK = 512  # tar block size; an archive ends with two zero blocks
-# As webdataset.tariterators names a sample (base_plus_ext) and which members it leaves out (skip_meta,
-# meta_prefix/meta_suffix); copied because importing webdataset imports torch.
-_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-_META = re.compile(r"__[^/]*__($|/)")
 
 
 @dataclass
@@ -55,14 +51,6 @@ class ShardIndex:
     samples: int = 0
     formats: Counter[str] = field(default_factory=Counter)
     fault: str | None = None
-
-
-def sample_key(name: str) -> tuple[str, str] | None:
-    """``(key, extension)`` of a tar member as webdataset groups it, or None for one it leaves out."""
-    if ("/" not in name and name.startswith("__") and name.endswith("__")) or _META.match(name):
-        return None
-    m = _KEY_EXT.match(name)
-    return (m.group(1), m.group(2).lower()) if m else None
 
 
 def _first_line(e: BaseException) -> str:
@@ -230,7 +218,7 @@ def index_folder(folder: Path, split: str = "train") -> dict[str, Any]:
                             "but the shard is missing")
         entry["img2dataset"] = sum_stats(stats)
     entry["faults"] = dict(sorted(faults.items()))
-    images = [e for e in entry["formats"] if e in IMAGE_EXTENSIONS]
+    images = [e for e in entry["formats"] if e in IMAGE_KEYS]
     return {
         "format": "mmcl-shards/1",
         "splits": {split: entry},

@@ -24,16 +24,31 @@ TITLES = {"loss": "training loss", "lr": "learning rate", "samples_per_s": "samp
           "logit_scale": "logit scale (1 / temperature)", "logit_bias": "logit bias"}
 
 
+def log_lines(path: Path) -> list[tuple[str, dict[str, Any] | None]]:
+    """Each line of a ``metrics.jsonl`` with its record, or ``None`` for a line torn by the kill that
+    interrupted the run (the one reader of the log: reports, and the trainer trimming it on resume).
+
+    >>> import tempfile; log = Path(tempfile.mkdtemp()) / "metrics.jsonl"
+    >>> _ = log.write_text('{"step": 1, "loss": 2.5}\\n{"step": 2, "lo')
+    >>> log_lines(log)
+    [('{"step": 1, "loss": 2.5}', {'step': 1, 'loss': 2.5}), ('{"step": 2, "lo', None)]
+    """
+    out: list[tuple[str, dict[str, Any] | None]] = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            out.append((line, json.loads(line)))
+        except ValueError:
+            out.append((line, None))
+    return out
+
+
 def read_log(run: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The training records (those with a loss) and the evaluation records of ``RUN/metrics.jsonl``,
     each step once (the last record of a step wins, as after a resume); a torn line is skipped."""
     train: dict[int, dict[str, Any]] = {}
     evals: dict[int, dict[str, Any]] = {}
-    path = run / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            record = json.loads(line)
-        except ValueError:
+    for _, record in log_lines(run / "metrics.jsonl"):
+        if record is None:
             continue
         if "loss" in record:
             train[record["step"]] = record

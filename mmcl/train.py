@@ -40,6 +40,7 @@ from mmcl.optim import build_optimizer
 from mmcl.publish import RunFacts, push_final, write_final
 from mmcl.recipe import Recipe, device_vote_obstacle, merged_micro_batches, recipe_dict
 from mmcl.registry import build, plugin_name
+from mmcl.report import log_lines
 
 
 class TrainingError(MmclError):
@@ -730,14 +731,8 @@ class Trainer:
         path = self.out / "metrics.jsonl"
         if not (self.acc.is_main_process and path.is_file()):
             return
-        def step_of(line: str) -> int | None:
-            try:
-                return json.loads(line).get("step", 0)
-            except ValueError:  # a line torn by the kill that interrupted the run
-                return None
-
-        lines = path.read_text().splitlines()
-        kept = [line for line in lines if (at := step_of(line)) is not None and at <= step]
+        lines = log_lines(path)  # a line torn by the kill that interrupted the run is dropped too
+        kept = [line for line, record in lines if record is not None and record.get("step", 0) <= step]
         if len(kept) != len(lines):
             write_atomic(path, "".join(f"{line}\n" for line in kept))
 

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lowest first. A module may import its own package's modules and anything in a lower layer.
 LAYERS: list[tuple[str, ...]] = [
     ("mmcl", "mmcl.errors", "mmcl.dist", "mmcl.decode", "mmcl.prompts", "mmcl.argtypes", "mmcl.testing",
-     "mmcl.files"),
+     "mmcl.files", "mmcl.tarfiles"),
     ("mmcl.registry",),  # plugins by name; imports no plugin
     ("mmcl.config",),  # the typed schema and YAML
     ("mmcl.data",),
@@ -137,3 +137,18 @@ def test_the_checks_catch_an_upward_import_and_a_circle() -> None:
     assert upward(bad) == ["mmcl.evaluate.features imports mmcl.objectives.clip"]
     loop = GRAPH | {"mmcl.registry": GRAPH["mmcl.registry"] | {"mmcl.objectives.simclr"}}
     assert circles(loop) and all("mmcl.registry" in c for c in circles(loop))
+
+
+def test_mmcl_prep_imports_neither_torch_nor_webdataset() -> None:
+    """mmcl-prep runs where torch is not installed (an img2dataset or Spark environment): every
+    data_prep module, imported in a fresh interpreter, leaves torch and webdataset unimported (the
+    tar rules it shares with the loader live in the torch-free ``mmcl.tarfiles``)."""
+    import subprocess
+    import sys
+
+    code = ("import importlib, pkgutil, sys, data_prep\n"
+            "for m in pkgutil.iter_modules(data_prep.__path__):\n"
+            "    m.name == '__main__' or importlib.import_module('data_prep.' + m.name)\n"
+            "print(sorted(k for k in ('torch', 'torchvision', 'webdataset') if k in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -21,8 +21,8 @@ from mmcl.data.device_decode import jpeg_size
 from mmcl.data.stream import SampleFn, Skip
 from mmcl.decode import MAX_PIXELS, BadImage
 from mmcl.decode import decode_image as _decode
+from mmcl.tarfiles import IMAGE_KEYS
 
-IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 BAD_JSON, BAD_LABEL, BAD_ID = "bad_json", "bad_label", "bad_id"
 BAD_CAPTION, MISSING_CAPTION, MISSING_IMAGE = "bad_caption", "missing_caption", "missing_image"
 INT64_MAX = 2**63 - 1  # labels and ids become int64 tensors

@@ -4,22 +4,19 @@ A worker's stream is its shards' samples, in order, through a shuffle buffer who
 depend only on how many samples went in. So where the stream stood after giving out ``n`` samples
 can be found without data: :func:`shuffle_state` replays the buffer on sample *numbers*, giving the
 numbers still in the buffer and how many samples had been read. The shards wholly read before that
-point are then only scanned for their tar headers (:func:`scan_tar`, data skipped by seeking) to
+point are then only scanned for their tar headers (:func:`mmcl.tarfiles.scan_tar`, data skipped by seeking) to
 number their samples, and the data of the few samples still in the buffer is read where it lies
 (:func:`read_members`). A resume thus reads a shard's worth of headers, not an epoch of images.
 """
 
 from __future__ import annotations
 
-import os
 import random
-import re
-import tarfile
-from collections.abc import Iterator
 from typing import Any
 
-META = ("__", "__")  # webdataset skips top-level files named __*__ ...
-SKIP_META = re.compile(r"__[^/]*__($|/)")  # ... and those its skip_meta pattern matches
+from mmcl.tarfiles import scan_tar
+
+__all__ = ["ShuffleBuffer", "final_shuffle", "read_members", "scan_tar", "shuffle_state"]
 
 
 class ShuffleBuffer:
@@ -70,34 +67,6 @@ def final_shuffle(given: int, buffer_size: int, total: int, rng: random.Random) 
     buf = ShuffleBuffer(buffer_size, rng)
     out = [x for n in range(total) for x in buf.push(n)]
     return (out + buf.drain())[given:]
-
-
-def scan_tar(path: str) -> Iterator[dict[str, Any]] | None:
-    """The files of a local, uncompressed tar as ``webdataset.tariterators.tar_file_iterator`` gives
-    them, but with ``(offset, size)`` of the data instead of the data, which is skipped by seeking.
-    None if the file cannot be scanned so (compressed, not a tar): read it instead. Like the
-    streaming reader, the files stop before a header that cannot be read or data cut short."""
-    try:
-        tar = tarfile.open(path, "r:")
-    except (tarfile.TarError, OSError):
-        return None
-    size = os.path.getsize(path)
-
-    def files() -> Iterator[dict[str, Any]]:
-        with tar:
-            try:
-                for info in tar:
-                    name = info.name
-                    meta = "/" not in name and name.startswith(META[0]) and name.endswith(META[1])
-                    if not info.isreg() or meta or SKIP_META.match(name):
-                        continue
-                    if info.offset_data + info.size > size:
-                        return  # the streaming reader fails reading this file's data
-                    yield {"fname": name, "data": (info.offset_data, info.size), "__url__": path}
-            except (tarfile.TarError, OSError):
-                return
-
-    return files()
 
 
 def read_members(path: str, sample: dict[str, Any]) -> dict[str, Any]:
