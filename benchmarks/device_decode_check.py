@@ -14,6 +14,11 @@ is busy, and how fast nvJPEG decodes.
    count shows whether this GPU and driver have the fault at all.
 3. **Speed.** Images per second through :class:`DeviceDecoder` (decode, crop, resize) on the GPU
    against one CPU process decoding and cropping as a loader worker does.
+4. **Corrupt JPEGs.** Each of ``--corrupt`` photo JPEGs spoilt three ways that keep the header check
+   passing (data cut short with the end marker put back; bytes of the compressed data overwritten;
+   a run of it zeroed), given to mmcl's decoder (Pillow, as the workers decode) and to the device's
+   (``decode_jpeg``): how many the device decodes where the workers skip them (it would train on
+   images the workers refuse), and the reverse (the device falls back to Pillow: no harm).
 """
 
 from __future__ import annotations
@@ -107,12 +112,64 @@ def speed(jpegs: dict, shards: str, device: str, rounds: int = 5) -> None:
           f"one CPU process as a loader worker {max(cpu):,.0f} images/s (shard reading and shuffling included)")
 
 
+def spoilt(data: bytes, how: str, rng: torch.Generator) -> bytes:
+    """``data`` (a JPEG) spoilt after its headers: ``cut`` (cut at a random point of the compressed
+    data, the end marker put back), ``flip`` (a few random bytes overwritten) or ``zero`` (a run of
+    2 % zeroed); each keeps what :func:`mmcl.data.device_decode.jpeg_size` checks."""
+    start = data.rindex(b"\xff\xda") + 16  # past the (last) start-of-scan header
+    body = len(data) - 2 - start
+    at = start + int(torch.randint(body // 10, body - body // 10, (1,), generator=rng))
+    if how == "cut":
+        return data[:at] + b"\xff\xd9"
+    out = bytearray(data)
+    if how == "flip":
+        for i in torch.randint(start, len(data) - 2, (8,), generator=rng).tolist():
+            out[i] = int(torch.randint(0, 255, (1,), generator=rng))  # never 0xff: no marker made
+    else:
+        run = max(1, body // 50)
+        out[at:at + run] = bytes(min(run, len(data) - 2 - at))
+    return bytes(out)
+
+
+def corrupt(shards: str, count: int, device: str) -> None:
+    """Where the device's decoder and the workers' disagree on spoilt JPEGs (step 4)."""
+    import webdataset as wds
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from mmcl.decode import BadImage, decode_image
+
+    rng = torch.Generator().manual_seed(0)
+    jpegs = [s["jpg"] for s, _ in zip(wds.WebDataset(shards.split("::"), shardshuffle=False), range(count))]
+    for how in ("cut", "flip", "zero"):
+        tally = {"both decode": 0, "both refuse": 0, "device only": 0, "workers only": 0}
+        for data in jpegs:
+            bad = spoilt(data, how, rng)
+            assert dd.jpeg_size(bad, 10**8) is not None, "the spoilt JPEG no longer passes the header check"
+            try:
+                decode_image(bad)
+                workers = True
+            except BadImage:
+                workers = False
+            try:
+                decode_jpeg(torch.frombuffer(bytearray(bad), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                            device=device)
+                on_device = True
+            except RuntimeError:
+                on_device = False
+            key = ("both decode" if on_device else "workers only") if workers else \
+                ("device only" if on_device else "both refuse")
+            tally[key] += 1
+        print(f"4. corrupt JPEGs, {how:4s} x {len(jpegs)}: " + ", ".join(f"{k} {v}" for k, v in tally.items()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=2048)
     ap.add_argument("--tries", type=int, default=100)
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--device", default="cuda", help="cpu: a dry run of steps 1 and 3 (no stream to check)")
+    ap.add_argument("--corrupt", type=int, default=200, help="JPEGs spoilt each way in step 4")
+    ap.add_argument("--device", default="cuda",
+                    help="cpu: steps 1, 3 and 4 with torchvision's CPU decoder (no stream to check)")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("device_decode_check.py: no CUDA device here; this check is for GPUs (--device cpu: a dry run)")
@@ -127,6 +184,7 @@ def main() -> None:
         with_drain, without = hazard(jpegs, args.tries, True), hazard(jpegs, args.tries, False)
         print(f"2. stream hazard, {args.tries} tries: wrong sums with mmcl's drain {with_drain}, without it {without}")
     speed(jpegs, shards, args.device)
+    corrupt(shards, args.corrupt, args.device)
     if with_drain:
         sys.exit("device_decode_check.py: memory was corrupted with the drain in place")
 

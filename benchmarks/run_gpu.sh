@@ -31,7 +31,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 # sizes: the measurement, or the smoke test's (tiny model, CPU, one round)
 if [[ -n ${SMOKE:-} ]]; then
   batch=16 big=32 rounds="--rounds 1" steps="--steps 1" batches=256 tile=64 photos=256 recipe_steps=3 workers=1
-  cpu="--cpu-smoke" decode="--device cpu --samples 64 --tries 2 --batch 16" budget_gib=0.5 loader="--samples 128 \
+  cpu="--cpu-smoke" decode="--device cpu --samples 64 --tries 2 --batch 16 --corrupt 20" budget_gib=0.5 loader="--samples 128 \
 --rounds 1 --batch 16 --size 64"
 else
   batch=256 big=1024 rounds="--rounds 3" steps="" batches=8192,32768 tile=4096 photos=20000 recipe_steps=30
@@ -86,7 +86,8 @@ done
 step 4 300 $py benchmarks/clip_step.py --batch $batch --compile $rounds $steps --variants "mmcl fused AdamW" \
   --results "$out/clip_step.json"
 # 5. decoding on the GPU checked: the same pixels as the workers, no memory written by the decoder while the GPU is
-#    busy (pytorch/vision#9606), decode speed; then the loader alone, workers against the GPU decoding
+#    busy (pytorch/vision#9606), decode speed, corrupt JPEGs nvJPEG decodes where the workers skip them; then the
+#    loader alone, workers against the GPU decoding
 step 5 150 $py benchmarks/device_decode_check.py $decode
 step 5 240 $py benchmarks/loader_throughput.py $loader --workers $workers
 # 6. the largest CLIP ViT-B/32 batch within 24 GiB: plain, gradient checkpointing, gradient caching + tiled loss
