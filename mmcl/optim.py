@@ -73,6 +73,24 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+class FusedSGD(torch.optim.SGD):
+    """torch's fused SGD with its momentum buffers started at zero before the first step.
+
+    torch's fused kernel starts them with ``torch.empty_like`` and its first step fills them; when
+    that step is skipped by ``found_inf`` (mmcl's vote on the device, :meth:`mmcl.train.Trainer.train_step`)
+    nothing fills them, and the next step reads uninitialised memory. A zero buffer gives the same
+    first update: ``momentum * 0 + g = g``, exactly."""
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # noqa: D102
+        for g in self.param_groups:
+            if g["momentum"]:
+                for p in g["params"]:
+                    if p.grad is not None and self.state[p].get("momentum_buffer") is None:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        return super().step(closure)
+
+
 def build_optimizer(cfg: Any, modules: list[nn.Module]) -> torch.optim.Optimizer:
     """The optimizer an ``OptimConfig`` names, over the trainable parameters of ``modules``."""
     groups = param_groups(modules, cfg.weight_decay, cfg.lr, cfg.exempt_lr_scale)
@@ -81,5 +99,7 @@ def build_optimizer(cfg: Any, modules: list[nn.Module]) -> torch.optim.Optimizer
     for g in groups:
         g.pop("lars_exclude", None)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=cfg.fused or None)
+        if cfg.fused:
+            return FusedSGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=True)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=cfg.fused or None)

@@ -5,12 +5,13 @@ where the formulas agree (docs/libraries.md says why each is kept): LARS against
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
-from mmcl.optim import LARS, param_groups
+from mmcl.optim import LARS, build_optimizer, param_groups
 from mmcl.train import lr_factor
 
 
@@ -88,3 +89,33 @@ def test_exempt_lr_scale_gives_biases_and_norms_their_own_rate_on_the_same_sched
         exempt = n.endswith("bias") or n.startswith("1.")  # "1." is the LayerNorm
         assert moved.abs().sum() > 0, n
         torch.testing.assert_close(scaled[n], moved * 0.024 if exempt else moved, rtol=1e-9, atol=0), n
+
+
+def test_fused_sgd_whose_first_step_is_skipped_then_steps_as_plain_sgd() -> None:
+    """The device vote skips a non-finite step through ``found_inf``; torch's fused SGD would keep the
+    uninitialised momentum buffers of a skipped first step (NaN here: deterministic mode fills
+    uninitialised memory) and poison every later update. mmcl's starts them at zero."""
+    cfg = SimpleNamespace(name="sgd", lr=0.1, momentum=0.9, weight_decay=0.0, exempt_lr_scale=1.0, fused=True)
+    fused_net, plain_net = nn.Linear(4, 3), nn.Linear(4, 3)
+    plain_net.load_state_dict(fused_net.state_dict())
+    fused, plain = build_optimizer(cfg, [fused_net]), build_optimizer(SimpleNamespace(**{**vars(cfg), "fused": False}),
+                                                                      [plain_net])
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for p in fused_net.parameters():
+            p.grad = torch.full_like(p, float("nan"))
+        fused.found_inf = torch.tensor(1.0)
+        fused.step()  # skipped
+        for step in range(2):
+            x = torch.randn(8, 4, generator=torch.Generator().manual_seed(step))
+            for net, opt in ((fused_net, fused), (plain_net, plain)):
+                opt.zero_grad()
+                net(x).square().sum().backward()
+                if opt is fused:
+                    opt.found_inf = torch.tensor(0.0)
+                opt.step()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for a, b in zip(fused_net.parameters(), plain_net.parameters()):
+        torch.testing.assert_close(a, b)
