@@ -219,6 +219,12 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         self.objective = build("objective", r.objective)
         self.objective.setup(self.model, r.train.steps)  # heads sized to the model, momentum copies of it
+        if r.train.sync_bn and self.acc.num_processes > 1:  # the objective's own heads too (BYOL's predictor)
+            self.objective = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.objective)
+        # The weights above came from the same seed on every process; from here each process draws its
+        # own random numbers (dropout, FLIP's patches), as open_clip seeds seed + rank: else every GPU
+        # would drop the same patches of its batch.
+        set_seed(r.run.seed + self.acc.process_index)
         tokenizer = self.model.tokenizer() if r.data.kind == "image_text" else None
         self.loader = make_loader(r.data, tokenizer=tokenizer, seed=r.run.seed)
         trains_objective = any(p.requires_grad for p in self.objective.parameters())
@@ -578,6 +584,8 @@ class Trainer:
                 bad = self._verdicts[loss_bad or norm_bad]  # the vote as a device tensor, made once
                 if not (loss_bad or norm_bad) or (norm_bad and acc.scaler is not None):
                     self.optimizer.step()  # fp16 with a non-finite norm: the grad scaler skips it, lowers its scale
+                elif acc.scaler is not None:  # fp16, a non-finite loss with finite gradients: the scaler must
+                    acc.scaler.update()  # still close the step it unscaled, else the next unscale_ raises
             self.optimizer.zero_grad(set_to_none=True)
         pending, self._pending = self._pending, []
         if self.vote_on_device:

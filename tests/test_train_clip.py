@@ -525,3 +525,40 @@ def test_a_siglip_model_exports_with_its_bias(digits_dir: Path, tmp_path: Path) 
                              + model.logit_bias())
     assert (theirs - ours).abs().max() < 1e-5
     assert "model.config.logit_bias" in (run / "final" / "README.md").read_text()
+
+
+def test_fp16_a_step_skipped_for_its_loss_alone_lets_the_next_step_run(digits_dir: Path, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    """Under fp16 (a grad scaler; GPUs only, so its scaler is put in by hand here) a step whose loss is
+    inf while its gradients are finite is skipped by the vote; the scaler must still be told the step
+    is over, or the next step's unscaling raises "unscale_() has already been called"."""
+    trainer = Trainer(recipe(digits_dir, tmp_path / "fp16", "eval.zeroshot_shards=null", "train.vote=host"))
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    optimizer = AcceleratedOptimizer(trainer.optimizer.optimizer, device_placement=False, scaler=scaler)
+    monkeypatch.setattr(trainer, "optimizer", optimizer)
+    monkeypatch.setattr(trainer.acc, "_optimizers", [optimizer])
+    monkeypatch.setattr(trainer.acc, "scaler", scaler)
+    monkeypatch.setattr(trainer.acc, "native_amp", True)
+    monkeypatch.setattr(type(trainer.acc), "mixed_precision", property(lambda self: "fp16"))
+    objective = trainer.objective.forward
+    inf_loss = {"on": True}
+
+    def forward(outputs, batch):
+        loss, metrics = objective(outputs, batch)
+        return (loss + float("inf") if inf_loss["on"] else loss), metrics  # the gradients stay finite
+
+    monkeypatch.setattr(trainer.objective, "forward", forward)
+    trainer.loader.set_epoch(0)
+    batches = iter(trainer.loader)
+    step = lambda: trainer.train_step(trainer.loader.prepare(next(batches), trainer.acc.device))  # noqa: E731
+    before = {k: v.clone() for k, v in trainer.unwrapped.state_dict().items()}
+    try:
+        assert step() is False and trainer.state.bad_steps == 1
+        assert all(torch.equal(before[k], v) for k, v in trainer.unwrapped.state_dict().items())
+        inf_loss["on"] = False
+        assert step() is True and trainer.state.step == 1
+    finally:
+        trainer.loader.close()
+    assert not all(torch.equal(before[k], v) for k, v in trainer.unwrapped.state_dict().items())
