@@ -127,10 +127,19 @@ def read_state(file: Path) -> Any:
 
 
 def state_bytes(state: Any) -> int:
-    """Bytes the tensors of ``state`` take (to size a checkpoint before writing it)."""
-    tensors: dict[str, torch.Tensor] = {}
-    _encode(state, tensors, "s")
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    """Bytes the tensors of ``state`` take (to size a checkpoint before writing it), counted where
+    they lie: no tensor is copied off the GPU to be counted.
+
+    >>> state_bytes({"w": torch.zeros(2, 3), "step": 4, "m": [torch.zeros(5, dtype=torch.bfloat16)], (1, 2): None})
+    34
+    """
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(k) + state_bytes(v) for k, v in state.items())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
 
 
 # ------------------------------------------------------------------------------ random generators

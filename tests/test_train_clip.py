@@ -562,3 +562,18 @@ def test_fp16_a_step_skipped_for_its_loss_alone_lets_the_next_step_run(digits_di
     finally:
         trainer.loader.close()
     assert not all(torch.equal(before[k], v) for k, v in trainer.unwrapped.state_dict().items())
+
+
+def test_a_hugging_face_text_tower_trains_merged_micro_batches(digits_dir: Path, tmp_path: Path) -> None:
+    """Micro-batches merged into one contrastive batch (``optim.grad_accum`` with CLIP's loss) join
+    their token tensors: the Hugging Face tokenizer pads every batch to the context length, as
+    open_clip's does (padded to each batch's longest caption, two micro-batches could not be joined)."""
+    run = tmp_path / "run"
+    trainer = Trainer(load_recipe(ROOT / "configs" / "clip_digits_minilm.yaml", [
+        f"data.train_shards={digits_dir}/train-{{000000..000004}}.tar", f"run.output_dir={run}", "data.batch_size=8",
+        "optim.grad_accum=2", "data.num_workers=0", "train.steps=2", "train.progress=false",
+        "eval.zeroshot_shards=null", "model.text_tower.locked=false"]))
+    tok = trainer.unwrapped.tokenizer()
+    assert tok(["seven"])["input_ids"].shape == tok(["a handwritten digit seven " * 3])["input_ids"].shape == (1, 32)
+    trainer.fit()
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()][-1] == 2

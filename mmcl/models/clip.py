@@ -241,7 +241,9 @@ def _view_tower_keys(module: nn.Module, state: dict[str, Any], prefix: str, *arg
 
 
 class HFTokenizer:
-    """Callable tokenizer returning padded ``input_ids`` / ``attention_mask`` tensors."""
+    """Callable tokenizer returning ``input_ids`` / ``attention_mask`` padded to ``context_length``, as
+    open_clip's ``HFTokenizer`` pads: every batch has one shape, so micro-batches merged into one
+    contrastive batch (``optim.grad_accum``) join, and a compiled model sees no new shape."""
 
     def __init__(self, path: str, context_length: int):
         from transformers import AutoTokenizer
@@ -250,7 +252,7 @@ class HFTokenizer:
         self.tok = AutoTokenizer.from_pretrained(path)
 
     def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        out = self.tok(list(texts), padding=True, truncation=True, max_length=self.context_length,
+        out = self.tok(list(texts), padding="max_length", truncation=True, max_length=self.context_length,
                        return_tensors="pt")
         return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
