@@ -82,6 +82,11 @@ class TrainConfig:
         "auto", help="where the skip-a-NaN-step vote is decided: device (no host synchronisation per step; needs "
                      "optim.fused, not fp16, an objective without after-step state), host, or auto (device where "
                      "possible)")
+    tf32: bool = spec(True, help="TensorFloat-32 for float32 matrix products and convolutions on GPUs, as open_clip's "
+                                 "training sets it (the losses, computed in float32, run several times faster on "
+                                 "Ampere and later); false: full float32")
+    dist_timeout_s: int = spec(7200, ge=60, help="how long a process waits in a collective for the others (while one "
+                                                 "writes and hashes a checkpoint or final/); NCCL's own is 10 minutes")
     grad_cache: int = spec(0, ge=0, help="0: off. N: gradient caching (mmcl.gradcache): the model sees N samples "
                                          "at a time, the loss the whole batch; one more forward pass per step")
     trackers: list[str] | None = spec(None, help="experiment trackers the logs also go to, through Accelerate "

@@ -17,13 +17,14 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import closing, contextmanager, nullcontext
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
 from tqdm import tqdm
 
 from mmcl import checkpoint as ckpt
@@ -197,8 +198,11 @@ class Trainer:
         # batch, embedded data.batch_size (or train.grad_cache) samples at a time; others accumulate
         self.merge = merged_micro_batches(r)
         self.chunk = r.train.grad_cache or (r.data.batch_size if self.merge > 1 else 0)
+        # float32 products (the losses) in TF32 on GPUs, as open_clip's training sets it; a no-op on CPUs
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = r.train.tf32
+        wait = InitProcessGroupKwargs(timeout=timedelta(seconds=r.train.dist_timeout_s))
         try:
-            self.acc = Accelerator(gradient_accumulation_steps=r.optim.grad_accum // self.merge,
+            self.acc = Accelerator(gradient_accumulation_steps=r.optim.grad_accum // self.merge, kwargs_handlers=[wait],
                                    log_with=trackers or None,
                                    project_dir=str(self.out), mixed_precision=precision,
                                    dynamo_backend="inductor" if r.train.compile else None,

@@ -577,3 +577,18 @@ def test_a_hugging_face_text_tower_trains_merged_micro_batches(digits_dir: Path,
     assert tok(["seven"])["input_ids"].shape == tok(["a handwritten digit seven " * 3])["input_ids"].shape == (1, 32)
     trainer.fit()
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()][-1] == 2
+
+
+def test_train_tf32_sets_torchs_float32_precision_for_the_run(digits_dir: Path, tmp_path: Path) -> None:
+    """``train.tf32`` (on by default, as open_clip's training sets it) decides whether float32 matrix
+    products and convolutions may use TF32 on GPUs; ``dist_timeout_s`` must leave NCCL's 10 minutes."""
+    was = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        for tf32 in (False, True):
+            Trainer(recipe(digits_dir, tmp_path / str(tf32), f"train.tf32={str(tf32).lower()}")).loader.close()
+            assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = was
+    assert recipe(digits_dir, tmp_path / "t").train.dist_timeout_s == 7200
+    with pytest.raises(MmclError, match="dist_timeout_s"):
+        recipe(digits_dir, tmp_path / "t", "train.dist_timeout_s=5")
