@@ -18,7 +18,7 @@ of every step and their largest difference (FSDP vs DDP; each resumed run vs the
 run over the resumed steps), the largest weight difference of the final models (FSDP's read back
 from ``final/`` by mmcl, and loaded by open_clip from the same folder), the peak GPU memory per
 process. TF32 is off; GPU kernels are not bitwise deterministic, hence ``--tol`` (1e-4 by default;
-bf16 runs differ more: FSDP2 gathers and reduces in bf16, DDP reduces fp32 gradients).
+bf16 runs differ more: FSDP2 gathers parameters and runs the towers in bf16; both reduce fp32 gradients).
 
 The distributed tests (``tests/dist/test_fsdp.py``) check the same on 2 CPU processes, where
 Accelerate's choice of FSDP has to be switched on by the test; here nothing is switched.

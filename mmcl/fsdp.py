@@ -135,6 +135,26 @@ def check_modules(model: nn.Module, objective: nn.Module) -> None:
                         "use GroupNorm/LayerNorm towers, or set train.fsdp: false")
 
 
+def full_precision_reductions(plugin: Any) -> None:
+    """Under mixed precision, FSDP2 reduces the gradients across processes, and hands the model's
+    outputs (the features every process gathers for the loss) over, in float32, as DDP does; the
+    forward and backward still run in the low precision. Accelerate's own policy does all three in
+    bf16: gradients summed over many GPUs in bf16 lose the small ones.
+
+    >>> from types import SimpleNamespace; from torch.distributed.fsdp import MixedPrecisionPolicy
+    >>> p = SimpleNamespace(mixed_precision_policy=MixedPrecisionPolicy(torch.bfloat16, torch.bfloat16, torch.bfloat16))
+    >>> full_precision_reductions(p); p.mixed_precision_policy.reduce_dtype, p.mixed_precision_policy.output_dtype
+    (torch.float32, torch.float32)
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = getattr(plugin, "mixed_precision_policy", None)
+    if isinstance(policy, MixedPrecisionPolicy) and policy.param_dtype in (torch.bfloat16, torch.float16):
+        plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=policy.param_dtype,
+                                                             reduce_dtype=torch.float32, output_dtype=torch.float32,
+                                                             cast_forward_inputs=policy.cast_forward_inputs)
+
+
 class Sharded:
     """The trainer's view of a model trained under FSDP2: made before the optimizer is built and the model
     prepared; then the full state dicts of model and optimizer for checkpoints, their loading on
@@ -150,6 +170,7 @@ class Sharded:
         self.shapes = vectorise_scalars(model)
         units = getattr(model, "fsdp_units", lambda: [])()
         acc.state.fsdp_plugin.transformer_cls_names_to_wrap = list(units)
+        full_precision_reductions(acc.state.fsdp_plugin)
         self._canonical = fsdp2_canonicalize_names
 
     # --------------------------------------------------------------------------- shapes
