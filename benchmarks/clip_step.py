@@ -6,7 +6,8 @@
 Both sides train the same open_clip architecture, starting from the same weights, on the same
 device-resident batches (random 224 px images and token ids: loaders are measured apart, by
 ``gpu_recipes.py``'s ``data_wait``), with bf16 autocast, AdamW (lr 5e-4, wd 0.2, betas 0.9/0.98,
-eps 1e-6) and gradient clipping at 1.0:
+eps 1e-6) and gradient clipping at 1.0, TF32 allowed for float32 products on both (open_clip's
+``main`` sets it; mmcl's ``train.tf32`` is on by default):
 
 - ``open_clip``: the step of open_clip's training loop (``open_clip_train/train.py``, one
   micro-batch): autocast forward, ``open_clip.loss.ClipLoss``, backward, ``clip_grad_norm_``,

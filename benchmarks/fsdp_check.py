@@ -53,7 +53,7 @@ def recipe_for(args: argparse.Namespace, shards: str, out: Path, fsdp: bool) -> 
         f"data.train_shards={shards}", f"run.output_dir={out}", "data.num_workers=0", "data.shuffle_buffer=64",
         f"train.steps={args.steps}", "train.log_every=1", f"train.save_every={half}", "train.progress=false",
         "optim.warmup_steps=1", "eval.zeroshot_shards=null", f"train.mixed_precision={args.precision}",
-        f"train.fsdp={str(fsdp).lower()}", *extra])
+        f"train.fsdp={str(fsdp).lower()}", "train.tf32=false", *extra])
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -66,10 +66,7 @@ def worker(args: argparse.Namespace) -> None:
     from mmcl.hub import from_pretrained
     from mmcl.train import Trainer
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    PartialState()
-    PartialState.destroy_process_group = lambda self, group=None: None  # kept for every run
+    PartialState()  # one process group for every run (the trainer leaves it; TF32 is off in the recipes)
     rank, procs = world()
     runs, half = Path(args.worker), max(1, args.steps // 2)
     out: dict[str, Any] = {"procs": procs, "device": torch.cuda.get_device_name(), "torch": str(torch.__version__)}

@@ -86,10 +86,13 @@ def _train(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.config, args.overrides)
     trainer = Trainer(recipe)
-    final = trainer.fit(args.resume)
-    for line in result_lines(trainer.final_evals):
-        trainer.acc.print(line)
-    trainer.acc.print(f"final model: {final}")
+    try:
+        final = trainer.fit(args.resume)
+        for line in result_lines(trainer.final_evals):
+            trainer.acc.print(line)
+        trainer.acc.print(f"final model: {final}")
+    finally:
+        trainer.acc.state.destroy_process_group()  # fit leaves it to whoever runs it: here, the command
     return 0
 
 

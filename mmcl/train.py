@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
 from tqdm import tqdm
 
 from mmcl import checkpoint as ckpt
@@ -689,7 +689,7 @@ class Trainer:
         """Write the recipe, start the trackers and restore the checkpoint ``resume`` names, if any;
         returns the (epoch, batches trained in it, batches to read again) to continue from."""
         r, acc = self.recipe, self.acc
-        found = ckpt.find_checkpoint(self.out, resume, warn=acc.print) if resume else None
+        found = self._agreed_checkpoint(resume) if resume else None
         if resume and found is None:
             acc.print(f"no checkpoint in {self.out / 'checkpoints'}; starting from scratch")
         if acc.is_main_process:
@@ -713,6 +713,29 @@ class Trainer:
         if found:
             acc.print(f"resumed from {found} at step {self.state.step}")
         return position
+
+    def _finish_trackers(self) -> None:
+        """The trackers write out what they hold. Not Accelerate's ``end_training``, which also ends
+        the process group: a script that evaluates or trains again after :meth:`fit` needs it (the
+        ``mmcl train`` command ends it when it exits)."""
+        for tracker in self.acc.trackers:
+            tracker.finish()
+
+    def _agreed_checkpoint(self, resume: str) -> Path | None:
+        """The checkpoint ``--resume`` names, as the main process finds it, for every process: each
+        listing ``checkpoints/`` on its own could see another ``latest`` (a shared file system's
+        stale listing on another machine, just after a preempted run wrote its last checkpoint), and
+        would go on from other weights with no error."""
+        found, error = None, None
+        if self.acc.is_main_process:
+            try:
+                found = ckpt.find_checkpoint(self.out, resume, warn=self.acc.print)
+            except ckpt.CheckpointError as e:
+                error = str(e)
+        found, error = broadcast_object_list([found and str(found), error])
+        if error:
+            raise ckpt.CheckpointError(error)
+        return Path(found) if found else None
 
     def _set_aside_earlier_run(self) -> None:
         """A run starting from scratch (no ``--resume``, or no checkpoint to resume) in a folder an
@@ -797,7 +820,7 @@ class Trainer:
                 if self._stop_now(self._signal.signalled, step):
                     if not saved:
                         self.save_checkpoint(epoch, batches)
-                    self.acc.end_training()  # the trackers write out what they hold
+                    self._finish_trackers()
                     self._bar.close()
                     raise Stopped(f"SIGTERM at step {step:,} of {r.train.steps:,}: checkpoint "
                                   f"{self.out / 'checkpoints' / f'step_{step:08d}'} written; continue with "
@@ -830,7 +853,7 @@ class Trainer:
                          f"is whole: {hint}rerun with --resume latest")
         if self._any(error is not None):  # also the barrier before the model is read or pushed
             raise TrainingError(error or "the main process could not write the final model")
-        acc.end_training()
+        self._finish_trackers()
         if r.hub.push and acc.is_main_process:
             push_final(final, r, self.state.step, say=acc.print)
         return final

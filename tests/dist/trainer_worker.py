@@ -376,10 +376,9 @@ def _partition(objective: torch.nn.Module, x: torch.Tensor, keys: torch.Tensor) 
 
 
 def main(out_path: str, runs: str, shards: str, *names: str) -> None:
-    # the process group (gloo on CPU), also for shuffle_bn alone; kept across the cases' runs
-    # (Accelerator.end_training destroys it, and Accelerate's state would not create it again)
+    # the process group (gloo on CPU), also for shuffle_bn alone; kept across the cases' runs (Trainer.fit
+    # leaves it for what comes next: Accelerate's state would not create it again)
     PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    PartialState.destroy_process_group = lambda self, group=None: None
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     bank_module.MemoryBank.sample = globally_drawn_negatives
