@@ -82,6 +82,6 @@ def nce_loss(logits: torch.Tensor, log_z: torch.Tensor, bank_size: int) -> torch
     ``log_z`` is the log normaliser (fixed after the first batch, as in the paper)."""
     k = logits.shape[1] - 1
     log_p = logits - log_z
-    log_noise = torch.log(torch.tensor(k / bank_size, dtype=log_p.dtype, device=log_p.device))
+    log_noise = torch.full((), k / bank_size, dtype=log_p.dtype, device=log_p.device).log()  # no host copy
     denom = torch.logaddexp(log_p, log_noise.expand_as(log_p))
     return -((log_p[:, 0] - denom[:, 0]) + (log_noise - denom[:, 1:]).sum(dim=1)).mean()
