@@ -80,6 +80,15 @@ class ClipCrop:
         return torch.tensor(RandomResizedCrop.get_params(shape_only, self.scale, self.ratio))
 
 
+def host_index(values: Sequence[int], device: torch.device | str) -> torch.Tensor:
+    """``values`` as a ``long`` tensor on ``device``, made in host memory and, for a GPU, pinned and copied
+    without waiting: ``torch.tensor(values, device=cuda)`` copies from pageable memory, which waits."""
+    index = torch.tensor(values, dtype=torch.long)
+    if torch.device(device).type == "cuda":
+        return index.pin_memory().to(device, non_blocking=True)
+    return index.to(device)
+
+
 def drain(device: torch.device | str) -> None:
     """Wait for the work queued on the device's current CUDA stream (nothing elsewhere).
 
@@ -144,7 +153,7 @@ class DeviceDecoder:
             return None, bad + Counter({IN_BATCH_OF_A_BAD_JPEG: n - sum(bad.values())})
         out = torch.empty(n, 3, self.size, self.size, dtype=torch.uint8, device=device)
         if decoded is not None and len(decoded):
-            out[torch.tensor(sorted(set(range(n)) - set(at)), device=device)] = decoded
+            out[host_index(sorted(set(range(n)) - set(at)), device)] = decoded
         for i, img, (top, left, h, w) in zip(at, images, jpegs["crop"].tolist()):
             out[i] = TF.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
         return out, Counter()

@@ -48,6 +48,27 @@ def _finish(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> list[
     return [T.ToImage()]
 
 
+_CONSTANTS: dict[tuple[Any, ...], torch.Tensor] = {}
+
+
+def constant(values: Any, like: torch.Tensor, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """``values`` (numbers, or nested lists of them) as a tensor of ``like``'s dtype and device, reshaped
+    to ``shape``, made once per values, device and dtype. A tensor made from Python data on a GPU is a
+    copy from pageable host memory, for which the host waits on the device: done at every call it would
+    stall each training step (``data.normalize: device``, colour conversion on the device)."""
+    frozen = _freeze(values)
+    key = (frozen, shape, like.device, like.dtype)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = torch.tensor(values, dtype=like.dtype, device=like.device)
+        _CONSTANTS[key] = t = t if shape is None else t.reshape(shape)
+    return t
+
+
+def _freeze(values: Any) -> Any:
+    return tuple(_freeze(v) for v in values) if isinstance(values, (list, tuple)) else float(values)
+
+
 class Normalize:
     """``uint8`` images (``[..., C, H, W]``, one image or a batch, on any device) to a model's float
     input: scaled to [0, 1], converted to ``colour`` (``rgb`` as is, ``lab``, ``ycbcr``), then
@@ -62,7 +83,9 @@ class Normalize:
         x = TF.to_dtype(x, torch.float32, scale=True)
         if self.colour != "rgb":
             x = COLOUR_SPACES[self.colour](x)
-        return TF.normalize(x, self.mean, self.std)
+        if x.ndim < 3 or not all(self.std):  # torchvision's normalize, its checks and its operations, with
+            return TF.normalize(x, self.mean, self.std)  # mean and std made once per device (see constant)
+        return x.sub(constant(self.mean, x, (-1, 1, 1))).div_(constant(self.std, x, (-1, 1, 1)))
 
 
 class RandomGaussianBlur(torch.nn.Module):
@@ -181,27 +204,25 @@ def digits_ssl(size: int, mean: tuple[float, ...], std: tuple[float, ...], crop_
     ])
 
 
+_XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.019334, 0.119193, 0.950227))
+_WHITE = (0.950456, 1.0, 1.088754)
+_YCBCR = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
+
+
 def srgb_to_lab(x: torch.Tensor) -> torch.Tensor:
     """sRGB in [0, 1] ([..., 3, H, W]) to CIE L*a*b* (D65), scaled to about [0, 1]:
     ``L / 100``, ``(a + 128) / 255``, ``(b + 128) / 255``."""
     lin = torch.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
-    m = torch.tensor([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
-                      [0.019334, 0.119193, 0.950227]], dtype=x.dtype, device=x.device)
-    white = torch.tensor([0.950456, 1.0, 1.088754], dtype=x.dtype, device=x.device)
-    xyz = torch.einsum("ij,...jhw->...ihw", m, lin) / white[:, None, None]
+    xyz = torch.einsum("ij,...jhw->...ihw", constant(_XYZ, x), lin) / constant(_WHITE, x, (-1, 1, 1))
     f = torch.where(xyz > 0.008856, xyz.clamp(min=1e-12) ** (1 / 3), 7.787 * xyz + 16 / 116)
     fx, fy, fz = f.unbind(-3)
     lab = torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=-3)
-    return (lab + torch.tensor([0.0, 128.0, 128.0], dtype=x.dtype, device=x.device)[:, None, None]) / \
-        torch.tensor([100.0, 255.0, 255.0], dtype=x.dtype, device=x.device)[:, None, None]
+    return (lab + constant((0.0, 128.0, 128.0), x, (-1, 1, 1))) / constant((100.0, 255.0, 255.0), x, (-1, 1, 1))
 
 
 def rgb_to_ycbcr(x: torch.Tensor) -> torch.Tensor:
     """RGB in [0, 1] ([..., 3, H, W]) to full-range YCbCr in [0, 1] (JPEG's, as PIL's ``"YCbCr"``)."""
-    m = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]],
-                     dtype=x.dtype, device=x.device)
-    offset = torch.tensor([0.0, 0.5, 0.5], dtype=x.dtype, device=x.device)
-    return torch.einsum("ij,...jhw->...ihw", m, x) + offset[:, None, None]
+    return torch.einsum("ij,...jhw->...ihw", constant(_YCBCR, x), x) + constant((0.0, 0.5, 0.5), x, (-1, 1, 1))
 
 
 COLOUR_SPACES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"lab": srgb_to_lab, "ycbcr": rgb_to_ycbcr}

@@ -167,6 +167,47 @@ def open_clip_model_cfg(cfg: ClipModelConfig) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+class PatchDropout(nn.Module):
+    """FLIP's patch dropout as open_clip's ``PatchDropout`` (same draw, same patches kept, the class
+    token kept when ``exclude_first_token``, only in training), its random numbers drawn on the
+    tokens' device: open_clip draws them on the CPU and indexes the device tensor with them, a copy
+    from host memory in every forward. The draw comes from the device's default generator, which
+    :mod:`mmcl.gradcache` replays. No parameters or buffers: a model's state dict is unchanged."""
+
+    def __init__(self, prob: float = 0.5, exclude_first_token: bool = True):
+        super().__init__()
+        if not 0 <= prob < 1:
+            raise ValueError(f"patch dropout {prob} is outside [0, 1)")
+        self.prob, self.exclude_first_token = prob, exclude_first_token
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.prob == 0.0:
+            return x
+        if self.exclude_first_token:
+            cls_tokens, x = x[:, :1], x[:, 1:]
+        batch, num_tokens = x.shape[0], x.shape[1]
+        keep = max(1, int(num_tokens * (1 - self.prob)))
+        rand = torch.randn(batch, num_tokens, device=x.device)
+        kept = rand.topk(keep, dim=-1).indices
+        x = x.gather(1, kept[..., None].expand(-1, -1, *x.shape[2:]))  # open_clip's x[rows, kept]
+        return torch.cat((cls_tokens, x), dim=1) if self.exclude_first_token else x
+
+    def extra_repr(self) -> str:
+        return f"prob={self.prob}, exclude_first_token={self.exclude_first_token}"
+
+
+def use_device_patch_dropout(module: nn.Module) -> None:
+    """Replace each open_clip ``PatchDropout`` in ``module`` by :class:`PatchDropout` (in place, same
+    settings). Neither holds state, so checkpoints, saved models and their open_clip export (which
+    open_clip rebuilds with its own) are unaffected."""
+    from open_clip.transformer import PatchDropout as OpenClipPatchDropout
+
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, OpenClipPatchDropout):
+                setattr(parent, name, PatchDropout(child.prob, child.exclude_first_token).train(child.training))
+
+
 class HFTextTower(nn.Module):
     """A ``transformers.AutoModel`` encoder, pooled and projected to the shared embedding size."""
 
@@ -286,6 +327,7 @@ class ClipModel(nn.Module):
         self.cfg, self.model_cfg = cfg, model_cfg
         kwargs = {k: v for k, v in model_cfg.items() if k not in ("custom_text", "hf_text")}
         self.clip = CustomTextCLIP(**kwargs, init_logit_scale=math.log(cfg.init_logit_scale))
+        use_device_patch_dropout(self.clip.visual)  # model.patch_dropout, drawn on the device
         self.hf_tokenizer_path = hf_tokenizer_path
         if hf_text is not None:
             self.clip.text = hf_text

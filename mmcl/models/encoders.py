@@ -100,12 +100,13 @@ class OpenClipVision(nn.Module):
         super().__init__()
         from open_clip.model import _build_vision_tower
 
-        from mmcl.models.clip import ClipModelConfig, open_clip_model_cfg
+        from mmcl.models.clip import ClipModelConfig, open_clip_model_cfg, use_device_patch_dropout
 
         if (model is None) == (config is None):
             raise ConfigError("backbone: name open_clip needs exactly one of open_clip_model or open_clip_config")
         model_cfg = open_clip_model_cfg(ClipModelConfig(open_clip_model=model, open_clip_config=config))
         self.tower = _build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"])
+        use_device_patch_dropout(self.tower)  # a config's patch_dropout, drawn on the device
         self.out_dim = model_cfg["embed_dim"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

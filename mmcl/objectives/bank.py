@@ -2,12 +2,14 @@
 
 The bank holds one L2-normalised row per training sample, indexed by the stable sample id from
 the shard's ``.json``. After each step the rows of the whole global batch are updated on every
-process, in rank order, with the proximal rule ``m ← normalise(μ m + (1 - μ) v)``, so the banks
-stay identical everywhere. Negatives are drawn uniformly from the rows that already hold a
-sample's feature (from all rows until ``k`` of them do): with dense ids this is the paper's
-uniform draw over the dataset once an epoch has passed, and ids that never occur (a split of a
-larger id range) never serve as random-vector negatives. The draws come from the bank's own
-generator, seeded by (draw count, rank), so a resumed run draws what the uninterrupted run drew.
+process with the proximal rule ``m ← normalise(μ m + (1 - μ) v)``, so the banks stay identical
+everywhere; an id that occurs more than once in the global batch takes the update of its last
+occurrence (the highest rank's, that rank's latest sample), on every device alike. Negatives
+are drawn uniformly from the rows that already hold a sample's feature (from all rows until ``k``
+of them do): with dense ids this is the paper's uniform draw over the dataset once an epoch has
+passed, and ids that never occur (a split of a larger id range) never serve as random-vector
+negatives. The draws come from the bank's own generator, seeded by (draw count, rank), so a
+resumed run draws what the uninterrupted run drew.
 """
 
 from __future__ import annotations
@@ -50,10 +52,16 @@ class MemoryBank(nn.Module):
     @torch.no_grad()
     def update(self, ids: torch.Tensor, feats: torch.Tensor) -> None:
         """Proximal update of this process's rows ``ids`` with ``feats``, and of every other
-        process's (gathered), so each update is applied once on every process."""
+        process's (gathered), so each update is applied once on every process. An id given more
+        than once gets the update of its last occurrence in the gathered batch: every occurrence
+        writes that one (with equal indices CUDA's ``index_put_`` lets any of them win, so banks
+        would differ between devices), found with tensor operations, without waiting for the device."""
         ids, feats = gather_no_grad(ids), gather_no_grad(F.normalize(feats.detach().float(), dim=1))
         mixed = self.momentum * self.rows[ids] + (1.0 - self.momentum) * feats.to(self.rows.dtype)
-        self.rows[ids] = F.normalize(mixed, dim=1)
+        positions = torch.arange(ids.shape[0], device=ids.device)
+        last = torch.full(self.seen.shape, -1, dtype=torch.long, device=ids.device)
+        last.scatter_reduce_(0, ids, positions, "amax")  # each id's last position
+        self.rows[ids] = F.normalize(mixed, dim=1)[last[ids]]
         self.seen[ids] = True
 
 
@@ -74,6 +82,6 @@ def nce_loss(logits: torch.Tensor, log_z: torch.Tensor, bank_size: int) -> torch
     ``log_z`` is the log normaliser (fixed after the first batch, as in the paper)."""
     k = logits.shape[1] - 1
     log_p = logits - log_z
-    log_noise = torch.log(torch.tensor(k / bank_size, dtype=log_p.dtype, device=log_p.device))
+    log_noise = torch.full((), k / bank_size, dtype=log_p.dtype, device=log_p.device).log()  # no host copy
     denom = torch.logaddexp(log_p, log_noise.expand_as(log_p))
     return -((log_p[:, 0] - denom[:, 0]) + (log_noise - denom[:, 1:]).sum(dim=1)).mean()

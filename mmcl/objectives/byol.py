@@ -58,4 +58,4 @@ class BYOLLoss(MomentumObjective):
         p1, p2 = (self.predictor(z) for z in out["z"][:2])
         t1, t2 = self.target({"views": batch["views"][:2]})["z"]
         loss = byol_loss(p1, t2) + byol_loss(p2, t1)
-        return loss, {"embedding_std": embedding_std(out["z"][0]), "momentum": torch.tensor(self.target.momentum)}
+        return loss, {"embedding_std": embedding_std(out["z"][0]), "momentum": self.momentum_metric(out["z"][0])}

@@ -176,9 +176,10 @@ class DINOLoss(MomentumObjective):
         loss = cross_entropy_pairs(log_t, log_s)
         with torch.no_grad():  # the collapse monitors, from the same distributions
             entropy = torch.stack([-(lt.exp() * lt).sum(dim=-1).mean() for lt in log_t]).mean()
-            kl = torch.stack([(lt.exp() * (lt - ls)).sum(dim=-1).mean() for i, lt in enumerate(log_t)
-                              for v, ls in enumerate(log_s[:cfg.global_crops]) if v != i] or [torch.zeros(())]).mean()
+            kls = [(lt.exp() * (lt - ls)).sum(dim=-1).mean() for i, lt in enumerate(log_t)
+                   for v, ls in enumerate(log_s[:cfg.global_crops]) if v != i]
+            kl = torch.stack(kls).mean() if kls else torch.zeros((), device=loss.device)
         self.update_center(teacher)
         return loss, {"embedding_std": embedding_std(out["z"][0]), "teacher_entropy": entropy / math.log(cfg.out_dim),
-                      "kl_teacher_student": kl, "teacher_temperature": torch.tensor(temp),
-                      "momentum": torch.tensor(self.target.momentum)}
+                      "kl_teacher_student": kl, "teacher_temperature": torch.full((), temp, device=loss.device),
+                      "momentum": self.momentum_metric(loss)}

@@ -112,5 +112,5 @@ class MoCoLoss(MomentumObjective):
         for k in keys:
             self.queue.push(gather_no_grad(k))
         metrics = {"acc": torch.stack(accs).mean(), "embedding_std": embedding_std(out["z"][0]),
-                   "momentum": torch.tensor(self.target.momentum)}
+                   "momentum": self.momentum_metric(q)}
         return torch.stack(losses).mean(), metrics

@@ -61,4 +61,4 @@ class MoCoV3Loss(MomentumObjective):
         l1, a1 = mocov3_ctr(q1, k2, self.cfg.temperature, rank)
         l2, a2 = mocov3_ctr(q2, k1, self.cfg.temperature, rank)
         return l1 + l2, {"acc": (a1 + a2) / 2, "embedding_std": embedding_std(out["z"][0]),
-                         "momentum": torch.tensor(self.target.momentum)}
+                         "momentum": self.momentum_metric(q1)}

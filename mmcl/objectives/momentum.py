@@ -52,13 +52,18 @@ class MomentumTarget(nn.Module):
 
     @torch.no_grad()
     def update(self, step: int) -> None:
-        """EMA of parameters, copy of buffers."""
+        """EMA of parameters, copy of buffers: ``t.mul_(m).add_(o, alpha=1 - m)`` and ``t.copy_(o)`` for
+        all tensors at once (torch's foreach kernels: a few launches instead of two per parameter)."""
         self.momentum = m = self.momentum_at(step)
         online = self._online[0]
-        for t, o in zip(self.net.parameters(), online.parameters()):
-            t.mul_(m).add_(o.detach().to(t.dtype), alpha=1.0 - m)
-        for t, o in zip(self.net.buffers(), online.buffers()):
-            t.copy_(o)
+        pairs = list(zip(self.net.parameters(), online.parameters()))
+        if pairs:
+            targets = [t for t, _ in pairs]
+            torch._foreach_mul_(targets, m)
+            torch._foreach_add_(targets, [o.detach().to(t.dtype) for t, o in pairs], alpha=1.0 - m)
+        buffers = list(zip(self.net.buffers(), online.buffers()))
+        if buffers:
+            torch._foreach_copy_([t for t, _ in buffers], [o for _, o in buffers])
 
     def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
         with torch.no_grad():
@@ -87,3 +92,9 @@ class MomentumObjective(ViewObjective):
 
     def after_optimizer_step(self, step: int) -> None:
         self.target.update(step)
+
+    def momentum_metric(self, like: torch.Tensor) -> torch.Tensor:
+        """The target's momentum as a metric: a float32 scalar on ``like``'s device filled by a kernel
+        from the Python number. ``torch.tensor(m)`` would be a host tensor the trainer copies to the
+        device, and ``torch.tensor(m, device=...)`` a copy from host memory: on a GPU both wait for it."""
+        return torch.full((), self.target.momentum, device=like.device)

@@ -54,11 +54,8 @@ def pair_labels(rows: int, cols: int, positive_from: int | None, like: torch.Ten
     """``[rows, cols]`` of -1 with +1 at ``(i, i + positive_from)`` where that column exists: image
     ``i``'s own text. ``positive_from=None``: another process's texts, all negatives."""
     labels = torch.full((rows, cols), -1.0, dtype=like.dtype, device=like.device)
-    if positive_from is not None:
-        i = torch.arange(rows, device=like.device)
-        j = i + positive_from
-        here = (j >= 0) & (j < cols)
-        labels[i[here], j[here]] = 1.0
+    if positive_from is not None:  # the (i, j) with j - i = positive_from: a diagonal, empty when off the block
+        labels.diagonal(positive_from).fill_(1.0)  # (a masked index would wait for the device: nonzero)
     return labels
 
 

@@ -69,13 +69,15 @@ class _TiledInfoNCE(torch.autograd.Function):
         ds = torch.zeros((), device=qf.device, dtype=torch.float32)
         g = grad_loss.float() / b
         for i0, i1 in _blocks(b, ctx.tile):
-            rows = torch.arange(i1 - i0, device=qf.device)
             t = targets[i0:i1]
             for j0, j1 in _blocks(kf.shape[0], ctx.tile):
                 dots = qf[i0:i1] @ kf[j0:j1].T
                 grad = torch.exp(s * dots - lse[i0:i1, None])  # softmax of the block's rows
-                here = (t >= j0) & (t < j1)
-                grad[rows[here], t[here] - j0] -= 1  # minus the one-hot target
+                # minus the one-hot target: 1 at each row's target column where it is in the block, else 0 at
+                # a column of the block (clamped); a masked index of the rows would wait for the device
+                col = (t - j0).clamp(0, j1 - j0 - 1)[:, None]
+                here = ((t >= j0) & (t < j1)).to(grad.dtype)[:, None]
+                grad.scatter_(1, col, grad.gather(1, col) - here)
                 grad *= g
                 dq[i0:i1] += s * (grad @ kf[j0:j1])
                 dk[j0:j1] += s * (grad.T @ qf[i0:i1])

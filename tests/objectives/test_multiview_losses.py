@@ -3,6 +3,7 @@ memory bank's updates and sampling; CPC's patch grid and causality; colour-space
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmcl.data.transforms import build_transform, rgb_to_ycbcr, srgb_to_lab
 from mmcl.errors import DataError
@@ -75,6 +77,34 @@ def test_memory_bank_updates_samples_and_checks_ids() -> None:
     assert set(bank.sample(50, 2).unique().tolist()) == {1, 6}  # only filled rows once k of them are
     with pytest.raises(DataError, match="bank_size"):
         bank.check_ids(torch.tensor([2, 8]))
+
+
+class _OtherWinner(TorchDispatchMode):
+    """``index_put_`` with its indices and values reversed: where an index repeats, another occurrence
+    wins, as CUDA may let any of them."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if func.overloadpacket.__name__ in ("index_put", "index_put_") and args[1][0].dtype == torch.long:
+            values = args[2] if args[2].dim() == 0 else args[2].flip(0)
+            args = (args[0], [args[1][0].flip(0), *args[1][1:]], values, *args[3:])
+        return func(*args, **(kwargs or {}))
+
+
+def test_memory_bank_update_of_a_repeated_id_is_its_last_occurrence_whichever_write_wins() -> None:
+    """Banks must stay identical on every process and device: a repeated id takes its last update."""
+    ids, v = torch.tensor([2, 5, 2, 7, 2, 5]), torch.randn(6, 3)
+    banks = []
+    for mode in (contextlib.nullcontext(), _OtherWinner()):
+        torch.manual_seed(0)
+        bank = MemoryBank(8, 3, momentum=0.5)
+        before = bank.rows.clone()
+        with mode:
+            bank.update(ids, v)
+        banks.append(bank.rows)
+    for i, last in ((2, 4), (5, 5), (7, 3)):
+        expected = F.normalize(0.5 * before[i] + 0.5 * F.normalize(v[last], dim=0), dim=0)
+        assert torch.allclose(banks[0][i], expected, atol=1e-6)
+    assert torch.equal(banks[0], banks[1])
 
 
 def test_instdisc_estimates_z_once_and_updates_the_bank() -> None:
