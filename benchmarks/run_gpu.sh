@@ -30,11 +30,11 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 # sizes: the measurement, or the smoke test's (tiny model, CPU, one round)
 if [[ -n ${SMOKE:-} ]]; then
-  batch=16 big=32 rounds="--rounds 1" steps="--steps 1" batches=256 tile=64 photos=256 recipe_steps=3 workers=1
+  batch=16 big=32 rounds="--rounds 1" steps="--steps 1" sync_steps="--steps 1" batches=256 tile=64 photos=256 recipe_steps=3 workers=1
   cpu="--cpu-smoke" decode="--device cpu --samples 64 --tries 2 --batch 16 --corrupt 20" budget_gib=0.5 loader="--samples 128 \
 --rounds 1 --batch 16 --size 64"
 else
-  batch=256 big=1024 rounds="--rounds 3" steps="" batches=8192,32768 tile=4096 photos=20000 recipe_steps=30
+  batch=256 big=1024 rounds="--rounds 3" steps="" sync_steps="" batches=8192,32768 tile=4096 photos=20000 recipe_steps=30
   workers=$(( $(nproc) - 2 )) cpu="" decode="--samples 2048 --tries 100" budget_gib=24 loader="--samples 8192 \
 --rounds 2 --batch 256"
 fi
@@ -66,9 +66,11 @@ open_clip.__version__, 'accelerate', accelerate.__version__, 'transformers', tra
 
 # 1. the training step against open_clip's loop (ViT-B-32, bf16, batch 256, the same weights and batches): the
 #    vote on the device (no host synchronisation per step) and on the host, and the gradient-cached step in
-#    chunks of a quarter of the batch (target: at most 1.3x the plain step)
+#    chunks of a quarter of the batch (target: at most 1.3x the plain step); then torch's sync debugger over real
+#    steps of tiny runs (CLIP, tiled, FLIP, SigLIP, BYOL, MoCo v3, JPEGs decoded on the GPU): no step may wait
 step 1 200 $py benchmarks/clip_step.py --batch $batch $rounds $steps --results "$out/clip_step.json" \
   --variants "mmcl fused AdamW,mmcl fused + host vote,mmcl fused + grad cache B/4"
+step 1 150 $py benchmarks/sync_check.py $sync_steps
 # 2. CLIP's and SigLIP's loss memory at global batches 8,192 and 32,768: open_clip's losses, mmcl's whole matrix,
 #    mmcl's tiles (target: 8x below open_clip's ClipLoss at 32,768, gradients equal)
 step 2 150 $py benchmarks/clip_loss_memory.py --batches $batches --tile $tile $rounds
