@@ -124,21 +124,23 @@ def spoilt(data: bytes, how: str, rng: torch.Generator) -> bytes:
     out = bytearray(data)
     if how == "flip":
         for i in torch.randint(start, len(data) - 2, (8,), generator=rng).tolist():
-            out[i] = int(torch.randint(0, 255, (1,), generator=rng))  # never 0xff: no marker made
+            if out[i - 1] != 0xFF:  # the 00 of a stuffed ff 00 made non-zero would be a marker (a cut)
+                out[i] = int(torch.randint(0, 255, (1,), generator=rng))  # never 0xff itself: no marker made
     else:
         run = max(1, body // 50)
         out[at:at + run] = bytes(min(run, len(data) - 2 - at))
     return bytes(out)
 
 
-def corrupt(shards: str, count: int, device: str) -> None:
-    """Where the device's decoder and the workers' disagree on spoilt JPEGs (step 4)."""
+def corrupt(shards: str, count: int, device: str) -> int:
+    """Where the device's decoder and the workers' disagree on spoilt JPEGs (step 4); returns how many the
+    device decodes that the workers skip."""
     import webdataset as wds
     from torchvision.io import ImageReadMode, decode_jpeg
 
     from mmcl.decode import BadImage, decode_image
 
-    rng = torch.Generator().manual_seed(0)
+    rng, device_only = torch.Generator().manual_seed(0), 0
     jpegs = [s["jpg"] for s, _ in zip(wds.WebDataset(shards.split("::"), shardshuffle=False), range(count))]
     for how in ("cut", "flip", "zero"):
         tally = {"both decode": 0, "both refuse": 0, "device only": 0, "workers only": 0}
@@ -160,6 +162,8 @@ def corrupt(shards: str, count: int, device: str) -> None:
                 ("device only" if on_device else "both refuse")
             tally[key] += 1
         print(f"4. corrupt JPEGs, {how:4s} x {len(jpegs)}: " + ", ".join(f"{k} {v}" for k, v in tally.items()))
+        device_only += tally["device only"]
+    return device_only
 
 
 def main() -> None:
@@ -184,9 +188,12 @@ def main() -> None:
         with_drain, without = hazard(jpegs, args.tries, True), hazard(jpegs, args.tries, False)
         print(f"2. stream hazard, {args.tries} tries: wrong sums with mmcl's drain {with_drain}, without it {without}")
     speed(jpegs, shards, args.device)
-    corrupt(shards, args.corrupt, args.device)
+    device_only = corrupt(shards, args.corrupt, args.device)
     if with_drain:
         sys.exit("device_decode_check.py: memory was corrupted with the drain in place")
+    if device_only:
+        sys.exit(f"device_decode_check.py: the device decoded {device_only} corrupt JPEGs that the workers skip: "
+                 "data.decode: device would train on them")
 
 
 if __name__ == "__main__":

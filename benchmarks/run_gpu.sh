@@ -52,7 +52,7 @@ step() {  # step N LIMIT COMMAND...: COMMAND, if step N is wanted, for at most L
   fi
   (( limit > left )) && limit=$left
   echo "== step $n, at most $limit s, at $(( SECONDS - start )) s: $*" | tee -a "$log"
-  timeout "$limit" "$@" 2>&1 | grep -v -e Warning -e '^  warnings.warn' | tee -a "$log"
+  timeout -k 20 "$limit" "$@" 2>&1 | grep --line-buffered -v -e Warning -e '^  warnings.warn' | tee -a "$log"
   local rc=${PIPESTATUS[0]}
   (( rc == 0 )) || failed+=("$n (exit $rc$( (( rc == 124 )) && echo ', out of time')): $*")
 }

@@ -137,6 +137,8 @@ def main() -> None:
         total += sum(check(name, config, extra, f"{folder}/train-{{000000..000004}}.tar", tmp / f"run{i}",
                            args.steps).values())
     print(f"in all: {total} synchronising calls")
+    if cuda and total:
+        sys.exit("sync_check.py: training steps waited for the host (above)")
 
 
 if __name__ == "__main__":

@@ -108,7 +108,9 @@ def fit(recipe: str | Path | dict[str, Any], overrides: Iterable[str] = (), resu
     """Train a recipe (a YAML file or a dict, see :func:`recipe_from`) in this process, or in every
     process of an ``accelerate launch``; returns the final model folder. A SIGTERM (preemption, a
     time limit) writes a checkpoint and raises :class:`mmcl.errors.Stopped`; ``resume="latest"``
-    goes on from it.
+    goes on from it. Under a launch of several processes the process group stays for what the script
+    does next (evaluation, another run); ``torch.distributed.destroy_process_group()`` ends it
+    (``mmcl train`` does so when it exits).
 
     >>> import subprocess, sys, tempfile
     >>> data = tempfile.mkdtemp()   # mmcl-prep digits: 32 px image-caption shards of scikit-learn's digits

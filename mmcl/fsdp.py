@@ -136,22 +136,23 @@ def check_modules(model: nn.Module, objective: nn.Module) -> None:
 
 
 def full_precision_reductions(plugin: Any) -> None:
-    """Under mixed precision, FSDP2 reduces the gradients across processes, and hands the model's
-    outputs (the features every process gathers for the loss) over, in float32, as DDP does; the
-    forward and backward still run in the low precision. Accelerate's own policy does all three in
-    bf16: gradients summed over many GPUs in bf16 lose the small ones.
+    """Under mixed precision, FSDP2 reduces the gradients across processes in float32, as DDP does;
+    parameters are gathered, and the towers run, in the low precision (their outputs stay in it, as
+    under DDP's autocast: a float32 output would be cast up after every sharded block). Accelerate's
+    own policy reduces in bf16: gradients summed over many GPUs in bf16 lose the small ones.
 
     >>> from types import SimpleNamespace; from torch.distributed.fsdp import MixedPrecisionPolicy
     >>> p = SimpleNamespace(mixed_precision_policy=MixedPrecisionPolicy(torch.bfloat16, torch.bfloat16, torch.bfloat16))
     >>> full_precision_reductions(p); p.mixed_precision_policy.reduce_dtype, p.mixed_precision_policy.output_dtype
-    (torch.float32, torch.float32)
+    (torch.float32, torch.bfloat16)
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     policy = getattr(plugin, "mixed_precision_policy", None)
     if isinstance(policy, MixedPrecisionPolicy) and policy.param_dtype in (torch.bfloat16, torch.float16):
         plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=policy.param_dtype,
-                                                             reduce_dtype=torch.float32, output_dtype=torch.float32,
+                                                             reduce_dtype=torch.float32,
+                                                             output_dtype=policy.output_dtype,
                                                              cast_forward_inputs=policy.cast_forward_inputs)
 
 

@@ -198,8 +198,6 @@ class Trainer:
         # batch, embedded data.batch_size (or train.grad_cache) samples at a time; others accumulate
         self.merge = merged_micro_batches(r)
         self.chunk = r.train.grad_cache or (r.data.batch_size if self.merge > 1 else 0)
-        # float32 products (the losses) in TF32 on GPUs, as open_clip's training sets it; a no-op on CPUs
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = r.train.tf32
         wait = InitProcessGroupKwargs(timeout=timedelta(seconds=r.train.dist_timeout_s))
         try:
             self.acc = Accelerator(gradient_accumulation_steps=r.optim.grad_accum // self.merge, kwargs_handlers=[wait],
@@ -209,6 +207,9 @@ class Trainer:
                                    fsdp_plugin=fsdp_plugin() if r.train.fsdp else None)
         except RuntimeError as e:
             raise (launch_error(e) or e) from None
+        # float32 products (the losses) in TF32 on GPUs, as open_clip's training sets it; a no-op on CPUs.
+        # After the Accelerator: its state turns TF32 on by itself for a compiled float32 run on CUDA.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = r.train.tf32
         set_seed(r.run.seed)
         self._check_topology()
         check_launch(self.acc, r.train.fsdp)
@@ -732,6 +733,8 @@ class Trainer:
                 found = ckpt.find_checkpoint(self.out, resume, warn=self.acc.print)
             except ckpt.CheckpointError as e:
                 error = str(e)
+            except Exception as e:  # noqa: BLE001 (a shared file system's error: every process stops with it)
+                error = f"--resume {resume}: {type(e).__name__}: {e}"
         found, error = broadcast_object_list([found and str(found), error])
         if error:
             raise ckpt.CheckpointError(error)

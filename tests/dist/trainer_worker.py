@@ -260,7 +260,7 @@ def run_case(name: str, case: Case, runs: Path, shards: str) -> dict[str, Any]:
         f"data.train_shards={shards}", f"run.output_dir={out}", f"data.batch_size={batch_size}",
         "data.num_workers=0", f"optim.grad_accum={accum}", f"train.steps={case.steps}", "train.log_every=1",
         "train.save_every=0", "train.progress=false", "optim.warmup_steps=1", "eval.knn_train_shards=null",
-        "eval.knn_shards=[]", *(o.replace("{batch}", str(batch_size)) for o in case.overrides)])
+        "eval.knn_shards=[]", "train.tf32=false", *(o.replace("{batch}", str(batch_size)) for o in case.overrides)])
     snaps: list[dict[str, torch.Tensor]] = []
     try:
         trainer = Trainer(recipe)
@@ -287,7 +287,7 @@ def run_case(name: str, case: Case, runs: Path, shards: str) -> dict[str, Any]:
 
 SMALL = ["data.num_workers=0", "data.shuffle_buffer=32", "train.steps=6", "train.save_every=3", "train.log_every=1",
          "train.progress=false", "optim.warmup_steps=1", "eval.knn_train_shards=null", "eval.knn_shards=[]",
-         "eval.linear=false", "model.backbone.width=8", "model.backbone.depth=2"]
+         "eval.linear=false", "model.backbone.width=8", "model.backbone.depth=2", "train.tf32=false"]
 RESUME = {  # recipe and overrides of each resume case (BatchNorm encoders, the real digits loader)
     "resume_plain": ("moco_v2_digits", ["data.batch_size=8", "objective.queue_size=32", "objective.shuffle_bn=false"]),
     "resume_shuffle_bn": ("moco_v2_digits", ["data.batch_size=8", "objective.queue_size=32",
@@ -379,8 +379,6 @@ def main(out_path: str, runs: str, shards: str, *names: str) -> None:
     # the process group (gloo on CPU), also for shuffle_bn alone; kept across the cases' runs (Trainer.fit
     # leaves it for what comes next: Accelerate's state would not create it again)
     PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
     bank_module.MemoryBank.sample = globally_drawn_negatives
     results: dict[str, Any] = {}
     for name in names or CASES:
