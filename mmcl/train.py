@@ -203,7 +203,6 @@ class Trainer:
             self.acc = Accelerator(gradient_accumulation_steps=r.optim.grad_accum // self.merge, kwargs_handlers=[wait],
                                    log_with=trackers or None,
                                    project_dir=str(self.out), mixed_precision=precision,
-                                   dynamo_backend="inductor" if r.train.compile else None,
                                    fsdp_plugin=fsdp_plugin() if r.train.fsdp else None)
         except RuntimeError as e:
             raise (launch_error(e) or e) from None
@@ -249,6 +248,11 @@ class Trainer:
         else:
             self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
             self.objective.to(self.acc.device)
+        if r.train.compile:  # as Accelerate's dynamo_backend compiles what it prepares; asked of Accelerate, the
+            # choice would live in its state, made once per process: a later Trainer would keep the first's
+            self.model = torch.compile(self.model)
+            if trains_objective:
+                self.objective = torch.compile(self.objective)
         self.state = TrainState()
         self._pending: list[dict[str, Any]] = []  # this optimizer step's micro-batch metrics (on the device)
         self._signal, self._stop_agreed = _Signal(), False  # a SIGTERM seen here; seen anywhere (the last vote)

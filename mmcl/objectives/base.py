@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from mmcl.errors import ConfigError
@@ -79,6 +80,28 @@ class Objective(nn.Module):
 
     def after_optimizer_step(self, step: int) -> None:
         """Called after every optimizer step: momentum updates, queues, schedules. Nothing by default."""
+
+    # ------------------------------------------------------------------ the step, for schedules
+    def track_steps(self) -> None:
+        """For an objective whose forward depends on the optimizer step (a schedule, a frozen head):
+        the step is kept as a buffer, saved in checkpoints, and as a Python number that forward reads
+        (:meth:`current_step`), so that forward neither waits for the device to read the buffer nor,
+        compiled, sees a new constant (a recompilation) every step. Call it in ``__init__``, and
+        :meth:`set_step` in ``after_optimizer_step``."""
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self._host_step: int | None = None  # read from the buffer after construction or a checkpoint's load
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_host_step", None))
+
+    def set_step(self, step: int) -> None:
+        self.step.fill_(step)
+        self._host_step = step
+
+    @torch.compiler.disable
+    def current_step(self) -> int:
+        """The optimizer steps taken so far (the buffer is read once, then kept by :meth:`set_step`)."""
+        if self._host_step is None:
+            self._host_step = int(self.step)
+        return self._host_step
 
     @classmethod
     def check_recipe(cls, cfg: Any, recipe: Any) -> None:

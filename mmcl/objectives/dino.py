@@ -145,11 +145,7 @@ class DINOLoss(MomentumObjective):
     def __init__(self, cfg: DINOConfig):
         super().__init__(cfg)
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # saved in checkpoints
-        # the step as a Python number, so that forward never waits for the device to read the buffer:
-        # read from it once (after construction or a checkpoint's load), then kept by after_optimizer_step
-        self._host_step: int | None = None
-        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_host_step", None))
+        self.track_steps()
 
     def setup(self, model: nn.Module, total_steps: int) -> None:
         """The last layer on the model's embeddings, and the teacher: an EMA of model + last layer."""
@@ -160,13 +156,7 @@ class DINOLoss(MomentumObjective):
 
     def after_optimizer_step(self, step: int) -> None:
         super().after_optimizer_step(step)
-        self.step.fill_(step)
-        self._host_step = step
-
-    def _step(self) -> int:
-        if self._host_step is None:
-            self._host_step = int(self.step)
-        return self._host_step
+        self.set_step(step)
 
     @torch.no_grad()
     def update_center(self, teacher: list[torch.Tensor]) -> None:
@@ -178,7 +168,7 @@ class DINOLoss(MomentumObjective):
 
     def forward(self, out: dict[str, Any], batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.cfg
-        step = self._step()
+        step = self.current_step()
         frozen = step < cfg.freeze_last_layer_steps
         student = [self.last(z, frozen) for z in out["z"]]
         teacher = self.target({"views": batch["views"][:cfg.global_crops]})

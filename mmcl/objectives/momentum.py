@@ -93,7 +93,8 @@ class MomentumObjective(ViewObjective):
     def after_optimizer_step(self, step: int) -> None:
         self.target.update(step)
 
-    def momentum_metric(self, like: torch.Tensor) -> torch.Tensor:
+    @torch.compiler.disable  # compiled (train.compile), reading the momentum would be a constant that changes
+    def momentum_metric(self, like: torch.Tensor) -> torch.Tensor:  # each step: a recompilation every step
         """The target's momentum as a metric: a float32 scalar on ``like``'s device filled by a kernel
         from the Python number. ``torch.tensor(m)`` would be a host tensor the trainer copies to the
         device, and ``torch.tensor(m, device=...)`` a copy from host memory: on a GPU both wait for it."""

@@ -55,7 +55,7 @@ def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Ten
     tensor([0, 0, 1, 1])
     """
     q = torch.exp(scores.float() / epsilon).T  # K × B
-    b_global = all_reduce_sum(torch.tensor(float(q.shape[1]), device=q.device))
+    b_global = all_reduce_sum(torch.full((), float(q.shape[1]), device=q.device))  # filled there: no host copy
     k = q.shape[0]
     q /= all_reduce_sum(q.sum())
     for _ in range(iterations):
@@ -89,7 +89,9 @@ class SwAVLoss(ViewObjective):
 
     def __init__(self, cfg: SwAVConfig):
         super().__init__(cfg)
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.track_steps()
+        self._queue_full = False  # kept once true (a full queue stays full); read from the device until then
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_queue_full", False))
 
     @classmethod
     def check_recipe(cls, cfg: SwAVConfig, recipe: Any) -> None:
@@ -116,11 +118,18 @@ class SwAVLoss(ViewObjective):
                                                       model.embed_dim))
 
     def after_optimizer_step(self, step: int) -> None:
-        self.step.fill_(step)
+        self.set_step(step)
+
+    @torch.compiler.disable
+    def _queue_ready(self) -> bool:
+        """Whether the queue is full: read on the device until it is, then kept."""
+        if not self._queue_full:
+            self._queue_full = bool(self.queue[:, -1].any())
+        return self._queue_full
 
     def _scores(self, z: torch.Tensor) -> torch.Tensor:
         w = self.prototypes.weight
-        if int(self.step) < self.cfg.freeze_prototypes_steps:
+        if self.current_step() < self.cfg.freeze_prototypes_steps:
             w = w.detach() + 0.0 * w  # in the graph (DDP sees it used) but with zero gradient
         return z @ w.T
 
@@ -131,7 +140,7 @@ class SwAVLoss(ViewObjective):
         z = [F.normalize(x, dim=-1) for x in out["z"]]
         scores = [self._scores(x) for x in z]
         b, n_crops, losses = z[0].shape[0], len(z), []
-        use_queue = cfg.queue_length and int(self.step) >= cfg.queue_start_step and bool(self.queue[:, -1].any())
+        use_queue = cfg.queue_length and self.current_step() >= cfg.queue_start_step and self._queue_ready()
         for i in range(cfg.assignment_crops):
             s = scores[i].detach()
             if use_queue:
@@ -146,5 +155,6 @@ class SwAVLoss(ViewObjective):
                     self.queue[i] = torch.cat([z[i].detach().to(self.queue.dtype), self.queue[i][:-b]])
         usage = gather_no_grad(scores[0].detach().argmax(dim=1))
         metrics = {"embedding_std": embedding_std(out["z"][0]),
-                   "prototype_usage": torch.tensor(usage.unique().numel() / cfg.prototypes)}
+                   # the share of prototypes some sample picked, counted on the device (unique() would wait)
+                   "prototype_usage": scores[0].new_zeros(cfg.prototypes).index_fill_(0, usage, 1.0).mean()}
         return torch.stack(losses).mean(), metrics

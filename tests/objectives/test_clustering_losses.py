@@ -134,9 +134,9 @@ def test_dino_last_layer_frozen_for_the_first_steps() -> None:
     # a checkpoint's step (a buffer) reaches the host copy forward reads, and a fresh one starts at 0
     resumed = DINOLoss(DINOConfig(out_dim=6, freeze_last_layer_steps=1, norm_last_layer=False))
     resumed.setup(model, 10)
-    assert resumed._step() == 0
+    assert resumed.current_step() == 0
     resumed.load_state_dict(dino.state_dict())
-    assert resumed._step() == 1
+    assert resumed.current_step() == 1
 
 
 def test_multi_crop_views_and_grouped_encoding(digits_dir: Path) -> None:
