@@ -67,7 +67,8 @@ open_clip.__version__, 'accelerate', accelerate.__version__, 'transformers', tra
 # 1. the training step against open_clip's loop (ViT-B-32, bf16, batch 256, the same weights and batches): the
 #    vote on the device (no host synchronisation per step) and on the host, and the gradient-cached step in
 #    chunks of a quarter of the batch (target: at most 1.3x the plain step); then torch's sync debugger over real
-#    steps of tiny runs (CLIP, tiled, FLIP, SigLIP, BYOL, MoCo v3, JPEGs decoded on the GPU): no step may wait
+#    steps of tiny runs (CLIP, tiled, FLIP, SigLIP, BYOL, MoCo v3, DINO, SwAV, JPEGs decoded on the GPU): no step
+#    may wait
 step 1 200 $py benchmarks/clip_step.py --batch $batch $rounds $steps --results "$out/clip_step.json" \
   --variants "mmcl fused AdamW,mmcl fused + host vote,mmcl fused + grad cache B/4"
 step 1 150 $py benchmarks/sync_check.py $sync_steps

@@ -5,11 +5,12 @@
 ``tests/test_no_host_sync.py`` finds such waits on the CPU with a dispatch probe, which cannot see
 every kind (``.tolist()``, a copy from pageable memory, a library's own wait). On a GPU this runs
 the same cases (tiny digits runs of CLIP with ``data.normalize: device``, tiled CLIP with
-``local_loss``, FLIP patch dropout, SigLIP plain and tiled, BYOL, MoCo v3, and CLIP with
-``data.decode: device``) through ``Loader.prepare`` + ``Trainer.train_step`` under
-``torch.cuda.set_sync_debug_mode("warn")`` after two warm-up steps, and prints each case's number
-of synchronising calls with the source lines that made them. The trainer's intended waits are left
-out: the host vote (``train.vote: host``, which BYOL and MoCo v3 need) and the drain before the
+``local_loss``, FLIP patch dropout, SigLIP plain and tiled, BYOL, MoCo v3, DINO, SwAV (its queue
+off: it is read until it is full), and CLIP with ``data.decode: device``) through
+``Loader.prepare`` + ``Trainer.train_step`` under ``torch.cuda.set_sync_debug_mode("warn")``
+after two warm-up steps, and prints each case's number of synchronising calls with the source
+lines that made them. The trainer's intended waits are left out: the host vote (``train.vote:
+host``, which BYOL, MoCo v3, DINO and SwAV need) and the drain before the
 device decodes JPEGs (``data.decode: device``, pytorch/vision#9606). Without a GPU the steps run on
 the CPU as a smoke test and nothing is counted.
 """
@@ -41,6 +42,8 @@ CASES = {
     "siglip tiled": ("siglip_digits.yaml", "objective.tile=6"),
     "byol": ("byol_digits.yaml", *SMALL),
     "mocov3": ("moco_v3_digits.yaml", *SMALL),
+    "dino": ("dino_digits.yaml", "model.backbone.width=8", "objective.warmup_teacher_steps=10"),
+    "swav": ("swav_digits.yaml", "model.backbone.width=8", "objective.queue_length=0"),
 }
 
 
