@@ -201,13 +201,14 @@ class Trainer:
         wait = InitProcessGroupKwargs(timeout=timedelta(seconds=r.train.dist_timeout_s))
         try:
             self.acc = Accelerator(gradient_accumulation_steps=r.optim.grad_accum // self.merge, kwargs_handlers=[wait],
+                                   dynamo_backend="no",  # train.compile decides, not an accelerate config
                                    log_with=trackers or None,
                                    project_dir=str(self.out), mixed_precision=precision,
                                    fsdp_plugin=fsdp_plugin() if r.train.fsdp else None)
         except RuntimeError as e:
             raise (launch_error(e) or e) from None
         # float32 products (the losses) in TF32 on GPUs, as open_clip's training sets it; a no-op on CPUs.
-        # After the Accelerator: its state turns TF32 on by itself for a compiled float32 run on CUDA.
+        # After the Accelerator, whose state may set TF32 itself.
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = r.train.tf32
         set_seed(r.run.seed)
         self._check_topology()
@@ -248,11 +249,12 @@ class Trainer:
         else:
             self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
             self.objective.to(self.acc.device)
-        if r.train.compile:  # as Accelerate's dynamo_backend compiles what it prepares; asked of Accelerate, the
-            # choice would live in its state, made once per process: a later Trainer would keep the first's
-            self.model = torch.compile(self.model)
+        if r.train.compile:  # what Accelerate's dynamo_backend would compile, but in place (Module.compile): no
+            # wrapper, so state dicts keep their keys and DDP's no_sync stays reachable; and asked of Accelerate,
+            # the choice would live in its state, made once per process, where a later Trainer keeps the first's
+            self.acc.unwrap_model(self.model, keep_torch_compile=False).compile()
             if trains_objective:
-                self.objective = torch.compile(self.objective)
+                self.acc.unwrap_model(self.objective, keep_torch_compile=False).compile()
         self.state = TrainState()
         self._pending: list[dict[str, Any]] = []  # this optimizer step's micro-batch metrics (on the device)
         self._signal, self._stop_agreed = _Signal(), False  # a SIGTERM seen here; seen anywhere (the last vote)

@@ -156,5 +156,6 @@ class SwAVLoss(ViewObjective):
         usage = gather_no_grad(scores[0].detach().argmax(dim=1))
         metrics = {"embedding_std": embedding_std(out["z"][0]),
                    # the share of prototypes some sample picked, counted on the device (unique() would wait)
-                   "prototype_usage": scores[0].new_zeros(cfg.prototypes).index_fill_(0, usage, 1.0).mean()}
+                   "prototype_usage": scores[0].new_zeros(cfg.prototypes, dtype=torch.float32)
+                   .index_fill_(0, usage, 1.0).mean()}
         return torch.stack(losses).mean(), metrics
