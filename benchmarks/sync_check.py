@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SMALL = ["model.backbone.width=8", "model.projector.dims=[32,16]", "objective.predictor.dims=[32,16]"]
+# also the cases of tests/test_no_host_sync.py, which probes them on the CPU (all but the JPEG one)
 CASES = {
     "clip": ("clip_digits.yaml",),
     "clip tiled local": ("clip_digits.yaml", "objective.tile=6", "objective.local_loss=true"),
@@ -42,8 +43,12 @@ CASES = {
     "siglip tiled": ("siglip_digits.yaml", "objective.tile=6"),
     "byol": ("byol_digits.yaml", *SMALL),
     "mocov3": ("moco_v3_digits.yaml", *SMALL),
-    "dino": ("dino_digits.yaml", "model.backbone.width=8", "objective.warmup_teacher_steps=10"),
-    "swav": ("swav_digits.yaml", "model.backbone.width=8", "objective.queue_length=0"),
+    # schedules on the step (teacher temperature, frozen last layer / prototypes); SwAV's queue is read
+    # from the device until it is full, so it is off here
+    "dino": ("dino_digits.yaml", "model.backbone.width=8", "objective.warmup_teacher_steps=10",
+             "objective.freeze_last_layer_steps=1"),
+    "swav": ("swav_digits.yaml", "model.backbone.width=8", "objective.queue_length=0",
+             "objective.freeze_prototypes_steps=1"),
 }
 
 

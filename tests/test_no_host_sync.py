@@ -15,6 +15,7 @@ given no device (``torch.randn(b, n)`` indexing a device tensor). The first step
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,23 +106,16 @@ def probe_steps(digits_dir: Path, out: Path, monkeypatch: pytest.MonkeyPatch, co
     return trainer, probe.seen
 
 
-CASES = {
-    "clip": ("clip_digits.yaml",),
-    "clip-tiled-local": ("clip_digits.yaml", "objective.tile=6", "objective.local_loss=true"),
-    "clip-patch-dropout": ("clip_digits.yaml", "model.patch_dropout=0.5"),
-    "siglip": ("siglip_digits.yaml",),
-    "siglip-tiled": ("siglip_digits.yaml", "objective.tile=6"),
-    "byol": ("byol_digits.yaml", "model.backbone.width=8", "model.projector.dims=[32,16]",
-             "objective.predictor.dims=[32,16]"),
-    "mocov3": ("moco_v3_digits.yaml", "model.backbone.width=8", "model.projector.dims=[32,16]",
-               "objective.predictor.dims=[32,16]"),
-    # schedules on the step (teacher temperature, frozen last layer / prototypes); SwAV's queue is read
-    # from the device until it is full, so it is off here
-    "dino": ("dino_digits.yaml", "model.backbone.width=8", "objective.warmup_teacher_steps=10",
-             "objective.freeze_last_layer_steps=1"),
-    "swav": ("swav_digits.yaml", "model.backbone.width=8", "objective.queue_length=0",
-             "objective.freeze_prototypes_steps=1"),
-}
+def gpu_check_cases() -> dict[str, tuple[str, ...]]:
+    """The cases of ``benchmarks/sync_check.py`` (torch's sync debugger on a GPU), one list for both;
+    but the JPEG one, whose shards and GPU decoder the GPU check has."""
+    spec = importlib.util.spec_from_file_location("sync_check", ROOT / "benchmarks" / "sync_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return {name: case for name, case in module.CASES.items() if "data.decode=device" not in case}
+
+
+CASES = gpu_check_cases()
 
 
 @pytest.mark.parametrize("case", list(CASES))
