@@ -160,10 +160,10 @@ def _timed(batches: Iterator[Any], waited: dict[str, float]) -> Iterator[Any]:
         yield item
 
 
-
 # what a run writes in its folder, set aside when another run starts afresh there (and TensorBoard's folder)
 EARLIER_RUNS = "earlier_runs"  # RUN/earlier_runs/<UTC time>/
 EARLIER_RUN_FILES = ("recipe.yaml", "metrics.jsonl", "summary.json", "checkpoints", "final", "report", "wandb")
+
 
 class Trainer:
     """Runs one recipe. ``Trainer(recipe).fit(resume=None)`` returns the final model folder.
