@@ -55,6 +55,9 @@ VARIANTS = {  # name: recipe overrides
     "mmcl fused AdamW": ["optim.fused=true"],  # the vote on the device (train.vote: auto): no host sync per step
     "mmcl fused + host vote": ["optim.fused=true", "train.vote=host"],  # one host synchronisation per step
     "mmcl fused + grad cache B/4": ["optim.fused=true", "train.grad_cache={quarter}"],
+    # the GradCache of the paper: every chunk embedded twice (mmcl keeps the last chunk's first pass)
+    "mmcl fused + grad cache B/4 rerun all": ["optim.fused=true", "train.grad_cache={quarter}",
+                                              "train.grad_cache_keep_last=false"],
     "mmcl fused + grad ckpt": ["optim.fused=true", "model.grad_checkpointing=true"],
     "mmcl fused + patch drop 0.5": ["optim.fused=true", "model.patch_dropout=0.5"],
 }

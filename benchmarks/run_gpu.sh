@@ -66,11 +66,12 @@ open_clip.__version__, 'accelerate', accelerate.__version__, 'transformers', tra
 
 # 1. the training step against open_clip's loop (ViT-B-32, bf16, batch 256, the same weights and batches): the
 #    vote on the device (no host synchronisation per step) and on the host, and the gradient-cached step in
-#    chunks of a quarter of the batch (target: at most 1.3x the plain step); then torch's sync debugger over real
+#    chunks of a quarter of the batch (target: at most 1.3x the plain step; mmcl's, and with every chunk
+#    embedded twice as the GradCache paper does); then torch's sync debugger over real
 #    steps of tiny runs (CLIP, tiled, FLIP, SigLIP, BYOL, MoCo v3, DINO, SwAV, JPEGs decoded on the GPU): no step
 #    may wait
 step 1 200 $py benchmarks/clip_step.py --batch $batch $rounds $steps --results "$out/clip_step.json" \
-  --variants "mmcl fused AdamW,mmcl fused + host vote,mmcl fused + grad cache B/4"
+  --variants "mmcl fused AdamW,mmcl fused + host vote,mmcl fused + grad cache B/4,mmcl fused + grad cache B/4 rerun all"
 step 1 150 $py benchmarks/sync_check.py $sync_steps
 # 2. CLIP's and SigLIP's loss memory at global batches 8,192 and 32,768: open_clip's losses, mmcl's whole matrix,
 #    mmcl's tiles (target: 8x below open_clip's ClipLoss at 32,768, gradients equal)

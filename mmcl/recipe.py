@@ -88,7 +88,13 @@ class TrainConfig:
     dist_timeout_s: int = spec(7200, ge=60, help="how long a process waits in a collective for the others (while one "
                                                  "writes and hashes a checkpoint or final/); NCCL's own is 10 minutes")
     grad_cache: int = spec(0, ge=0, help="0: off. N: gradient caching (mmcl.gradcache): the model sees N samples "
-                                         "at a time, the loss the whole batch; one more forward pass per step")
+                                         "at a time, the loss the whole batch; the forward passes of all chunks but "
+                                         "one run twice")
+    grad_cache_keep_last: bool = spec(True, help="with train.grad_cache (or optim.grad_accum merging micro-batches): "
+                                                 "the last chunk keeps its first pass's graph through the loss instead "
+                                                 "of running again (one forward pass fewer per step; its activations "
+                                                 "are then held while the loss is taken); false: every chunk runs "
+                                                 "twice")
     trackers: list[str] | None = spec(None, help="experiment trackers the logs also go to, through Accelerate "
                                                  "(tensorboard, wandb, mlflow, aim, comet_ml, clearml, dvclive, "
                                                  "swanlab, trackio), with the recipe as the run's config; null: "

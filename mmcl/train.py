@@ -633,7 +633,8 @@ class Trainer:
         if chunk:  # DDP's own no_sync: Accelerate's is a no-op for a DDP model of one process
             loss, metrics = grad_cache_step(self.model, self.objective, batch, chunk, device=acc.device,
                                             autocast=acc.autocast, backward=backward,
-                                            no_sync=getattr(self.model, "no_sync", nullcontext))
+                                            no_sync=getattr(self.model, "no_sync", nullcontext),
+                                            keep_last=self.recipe.train.grad_cache_keep_last)
             return loss.float(), metrics
         with acc.autocast():
             loss, metrics = self.objective(self.model(batch), batch)

@@ -4,6 +4,7 @@ processes, and accumulation under DDP: tests/dist/test_training_steps.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -58,17 +59,19 @@ def test_split_slices_per_sample_members_only() -> None:
     assert part["scale"] is batch["scale"] and part["names"] == ["x", "y"]
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 11])
-def test_clip_grad_cache_equals_the_whole_batch(chunk: int) -> None:
+@pytest.mark.parametrize("keep_last", [True, False])
+@pytest.mark.parametrize("chunk", [1, 5, 11, 12])
+def test_clip_grad_cache_equals_the_whole_batch(chunk: int, keep_last: bool) -> None:
     """CLIP (open_clip tiny ViT + text transformer, learned logit_scale): loss and every gradient,
-    with chunks that do not divide the batch of 12."""
+    with chunks that do not divide the batch of 12 (and one chunk of all), the last chunk's first
+    pass kept or run again."""
     torch.manual_seed(0)
     model, loss_fn = ClipModel.from_config(ClipModelConfig(open_clip_config="mmcl-tiny-vit")), ClipLoss()
     batch = clip_batch(model, 12, seed=1)
     loss, metrics = loss_fn(model(batch), batch)
     loss.backward()
     whole = grads(model)
-    cached_loss, cached_metrics = grad_cache_step(model, loss_fn, batch, chunk, device=CPU)
+    cached_loss, cached_metrics = grad_cache_step(model, loss_fn, batch, chunk, device=CPU, keep_last=keep_last)
     assert cached_loss.item() == pytest.approx(loss.item(), abs=1e-6)
     assert cached_metrics.keys() == metrics.keys()
     assert_same_grads(grads(model), whole)
@@ -101,7 +104,8 @@ def test_simclr_grad_cache_equals_the_whole_batch_with_objective_parameters() ->
             assert_same_grads(grads(objective), whole_obj)
 
 
-def test_random_masks_are_replayed() -> None:
+@pytest.mark.parametrize("keep_last", [True, False])
+def test_random_masks_are_replayed(keep_last: bool) -> None:
     """With FLIP patch dropout (random per sample) the replayed chunks draw the masks of the first
     pass: the gradients equal those of the same chunked forward taken with a graph at once. Without
     the replay of the random state they would not."""
@@ -116,13 +120,46 @@ def test_random_masks_are_replayed() -> None:
     ref_loss.backward()
     reference = grads(model)
     torch.manual_seed(5)
-    loss, _ = grad_cache_step(model, loss_fn, batch, 4, device=CPU)
+    loss, _ = grad_cache_step(model, loss_fn, batch, 4, device=CPU, keep_last=keep_last)
     assert loss.item() == pytest.approx(ref_loss.item(), abs=1e-6)
     assert_same_grads(grads(model), reference)
     torch.manual_seed(6)  # another draw gives other gradients: the masks matter here
     loss_fn(model(batch), batch)[0].backward()
     other = grads(model)
     assert max(((other[k] - reference[k]).norm() / reference[k].norm()).item() for k in reference) > 1e-3
+
+
+@pytest.mark.parametrize("keep_last, passes", [(True, 5), (False, 6)])
+def test_the_last_chunk_is_not_run_again(keep_last: bool, passes: int) -> None:
+    """Three chunks: every chunk is embedded once, then all but the kept last one again (with
+    ``keep_last``), all three again without; the forward passes with a graph are the chunks run for
+    their backward, and the kept chunk's backward is the first, so DDP's synchronising one is the
+    last re-run (it alone runs outside ``no_sync``)."""
+    model = ClipModel.from_config(ClipModelConfig(open_clip_config="mmcl-tiny-vit"))
+    batch = clip_batch(model, 10, seed=2)
+    calls: list[tuple[int, bool, bool]] = []  # (chunk size, with a graph, inside no_sync)
+    syncing = {"off": False}
+
+    @contextlib.contextmanager
+    def no_sync():
+        syncing["off"] = True
+        yield
+        syncing["off"] = False
+
+    def embed(b):
+        calls.append((len(b["key"]), torch.is_grad_enabled(), syncing["off"]))
+        return model(b)
+
+    grad_cache_step(embed, ClipLoss(), batch, 4, device=CPU, no_sync=no_sync, keep_last=keep_last)
+    assert len(calls) == passes
+    assert [c[0] for c in calls[:3]] == [4, 4, 2]  # the first pass, in order
+    assert [c[1] for c in calls[:3]] == [False, False, keep_last]
+    reruns = calls[3:]
+    assert all(graph for _, graph, _ in reruns)
+    assert [size for size, _, _ in reruns] == ([4, 4] if keep_last else [4, 4, 2])
+    assert [off for _, _, off in reruns] == [True] * (len(reruns) - 1) + [False]  # one synchronising pass, last
+    if keep_last:
+        assert calls[2][2]  # the kept chunk's pass, whose backward comes first, does not synchronise
 
 
 def test_the_random_state_after_a_step_is_the_first_pass_state() -> None:
