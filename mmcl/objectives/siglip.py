@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: F401  (the doctests use it)
 
 from mmcl.config import spec
 from mmcl.dist import gather_with_grad, pass_right, world
@@ -50,22 +50,33 @@ class SigLipConfig:
                                    "objective.tile; 0: a whole block at once")
 
 
-def pair_labels(rows: int, cols: int, positive_from: int | None, like: torch.Tensor) -> torch.Tensor:
-    """``[rows, cols]`` of -1 with +1 at ``(i, i + positive_from)`` where that column exists: image
-    ``i``'s own text. ``positive_from=None``: another process's texts, all negatives."""
-    labels = torch.full((rows, cols), -1.0, dtype=like.dtype, device=like.device)
-    if positive_from is not None:  # the (i, j) with j - i = positive_from: a diagonal, empty when off the block
-        labels.diagonal(positive_from).fill_(1.0)  # (a masked index would wait for the device: nonzero)
-    return labels
+def _flipped_logits_(sim: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                     positive_from: int | None) -> torch.Tensor:
+    """``sim`` turned, in place, into ``w = -y · (scale · sim + bias)``: the logits as they are for the
+    negative pairs (``y = -1``) and with their sign flipped for each image's own text (``y = +1``, at
+    ``(i, i + positive_from)``: a diagonal, empty when it lies off the block; ``None``: all negatives).
+    Each pair's loss is then ``softplus(w)`` and its derivative ``σ(w)``. In place, so a block costs
+    one ``[B, M]`` matrix (a diagonal, not a mask: a masked index would wait for the device)."""
+    w = sim.mul_(scale).add_(bias)
+    if positive_from is not None:
+        w.diagonal(positive_from).neg_()
+    return w
 
 
+def _own_rows(rows: int, positive_from: int) -> slice:
+    """The images whose own text lies in a block (its ``positive_from`` diagonal)."""
+    return slice(max(0, -positive_from), None)
+
+
+@torch.no_grad()
 def sigmoid_terms(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
                   positive_from: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SigLIP on one block: ``image`` [B, D] against ``text`` [M, D], image ``i``'s positive being
-    text ``i + positive_from`` (see :func:`pair_labels`). Returns the sum over the pairs of
-    ``-log σ(y · (scale · x·t + bias))`` (differentiable; divide by the images for the loss) and,
-    for the accuracy, each image's similarity to its own text (0 when not in the block) and its
-    highest similarity to a text that is not its own (-inf when there is none).
+    text ``i + positive_from`` (``None``: none in the block). Returns the sum over the pairs of
+    ``-log σ(y · (scale · x·t + bias))`` (divide by the images for the loss) and, for the accuracy,
+    each image's similarity to its own text (0 when not in the block) and its highest similarity to
+    a text that is not its own (-inf when there is none). Without a graph (:func:`sigmoid_grads` is
+    the backward), in place: at most two ``[B, M]`` matrices at once.
 
     >>> image, text = F.normalize(torch.randn(3, 8), dim=-1), F.normalize(torch.randn(5, 8), dim=-1)
     >>> total, own, best_other = sigmoid_terms(image, text, torch.tensor(10.0), torch.tensor(-5.0), positive_from=2)
@@ -74,12 +85,47 @@ def sigmoid_terms(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, 
     True
     """
     sim = image @ text.T
-    labels = pair_labels(sim.shape[0], sim.shape[1], positive_from, sim)
-    loss = -F.logsigmoid(labels * (scale * sim + bias)).sum()
-    sim, positive = sim.detach(), labels > 0
-    own = torch.where(positive, sim, 0.0).sum(dim=1)
-    best_other = sim.masked_fill(positive, float("-inf")).amax(dim=1)
-    return loss, own, best_other
+    own = sim.new_zeros(sim.shape[0])
+    if positive_from is not None:
+        diagonal = sim.diagonal(positive_from)
+        rows = _own_rows(sim.shape[0], positive_from)
+        own[rows][:diagonal.numel()] = diagonal
+        diagonal.fill_(float("-inf"))  # for the best other text; put back below
+        best_other = sim.amax(dim=1)
+        diagonal.copy_(own[rows][:diagonal.numel()])
+    else:
+        best_other = sim.amax(dim=1)
+    w = _flipped_logits_(sim, scale, bias, positive_from)
+    # softplus(w) = max(w, 0) + log(1 + e^-|w|), stable for any w (torch's log-sigmoid computes the same)
+    total = w.clamp_min(0).sum() + w.abs_().neg_().exp_().log1p_().sum()
+    return total, own, best_other
+
+
+@torch.no_grad()
+def sigmoid_grads(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                  positive_from: int | None, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Gradients of ``grad`` × :func:`sigmoid_terms`'s sum with respect to ``image``, ``text``,
+    ``scale`` and ``bias``, written out: with ``u = scale · x·t + bias`` and ``w = -y u``, a pair's
+    ``∂/∂u = -y σ(w)``; then ``∂/∂x_i = scale Σ_j ∂u_ij t_j``, ``∂/∂t_j = scale Σ_i ∂u_ij x_i``,
+    ``∂/∂scale = Σ_ij ∂u_ij x_i·t_j = Σ_i x_i · (Σ_j ∂u_ij t_j)``, ``∂/∂bias = Σ_ij ∂u_ij``. The
+    logits are recomputed, in place: one ``[B, M]`` matrix.
+
+    >>> image, text = torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    >>> leaves = [x.clone().requires_grad_() for x in (image, text, torch.tensor(2.0, dtype=torch.float64),
+    ...                                                 torch.tensor(-1.0, dtype=torch.float64))]
+    >>> y = -torch.ones(3, 5, dtype=torch.float64); y[[1, 2], [0, 1]] = 1   # positive_from=-1
+    >>> (-F.logsigmoid(y * (leaves[2] * leaves[0] @ leaves[1].T + leaves[3])).sum() * 3).backward()
+    >>> ours = sigmoid_grads(image, text, leaves[2].detach(), leaves[3].detach(), -1, torch.tensor(3.0))
+    >>> all(torch.allclose(a, l.grad) for a, l in zip(ours, leaves))
+    True
+    """
+    du = _flipped_logits_(image @ text.T, scale, bias, positive_from).sigmoid_()  # σ(w), then × -y:
+    if positive_from is not None:
+        du.diagonal(positive_from).neg_()  # -σ(w) on the positives
+    du.mul_(grad)
+    along_text = du @ text  # Σ_j ∂u_ij t_j
+    d_scale = (along_text * image).sum()
+    return along_text.mul_(scale), (du.T @ image).mul_(scale), d_scale, du.sum()
 
 
 def _column_chunks(n: int, chunk: int | None) -> list[tuple[int, int]]:
@@ -87,36 +133,32 @@ def _column_chunks(n: int, chunk: int | None) -> list[tuple[int, int]]:
     return [(start, min(start + step, n)) for start in range(0, n, step)]
 
 
-@torch.no_grad()
+def _shifted(positive_from: int | None, start: int) -> int | None:
+    return None if positive_from is None else positive_from - start
+
+
 def _score_block(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
                  positive_from: int | None, chunk: int | None) -> tuple[torch.Tensor, ...]:
     """:func:`sigmoid_terms` of a block, ``chunk`` texts at a time, without a graph."""
     total, own = image.new_zeros(()), image.new_zeros(image.shape[0])
     best_other = image.new_full((image.shape[0],), float("-inf"))
     for start, end in _column_chunks(text.shape[0], chunk):
-        loss, o, b = sigmoid_terms(image, text[start:end], scale, bias,
-                                   None if positive_from is None else positive_from - start)
+        loss, o, b = sigmoid_terms(image, text[start:end], scale, bias, _shifted(positive_from, start))
         total, own, best_other = total + loss, own + o, torch.maximum(best_other, b)
     return total, own, best_other
 
 
 def _block_grads(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
                  positive_from: int | None, chunk: int | None, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Gradients of ``grad`` × a block's loss sum with respect to ``image``, ``text``, ``scale`` and
-    ``bias``, its logits recomputed ``chunk`` texts at a time."""
+    """:func:`sigmoid_grads` of a block, its logits recomputed ``chunk`` texts at a time."""
     d_image, d_text = torch.zeros_like(image), torch.empty_like(text)
     d_scale, d_bias = torch.zeros_like(scale), torch.zeros_like(bias)
-    with torch.enable_grad():
-        image, scale, bias = (x.detach().requires_grad_() for x in (image, scale, bias))
-        for start, end in _column_chunks(text.shape[0], chunk):
-            cols = text[start:end].detach().requires_grad_()
-            loss, _, _ = sigmoid_terms(image, cols, scale, bias,
-                                       None if positive_from is None else positive_from - start)
-            gi, gt, gs, gb = torch.autograd.grad(loss, (image, cols, scale, bias), grad_outputs=grad)
-            d_image += gi
-            d_text[start:end] = gt
-            d_scale += gs
-            d_bias += gb
+    for start, end in _column_chunks(text.shape[0], chunk):
+        gi, gt, gs, gb = sigmoid_grads(image, text[start:end], scale, bias, _shifted(positive_from, start), grad)
+        d_image += gi
+        d_text[start:end] = gt
+        d_scale += gs
+        d_bias += gb
     return d_image, d_text, d_scale, d_bias
 
 
