@@ -27,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmcl.models  # noqa: F401  (registers the built-in models and objectives)
 import mmcl.objectives  # noqa: F401
+from mmcl.errors import DataError
 from mmcl.recipe import load_recipe
 from mmcl.train import Trainer
 
@@ -125,6 +126,35 @@ def test_a_training_step_does_not_wait_for_the_device(digits_dir: Path, tmp_path
     trainer, seen = probe_steps(digits_dir, tmp_path, monkeypatch, config, *extra)
     assert trainer.vote_on_device == (case not in ("byol", "mocov3", "dino", "swav"))  # state after each step
     assert not seen, f"{case}: host synchronisations in a training step: {dict(seen)}"
+
+
+@pytest.mark.parametrize("name", ["instdisc nce", "instdisc softmax", "cmc bank"])
+def test_a_memory_bank_step_does_not_wait_for_the_device(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """The memory bank's objectives called as the trainer calls them (CMC's bank mode has no digits case
+    above: it needs multi-field shards): drawing negatives, scoring, NCE's normaliser once set, the
+    update of a batch with a repeated id and an id outside the bank (checked later, by ``check_ids``)."""
+    from mmcl.objectives.cmc import CMCConfig, CMCLoss
+    from mmcl.objectives.instdisc import InstDiscConfig, InstDiscLoss
+
+    torch.manual_seed(0)
+    if name.startswith("instdisc"):
+        objective, views = InstDiscLoss(InstDiscConfig(bank_size=40, negatives=8, loss=name.split()[1])), 1
+    else:
+        objective, views = CMCLoss(CMCConfig(negatives="bank", bank_size=40, bank_negatives=8)), 2
+    objective.setup(type("M", (), {"embed_dim": 6, "backbones": [0, 1]})(), 10)
+    probe = SyncProbe()
+    watch_factories(probe, monkeypatch)
+    for step, ids in enumerate(([0, 1, 2, 3], [4, 5, 5, 41], [30, 31, 32, 1])):
+        batch, z = {"id": torch.as_tensor(ids)}, [torch.randn(4, 6, requires_grad=True) for _ in range(views)]
+        with probe if step else contextlib.nullcontext():
+            probe.active = step > 0
+            loss, _ = objective({"z": z}, batch)
+            loss.backward()
+            probe.active = False
+    assert not probe.seen, f"{name}: host synchronisations in a step: {dict(probe.seen)}"
+    banks = [objective.bank] if views == 1 else list(objective.banks)
+    with pytest.raises(DataError, match="sample ids range 0..41 but the memory bank has 40 rows"):
+        banks[0].check_ids()
 
 
 @pytest.mark.parametrize("exclude_first_token", [True, False])

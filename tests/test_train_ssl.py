@@ -16,6 +16,7 @@ import torch
 import mmcl.models  # noqa: F401  (registers the built-in models and objectives)
 import mmcl.objectives  # noqa: F401
 from mmcl.cli import main as mmcl_main
+from mmcl.errors import DataError
 from mmcl.evaluate.run import frozen_feature_evals
 from mmcl.hub import from_pretrained, read_config
 from mmcl.recipe import load_recipe
@@ -100,6 +101,19 @@ def test_resumed_ssl_run_matches_uninterrupted_run(method: str, digits_dir: Path
     with torch.no_grad():
         assert torch.allclose(saved.encode_image(x), trainer.unwrapped.eval().encode_image(x), atol=1e-6)
     assert read_config(full / "final")["model_name"] == "encoder"
+
+
+def test_instdisc_ids_outside_its_bank_stop_the_run_at_the_first_logging_window(digits_dir: Path,
+                                                                                 tmp_path: Path) -> None:
+    """No step waits to check the ids against the memory bank: they are checked where the trainer reads
+    the device anyway, so ids beyond ``objective.bank_size`` (digits' run to 1796) stop the run at the
+    first logging window, with the setting to change, before any checkpoint is written."""
+    out = tmp_path / "run"
+    trainer = Trainer(recipe("instdisc", digits_dir, out, "objective.bank_size=100", "train.log_every=2"))
+    with pytest.raises(DataError, match=r"^sample ids range \d+\.\.\d+ but the memory bank has 100 rows: set "
+                                        r"objective\.bank_size above the largest training id"):
+        trainer.fit()
+    assert trainer.state.step == 2 and not list(out.glob("checkpoints/step_*"))
 
 
 def test_simclr_learns_features_that_beat_its_initialisation_on_held_out_digits(digits_dir: Path, tmp_path: Path,

@@ -10,6 +10,12 @@ of them do): with dense ids this is the paper's uniform draw over the dataset on
 passed, and ids that never occur (a split of a larger id range) never serve as random-vector
 negatives. The draws come from the bank's own generator, seeded by (draw count, rank), so a
 resumed run draws what the uninterrupted run drew.
+
+Nothing here waits for the device: the draw count is mirrored on the host, the filled rows are
+counted and indexed on the device, and ids outside the bank (a data mistake: an ``id`` above
+``bank_size``, or -1 for a sample without one) are clamped for indexing and recorded on the
+device by :meth:`MemoryBank.update`; :meth:`MemoryBank.check_ids` raises for them where the trainer
+reads the device anyway (logging windows, checkpoints, the end), before any checkpoint is written.
 """
 
 from __future__ import annotations
@@ -31,23 +37,53 @@ class MemoryBank(nn.Module):
         self.register_buffer("rows", F.normalize(torch.randn(size, dim), dim=1))
         self.register_buffer("seen", torch.zeros(size, dtype=torch.bool))
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))
+        # the draw count on the host, read from the buffer once after construction or a checkpoint's load
+        self._host_draws: int | None = None
+        # [lowest, highest] id the updates met since the last check_ids, on the device (None: none yet)
+        self._id_range: torch.Tensor | None = None
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_host_draws", None))
 
-    def check_ids(self, ids: torch.Tensor) -> None:
-        """Ids must index the bank: a clear error names the size to configure."""
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.rows.shape[0]):
-            raise DataError(f"sample ids range {int(ids.min())}..{int(ids.max())} but the memory bank has "
-                            f"{self.rows.shape[0]} rows: set objective.bank_size above the largest training id "
-                            "(samples need an integer 'id' in their .json or a numeric key)")
+    def clamp(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids`` clamped into the bank, to index it before they are checked: an id beyond it would stop
+        a GPU with a device-side assert, and -1 would silently index the last row. :meth:`update` records
+        the ids as given, for :meth:`check_ids`."""
+        return ids.clamp(0, self.rows.shape[0] - 1)
 
+    def check_ids(self, ids: torch.Tensor | None = None) -> None:
+        """Ids must index the bank: a clear error names the size to configure. Checks ``ids``, or without
+        them every id :meth:`update` met since the last check (a host synchronisation: the trainer
+        calls it where it reads the device anyway)."""
+        if ids is None:
+            if self._id_range is None:
+                return
+            (lo, hi), self._id_range = self._id_range.tolist(), None
+        elif not ids.numel():
+            return
+        else:
+            lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.rows.shape[0]:
+            raise DataError(f"sample ids range {lo}..{hi} but the memory bank has {self.rows.shape[0]} rows: set "
+                            "objective.bank_size above the largest training id (samples need an integer 'id' in "
+                            "their .json or a numeric key)")
+
+    @torch.compiler.disable
     @torch.no_grad()
     def sample(self, n: int, k: int) -> torch.Tensor:
-        """[n, k] row indices drawn uniformly (with replacement) from the filled rows."""
-        g = torch.Generator(device=self.rows.device).manual_seed(int(self.draws) * 65537 + world()[0])
+        """[n, k] row indices drawn uniformly (with replacement) from the filled rows, without waiting
+        for the device: 62 random bits per index, reduced modulo the number of filled rows (counted on
+        the device) to the rank of a filled row, which the running count of filled rows locates; while
+        fewer than ``k`` rows are filled, modulo the number of rows."""
+        if self._host_draws is None:
+            self._host_draws = int(self.draws)  # once after construction or a checkpoint's load
+        device, size = self.rows.device, self.rows.shape[0]
+        g = torch.Generator(device=device).manual_seed(self._host_draws * 65537 + world()[0])
+        self._host_draws += 1
         self.draws += 1
-        filled = self.seen.nonzero().squeeze(1)
-        if filled.numel() < k:
-            return torch.randint(self.rows.shape[0], (n, k), device=self.rows.device, generator=g)
-        return filled[torch.randint(filled.numel(), (n, k), device=self.rows.device, generator=g)]
+        bits = torch.randint(1 << 62, (n, k), device=device, generator=g)
+        ranks = self.seen.cumsum(0)  # the number of filled rows up to each row
+        filled = ranks[-1]
+        in_filled = torch.searchsorted(ranks, bits % filled.clamp(min=1) + 1)  # the first row of that rank
+        return torch.where(filled >= k, in_filled, bits % size)
 
     @torch.no_grad()
     def update(self, ids: torch.Tensor, feats: torch.Tensor) -> None:
@@ -55,13 +91,19 @@ class MemoryBank(nn.Module):
         process's (gathered), so each update is applied once on every process. An id given more
         than once gets the update of its last occurrence in the gathered batch: every occurrence
         writes that one (with equal indices CUDA's ``index_put_`` lets any of them win, so banks
-        would differ between devices), found with tensor operations, without waiting for the device."""
+        would differ between devices), found by a stable sort of the batch's ids, without waiting for
+        the device. The gathered ids' range is recorded for :meth:`check_ids` (the same on every
+        process, so all raise together); ids outside the bank update the clamped rows until then."""
         ids, feats = gather_no_grad(ids), gather_no_grad(F.normalize(feats.detach().float(), dim=1))
+        if ids.numel():
+            lo_hi = torch.stack(torch.aminmax(ids))
+            self._id_range = lo_hi if self._id_range is None else torch.stack(
+                [torch.minimum(self._id_range[0], lo_hi[0]), torch.maximum(self._id_range[1], lo_hi[1])])
+        ids = self.clamp(ids)
         mixed = self.momentum * self.rows[ids] + (1.0 - self.momentum) * feats.to(self.rows.dtype)
-        positions = torch.arange(ids.shape[0], device=ids.device)
-        last = torch.full(self.seen.shape, -1, dtype=torch.long, device=ids.device)
-        last.scatter_reduce_(0, ids, positions, "amax")  # each id's last position
-        self.rows[ids] = F.normalize(mixed, dim=1)[last[ids]]
+        by_id, order = torch.sort(ids, stable=True)  # equal ids stay in batch order
+        last = order[torch.searchsorted(by_id, ids, right=True) - 1]  # each id's last position
+        self.rows[ids] = F.normalize(mixed, dim=1)[last]
         self.seen[ids] = True
 
 

@@ -103,13 +103,13 @@ class CMCLoss(ViewObjective):
                 losses.append(2 * loss)
                 accs += [m["acc_i2t"], m["acc_t2i"]]
         else:
-            ids = batch["id"]
-            self.banks[0].check_ids(ids)
+            ids = batch["id"]  # checked through the banks' updates (MemoryBank.check_ids), clamped until then
+            rows = self.banks[0].clamp(ids)
             neg = self.banks[0].sample(ids.shape[0], self.cfg.bank_negatives)
             labels = torch.zeros_like(ids)
             for i, j in pairs:
                 for a, b in ((i, j), (j, i)):  # view a's embedding against view b's memory
-                    logits = bank_logits(z[a], self.banks[b].rows, ids, neg, self.cfg.temperature)
+                    logits = bank_logits(z[a], self.banks[b].rows, rows, neg, self.cfg.temperature)
                     losses.append(info_nce(logits, labels))
                     accs.append(top1(logits, labels))
             for bank, x in zip(self.banks, z):

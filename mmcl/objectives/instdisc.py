@@ -60,6 +60,9 @@ class InstDiscLoss(ViewObjective):
     def __init__(self, cfg: InstDiscConfig):
         super().__init__(cfg)
         self.register_buffer("log_z", torch.tensor(float("nan")))
+        # whether log_z is set, on the host: read from the buffer once after construction or a checkpoint's load
+        self._z_known: bool | None = None
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_z_known", None))
 
     def setup(self, model: nn.Module, total_steps: int) -> None:
         """The bank, one ``embed_dim`` row per sample id."""
@@ -67,18 +70,21 @@ class InstDiscLoss(ViewObjective):
         self.bank = MemoryBank(self.cfg.bank_size, model.embed_dim, self.cfg.momentum)
 
     def forward(self, out: dict[str, Any], batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        cfg, ids = self.cfg, batch["id"]
-        self.bank.check_ids(ids)
+        cfg, ids = self.cfg, batch["id"]  # checked through the bank's update (MemoryBank.check_ids), clamped until then
         v = F.normalize(out["z"][0], dim=-1)
-        logits = bank_logits(v, self.bank.rows, ids, self.bank.sample(v.shape[0], cfg.negatives), cfg.temperature)
+        logits = bank_logits(v, self.bank.rows, self.bank.clamp(ids), self.bank.sample(v.shape[0], cfg.negatives),
+                             cfg.temperature)
         labels = torch.zeros(v.shape[0], dtype=torch.long, device=v.device)
         if cfg.loss == "softmax":
             loss = info_nce(logits, labels)
         else:
-            if torch.isnan(self.log_z):
+            if self._z_known is None:
+                self._z_known = not bool(torch.isnan(self.log_z))
+            if not self._z_known:  # the first batch (a host synchronisation, once)
                 with torch.no_grad():
                     mean_exp = all_reduce_sum(logits.detach().exp().mean()) / world()[1]
                     self.log_z.fill_(float(mean_exp.log()) + math.log(cfg.bank_size))
+                self._z_known = True
             loss = nce_loss(logits, self.log_z, cfg.bank_size)
         self.bank.update(ids, v)
         return loss, {"acc": top1(logits, labels), "embedding_std": embedding_std(out["z"][0])}

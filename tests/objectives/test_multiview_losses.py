@@ -107,6 +107,65 @@ def test_memory_bank_update_of_a_repeated_id_is_its_last_occurrence_whichever_wr
     assert torch.equal(banks[0], banks[1])
 
 
+def _update_by_scatter(bank: MemoryBank, ids: torch.Tensor, feats: torch.Tensor) -> None:
+    """The bank's update until 2026-11: each id's last position from a bank-sized ``scatter_reduce``."""
+    feats = F.normalize(feats.float(), dim=1)
+    mixed = bank.momentum * bank.rows[ids] + (1.0 - bank.momentum) * feats
+    last = torch.full(bank.seen.shape, -1, dtype=torch.long)
+    last.scatter_reduce_(0, ids, torch.arange(ids.shape[0]), "amax")
+    bank.rows[ids] = F.normalize(mixed, dim=1)[last[ids]]
+    bank.seen[ids] = True
+
+
+def test_memory_bank_update_by_sorted_ids_is_the_bank_sized_one_exactly() -> None:
+    """The last occurrence of each id, found by a stable sort of the batch (O(batch)), writes exactly
+    what the bank-sized scatter wrote, over steps of batches full of repeats."""
+    torch.manual_seed(3)
+    ours, theirs = MemoryBank(50, 6, momentum=0.3), MemoryBank(50, 6, momentum=0.3)
+    theirs.load_state_dict(ours.state_dict())
+    for _ in range(5):
+        ids, v = torch.randint(50, (40,)), torch.randn(40, 6)
+        ours.update(ids, v)
+        _update_by_scatter(theirs, ids, v)
+        assert torch.equal(ours.rows, theirs.rows) and torch.equal(ours.seen, theirs.seen)
+
+
+def test_memory_bank_draws_uniformly_among_the_filled_rows_and_again_after_a_load() -> None:
+    """Negatives: any row while fewer than k are filled, then only filled rows, each as often (about);
+    the draws follow the draw count, which a state dict (a checkpoint) restores."""
+    torch.manual_seed(4)
+    bank = MemoryBank(1000, 3)
+    assert bank.sample(200, 50).unique().numel() > 990  # 10^4 draws over 1000 rows, none filled
+    filled = torch.randperm(1000)[:37]
+    bank.update(filled, torch.randn(37, 3))
+    assert bank.sample(1, 38).unique().numel() > 37  # 37 filled rows, 38 negatives: from any row
+    state = {k: v.clone() for k, v in bank.state_dict().items()}
+    idx = bank.sample(1000, 37)
+    counts = torch.bincount(idx.flatten(), minlength=1000)
+    assert set(counts.nonzero().squeeze(1).tolist()) == set(filled.tolist())
+    assert counts[filled].min() > 850 and counts[filled].max() < 1150  # 1000 expected each; σ ≈ 31
+    again = MemoryBank(1000, 3)
+    again.load_state_dict(state)
+    assert torch.equal(again.sample(1000, 37), idx) and not torch.equal(bank.sample(1000, 37), idx)
+
+
+def test_memory_bank_clamps_ids_outside_it_and_reports_them_at_the_check() -> None:
+    """An id outside the bank (a data mistake) is not checked in the step: it indexes the bank clamped
+    (no device-side assert, no wrap-around for -1) and ``check_ids()`` reports the range of the ids the
+    updates met since the last check, once."""
+    bank = MemoryBank(8, 3)
+    bank.update(torch.tensor([1, 2]), torch.randn(2, 3))
+    bank.check_ids()  # all in range
+    bank.update(torch.tensor([3, 9]), torch.randn(2, 3))
+    bank.update(torch.tensor([-1, 4]), torch.randn(2, 3))
+    assert torch.equal(bank.clamp(torch.tensor([-1, 3, 9])), torch.tensor([0, 3, 7]))
+    assert bank.seen.nonzero().squeeze(1).tolist() == [0, 1, 2, 3, 4, 7]
+    with pytest.raises(DataError, match=r"^sample ids range -1\.\.9 but the memory bank has 8 rows: set "
+                                        r"objective\.bank_size above the largest training id"):
+        bank.check_ids()
+    bank.check_ids()  # reported once
+
+
 def test_instdisc_estimates_z_once_and_updates_the_bank() -> None:
     loss_fn = InstDiscLoss(InstDiscConfig(bank_size=16, negatives=4, temperature=0.1))
     loss_fn.setup(type("M", (), {"embed_dim": 5})(), 10)
@@ -119,6 +178,16 @@ def test_instdisc_estimates_z_once_and_updates_the_bank() -> None:
     loss_fn({"z": [torch.randn(3, 5)]}, batch)
     assert loss_fn.log_z.item() == log_z
     assert loss_fn.bank.seen.nonzero().squeeze(1).tolist() == [0, 7, 15]
+    # whether Z is set is kept on the host (no step reads the buffer), and follows a checkpoint's load
+    resumed = InstDiscLoss(InstDiscConfig(bank_size=16, negatives=4, temperature=0.1))
+    resumed.setup(type("M", (), {"embed_dim": 5})(), 10)
+    resumed({"z": [torch.randn(3, 5)]}, batch)  # estimates its own Z
+    resumed.load_state_dict(loss_fn.state_dict())
+    resumed({"z": [torch.randn(3, 5)]}, batch)
+    assert resumed.log_z.item() == log_z
+    resumed.load_state_dict({**loss_fn.state_dict(), "log_z": torch.tensor(float("nan"))})
+    resumed({"z": [z.detach()]}, batch)
+    assert torch.isfinite(resumed.log_z) and resumed.log_z.item() != log_z  # estimated again
 
 
 def test_cmc_batch_loss_matches_the_definition_in_core_and_full_modes() -> None:
@@ -142,8 +211,9 @@ def test_cmc_bank_loss_scores_each_view_against_the_other_views_memory() -> None
     cmc.setup(type("M", (), {"embed_dim": 4, "backbones": [0, 1]})(), 10)
     rows = [b.rows.clone() for b in cmc.banks]
     z, ids = [unit(2, 4), unit(2, 4)], torch.tensor([1, 4])
+    state = {k: v.clone() for k, v in cmc.banks[0].state_dict().items()}
     neg = cmc.banks[0].sample(2, 3)
-    cmc.banks[0].draws.zero_()  # the loss draws the same negatives again
+    cmc.banks[0].load_state_dict(state)  # the draw count as a checkpoint restores it: the loss draws neg again
     loss, _ = cmc({"z": z}, {"id": ids})
 
     def l_dir(a: torch.Tensor, memory: torch.Tensor) -> float:
