@@ -6,13 +6,14 @@
 every kind (``.tolist()``, a copy from pageable memory, a library's own wait). On a GPU this runs
 the same cases (tiny digits runs of CLIP with ``data.normalize: device``, tiled CLIP with
 ``local_loss``, FLIP patch dropout, SigLIP plain and tiled, BYOL, MoCo v3, DINO, SwAV (its queue
-off: it is read until it is full), InstDisc's memory bank with NCE, and CLIP with
+off: it is read until it is full), InstDisc's memory bank with NCE, BYOL with LARS, and CLIP with
 ``data.decode: device``) through ``Loader.prepare`` + ``Trainer.train_step`` under
 ``torch.cuda.set_sync_debug_mode("warn")`` after two warm-up steps, and prints each case's number
 of synchronising calls with the source lines that made them. The trainer's intended waits are left
-out: the host vote (``train.vote: host``, which BYOL, MoCo v3, DINO and SwAV need) and the drain
-before the device decodes JPEGs (``data.decode: device``, pytorch/vision#9606). Without a GPU the
-steps run on the CPU as a smoke test and nothing is counted.
+out: the host vote (``train.vote: host``, which BYOL, MoCo v3, DINO and SwAV need, and LARS, which
+has no fused kernel to skip a step on the device) and the drain before the device decodes JPEGs
+(``data.decode: device``, pytorch/vision#9606). Without a GPU the steps run on the CPU as a smoke
+test and nothing is counted.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ CASES = {
              "objective.freeze_prototypes_steps=1"),
     # the memory bank (id check, negatives among the filled rows, last-occurrence update) and NCE's normaliser
     "instdisc nce": ("instdisc_digits.yaml", "model.backbone.width=8", "objective.loss=nce"),
+    # LARS (BYOL's ImageNet optimizer) has no fused kernel: a host vote (left out) around its multi-tensor step
+    "byol lars": ("byol_digits.yaml", *SMALL, "optim.name=lars", "optim.fused=false"),
 }
 
 

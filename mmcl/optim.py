@@ -45,7 +45,13 @@ class LARS(torch.optim.Optimizer):
 
     Kept by hand: timm's ``Lars`` (installed with open_clip) divides by ``‖g‖ + λ‖w‖``, the paper's
     formula, which the recipes reproducing those methods do not use; without weight decay the two
-    agree (``tests/test_optim.py``)."""
+    agree (``tests/test_optim.py``).
+
+    One step updates a group's parameters of one device and dtype together with torch's multi-tensor
+    (``_foreach``) operations: the norms of every weight and update at once, the trust ratios as
+    one vector, the momentum buffers and weights at once; nothing waits for the device. Equal to
+    the update of one parameter at a time to float round-off (the norms' reductions, bit for bit on
+    the CPU)."""
 
     def __init__(self, params: Any, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                  eta: float = 0.001):
@@ -56,21 +62,33 @@ class LARS(torch.optim.Optimizer):
     def step(self, closure: Any = None) -> Any:  # noqa: D102
         loss = closure() if closure is not None else None
         for g in self.param_groups:
+            kinds: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
             for p in g["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad.add(p, alpha=g["weight_decay"]) if g["weight_decay"] else p.grad.clone()
-                if not g["lars_exclude"]:
-                    w_norm, d_norm = p.norm(), d.norm()
-                    ok = (w_norm > 0) & (d_norm > 0)
-                    trust = torch.where(ok, g["eta"] * w_norm / d_norm.clamp(min=1e-12), torch.ones_like(w_norm))
-                    d = d.mul(trust)
-                buf = self.state[p].get("momentum_buffer")
-                if buf is None:
-                    buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-                buf.mul_(g["momentum"]).add_(d)
-                p.add_(buf, alpha=-g["lr"])
+                if p.grad is not None:
+                    kinds.setdefault((p.device, p.dtype), []).append(p)
+            for params in kinds.values():
+                self._update(g, params)
         return loss
+
+    def _update(self, g: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """One step of ``params`` (of one group, device and dtype)."""
+        grads = [p.grad for p in params]
+        # g + λw, in new tensors (the gradients stay as they are)
+        d = torch._foreach_add(grads, params, alpha=g["weight_decay"]) if g["weight_decay"] else grads
+        if not g["lars_exclude"]:
+            w_norm, d_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(d))
+            ok = (w_norm > 0) & (d_norm > 0)
+            trust = torch.where(ok, g["eta"] * w_norm / d_norm.clamp(min=1e-12), torch.ones_like(w_norm))
+            d = torch._foreach_mul(d, list(trust.unbind()))
+        bufs = []
+        for p in params:
+            buf = self.state[p].get("momentum_buffer")
+            if buf is None:
+                buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs.append(buf)
+        torch._foreach_mul_(bufs, g["momentum"])
+        torch._foreach_add_(bufs, d)
+        torch._foreach_add_(params, bufs, alpha=-g["lr"])
 
 
 class FusedSGD(torch.optim.SGD):

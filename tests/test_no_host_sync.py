@@ -124,7 +124,8 @@ def test_a_training_step_does_not_wait_for_the_device(digits_dir: Path, tmp_path
                                                        monkeypatch: pytest.MonkeyPatch, case: str) -> None:
     config, *extra = CASES[case]
     trainer, seen = probe_steps(digits_dir, tmp_path, monkeypatch, config, *extra)
-    assert trainer.vote_on_device == (case not in ("byol", "mocov3", "dino", "swav"))  # state after each step
+    # the host vote: state after each step, or LARS (no fused kernel to skip a step on the device)
+    assert trainer.vote_on_device == (case not in ("byol", "mocov3", "dino", "swav", "byol lars"))
     assert not seen, f"{case}: host synchronisations in a training step: {dict(seen)}"
 
 

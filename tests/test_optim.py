@@ -47,6 +47,65 @@ def test_lars_is_timms_lars_without_weight_decay(foreach: bool) -> None:
         torch.testing.assert_close(a, b)
 
 
+class _LarsOneByOne(torch.optim.Optimizer):
+    """mmcl's LARS until 2026-11, one parameter at a time: the reference of its multi-tensor step."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001):
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "eta": eta,
+                                  "lars_exclude": False})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad.add(p, alpha=g["weight_decay"]) if g["weight_decay"] else p.grad.clone()
+                if not g["lars_exclude"]:
+                    w_norm, d_norm = p.norm(), d.norm()
+                    ok = (w_norm > 0) & (d_norm > 0)
+                    trust = torch.where(ok, g["eta"] * w_norm / d_norm.clamp(min=1e-12), torch.ones_like(w_norm))
+                    d = d.mul(trust)
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                buf.mul_(g["momentum"]).add_(d)
+                p.add_(buf, alpha=-g["lr"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lars_multi_tensor_step_is_the_one_parameter_at_a_time_step(dtype: torch.dtype) -> None:
+    """The multi-tensor step against the step it replaced, over 6 steps of a net with weight decay,
+    momentum, a schedule, exempt biases and norms at their own rate, a weight of zeros (trust 1), a
+    frozen layer and one left without a gradient: the same weights and momentum buffers, bit for bit."""
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 3),
+                          nn.Linear(5, 2)).to(dtype)
+        nn.init.zeros_(m[3].weight)
+        m[0].bias.requires_grad_(False)
+        return m
+
+    nets = [net(), net()]
+    optimizers = [cls(param_groups([m], 0.05, lr=0.3, exempt_lr_scale=0.1), lr=0.3, momentum=0.9)
+                  for cls, m in zip((LARS, _LarsOneByOne), nets)]
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1 / (1 + s)) for o in optimizers]
+    for step in range(6):
+        x = torch.randn(16, 5, dtype=dtype, generator=torch.Generator().manual_seed(step))
+        y = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(step))
+        for m, opt, sched in zip(nets, optimizers, schedules):
+            opt.zero_grad()
+            nn.functional.cross_entropy(m[:5](x), y).backward()  # the last layer: no gradient
+            opt.step()
+            sched.step()
+    assert nets[0][5].weight.grad is None and nets[0][0].bias.grad is None
+    for (name, a), b in zip(nets[0].named_parameters(), nets[1].parameters()):
+        assert torch.equal(a, b), (name, (a - b).abs().max().item())
+        if a.requires_grad and name != "5.weight" and name != "5.bias":
+            assert torch.equal(optimizers[0].state[a]["momentum_buffer"], optimizers[1].state[b]["momentum_buffer"])
+    assert not torch.equal(nets[0][3].weight, torch.zeros_like(nets[0][3].weight))  # the zero weight moved
+
+
 def test_schedule_is_transformers_cosine_one_step_earlier_in_the_warmup() -> None:
     """After the warm-up, ``lr_factor`` is transformers' cosine-with-minimum schedule; during it,
     mmcl's factor at step ``s`` is transformers' at ``s + 1``: the first step trains at
