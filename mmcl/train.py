@@ -37,7 +37,6 @@ from mmcl.files import write_atomic
 from mmcl.fsdp import Sharded, check_launch, launch_error, local
 from mmcl.fsdp import plugin as fsdp_plugin
 from mmcl.gradcache import concat, grad_cache_step
-from mmcl.objectives.bank import MemoryBank
 from mmcl.optim import build_optimizer
 from mmcl.publish import RunFacts, push_final, write_final
 from mmcl.recipe import Recipe, device_vote_obstacle, merged_micro_batches, recipe_dict
@@ -365,12 +364,10 @@ class Trainer:
 
     def _settle_votes(self) -> None:
         """With the vote on the device, read its counts (a host synchronisation: at logging,
-        checkpoints and the end) and stop the run if too many bad steps came in a row. Also raise for
-        the sample ids outside a memory bank that its updates recorded on the device (the same on every
-        process), before a checkpoint or the final model is written."""
-        for module in self.acc.unwrap_model(self.objective).modules():
-            if isinstance(module, MemoryBank):
-                module.check_ids()
+        checkpoints and the end) and stop the run if too many bad steps came in a row. Also let the
+        objective raise for what its steps recorded on the device (``Objective.check_deferred``: sample
+        ids outside a memory bank), before a checkpoint or the final model is written."""
+        self.acc.unwrap_model(self.objective).check_deferred()
         if not self.vote_on_device:
             return
         total, _, worst = self._bad.tolist()

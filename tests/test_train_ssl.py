@@ -106,8 +106,9 @@ def test_resumed_ssl_run_matches_uninterrupted_run(method: str, digits_dir: Path
 def test_instdisc_ids_outside_its_bank_stop_the_run_at_the_first_logging_window(digits_dir: Path,
                                                                                  tmp_path: Path) -> None:
     """No step waits to check the ids against the memory bank: they are checked where the trainer reads
-    the device anyway, so ids beyond ``objective.bank_size`` (digits' run to 1796) stop the run at the
-    first logging window, with the setting to change, before any checkpoint is written."""
+    the device anyway (``Objective.check_deferred``), so ids beyond ``objective.bank_size`` (digits' run
+    to 1796) stop the run at the first logging window, with the setting to change, before any
+    checkpoint is written."""
     out = tmp_path / "run"
     trainer = Trainer(recipe("instdisc", digits_dir, out, "objective.bank_size=100", "train.log_every=2"))
     with pytest.raises(DataError, match=r"^sample ids range \d+\.\.\d+ but the memory bank has 100 rows: set "

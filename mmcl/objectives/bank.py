@@ -66,6 +66,10 @@ class MemoryBank(nn.Module):
                             "objective.bank_size above the largest training id (samples need an integer 'id' in "
                             "their .json or a numeric key)")
 
+    def check_deferred(self) -> None:
+        """:meth:`check_ids` of the ids the updates met (:meth:`mmcl.objectives.base.Objective.check_deferred`)."""
+        self.check_ids()
+
     @torch.compiler.disable
     @torch.no_grad()
     def sample(self, n: int, k: int) -> torch.Tensor:

@@ -81,6 +81,22 @@ class Objective(nn.Module):
     def after_optimizer_step(self, step: int) -> None:
         """Called after every optimizer step: momentum updates, queues, schedules. Nothing by default."""
 
+    def check_deferred(self) -> None:
+        """Called on every process where the trainer reads the device anyway (logging windows,
+        checkpoints, the end), before a checkpoint or the final model is written: raise here for
+        what the steps recorded on the device instead of checking at once (a check per step would
+        make every step wait for the device), e.g. sample ids outside a memory bank. By default, the
+        ``check_deferred`` of every submodule that has one (memory banks, the parts of a combined
+        objective)."""
+        def visit(parent: nn.Module) -> None:
+            for module in parent.children():
+                if hasattr(module, "check_deferred"):
+                    module.check_deferred()  # a part's or a bank's own (which covers what it holds)
+                else:
+                    visit(module)  # e.g. a ModuleList of banks
+
+        visit(self)
+
     # ------------------------------------------------------------------ the step, for schedules
     def track_steps(self) -> None:
         """For an objective whose forward depends on the optimizer step (a schedule, a frozen head):

@@ -166,6 +166,27 @@ def test_memory_bank_clamps_ids_outside_it_and_reports_them_at_the_check() -> No
     bank.check_ids()  # reported once
 
 
+def test_the_objective_checks_the_ids_its_banks_met_where_the_trainer_asks() -> None:
+    """``Objective.check_deferred`` (called by the trainer at logging windows and checkpoints) reaches
+    every bank: CMC's, kept in a list, and those of a combined objective's parts."""
+    cmc = CMCLoss(CMCConfig(negatives="bank", bank_size=6, bank_negatives=3, temperature=0.5))
+    cmc.setup(type("M", (), {"embed_dim": 4, "backbones": [0, 1]})(), 10)
+    z = [F.normalize(torch.randn(2, 4), dim=-1) for _ in range(2)]
+    cmc({"z": z}, {"id": torch.tensor([0, 1])})
+    cmc.check_deferred()  # in range
+    cmc({"z": z}, {"id": torch.tensor([0, 7])})
+    with pytest.raises(DataError, match=r"^sample ids range 0\.\.7 but the memory bank has 6 rows"):
+        cmc.check_deferred()
+    holder = torch.nn.Module()  # a part's bank one module further down is found as well
+    holder.inner = InstDiscLoss(InstDiscConfig(bank_size=4, negatives=2, temperature=0.1))
+    holder.inner.setup(type("M", (), {"embed_dim": 4})(), 10)
+    holder.inner.bank.update(torch.tensor([5]), torch.randn(1, 4))
+    outer = InstDiscLoss(InstDiscConfig(bank_size=4, negatives=2, temperature=0.1))
+    outer.parts = torch.nn.ModuleList([holder])
+    with pytest.raises(DataError, match=r"^sample ids range 5\.\.5 but the memory bank has 4 rows"):
+        outer.check_deferred()
+
+
 def test_instdisc_estimates_z_once_and_updates_the_bank() -> None:
     loss_fn = InstDiscLoss(InstDiscConfig(bank_size=16, negatives=4, temperature=0.1))
     loss_fn.setup(type("M", (), {"embed_dim": 5})(), 10)
