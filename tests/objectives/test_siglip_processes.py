@@ -82,3 +82,19 @@ def test_three_processes_share_the_global_loss_and_gradients_in_every_mode() -> 
     assert SigLipConfig().exchange == "gather" and {c.exchange for c in MODES} == {"gather", "ring"}
     port = free_port()
     run_with_other_ranks(lambda: check_rank(0, run_rank(0, port)), other_rank, N, port)
+
+
+def test_the_memory_benchmark_runs_and_its_variants_agree() -> None:
+    """``benchmarks/siglip_processes_memory.py`` at a tiny size, 1 and 2 processes: it checks that open_clip's
+    loss and mmcl's exchanges agree before it measures (and exits 1 if not), and prints the growth table."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    run = subprocess.run([sys.executable, "benchmarks/siglip_processes_memory.py", "--processes", "1,2",
+                          "--batch", "32", "--dim", "8", "--tile", "8", "--rounds", "1"],
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "2 process(es), global batch 64: variants agree" in run.stdout
+    assert "mmcl ring" in run.stdout.split("peak per process from 1 to 2 processes:")[1]
