@@ -23,7 +23,7 @@ import json
 import shutil
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
+from torch._dynamo.utils import counters
 
 import mmcl.models  # noqa: F401  (registers the built-in models and objectives)
 import mmcl.objectives  # noqa: F401
@@ -151,6 +152,16 @@ CASES.update({
     "cmc_full": Case("cmc", [*GN, "model.projector={dims: [32, 16], norm: none}", "model.channels=[[0], [1], [2]]",
                              "data.view_fields=[]", "data.views=1", "objective.mode=full"]),
 })
+
+# train.compile with a trained objective, which is compiled too (predictors, DINO's head, SwAV's
+# prototypes; NNCLR's gather with gradient, DINO's and SwAV's all-reduces): each "<case>_compiled"
+# over 6 steps against "<case>_eager" (the same recipe and batches, uncompiled)
+COMPILED = ("byol", "simsiam", "mocov3", "nnclr", "dino", "swav")
+for _name in COMPILED:
+    _base = CASES[_name]
+    CASES[f"{_name}_eager"] = replace(_base, steps=6, data_of=_name)
+    CASES[f"{_name}_compiled"] = replace(_base, steps=6, data_of=_name,
+                                         overrides=[*_base.overrides, "train.compile=true"])
 
 
 class FixedStream:
@@ -273,16 +284,33 @@ def run_case(name: str, case: Case, runs: Path, shards: str) -> dict[str, Any]:
             mine = [share(b, rank, n_proc) for b in micro]
         trainer.loader = FixedStream(mine)
         objective = trainer.acc.unwrap_model(trainer.objective)
-        objective.register_forward_pre_hook(lambda m, args: snaps.append(snapshot(m)))
+        graphs: list[int] = []  # compiled: the graphs compiled so far, after each optimizer step
+        if recipe.train.compile:  # (a forward hook would be compiled with the objective)
+            torch._dynamo.reset()
+            counters.clear()
+            after_step = objective.after_optimizer_step
+
+            def counted(step: int) -> None:
+                after_step(step)
+                graphs.append(counters["stats"]["unique_graphs"])
+
+            objective.after_optimizer_step = counted
+        else:
+            objective.register_forward_pre_hook(lambda m, args: snaps.append(snapshot(m)))
         start = {k: v.detach().cpu().clone() for k, v in trainer.unwrapped.state_dict().items()}
         trainer.fit()
+        breaks = dict(counters["graph_break"]) if recipe.train.compile else {}  # reason: count
     except Exception as e:  # noqa: BLE001 - recorded for the test to judge (SyncBN on CPU)
         return {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        if recipe.train.compile:
+            torch._dynamo.reset()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"losses": {r["step"]: r["loss"] for r in rows if "loss" in r},
             "start": start, "model": {k: v.detach().cpu().clone() for k, v in trainer.unwrapped.state_dict().items()},
             "objective": {k: v.detach().cpu().clone() for k, v in objective.state_dict().items()},
-            "snapshots": snaps + [snapshot(objective)], "device": str(trainer.acc.device)}
+            "snapshots": snaps + [snapshot(objective)], "device": str(trainer.acc.device),
+            "graphs": graphs, "graph_breaks": breaks}
 
 
 SMALL = ["data.num_workers=0", "data.shuffle_buffer=32", "train.steps=6", "train.save_every=3", "train.log_every=1",
