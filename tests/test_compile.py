@@ -34,10 +34,9 @@ TINY_VIT = {"embed_dim": 16,
 @pytest.mark.parametrize("config, extra", [
     ("dino_digits.yaml", ["model.backbone.width=8", "objective.warmup_teacher_steps=10"]),
     ("clip_digits.yaml", ["eval.zeroshot_shards=null"]),
-    # FLIP: random patches kept in every forward (drawn inside the graph by inductor) ...
-    ("clip_digits.yaml", ["eval.zeroshot_shards=null", "model.open_clip_config={tiny}", "model.patch_dropout=0.5"]),
-    # ... and replayed by gradient caching, in chunks of 8 without and with a graph (chunks of uneven
-    # sizes, each size a graph, in test_compiled_grad_cache_replays_the_compiled_random_draws)
+    # FLIP: random patches kept in every forward (drawn inside the graph by inductor), replayed by gradient
+    # caching, in chunks of 8 without and with a graph (chunks of uneven sizes, each size a graph, in
+    # test_compiled_grad_cache_replays_the_compiled_random_draws)
     ("clip_digits.yaml", ["eval.zeroshot_shards=null", "model.open_clip_config={tiny}", "model.patch_dropout=0.5",
                           "train.grad_cache=8"]),
 ])

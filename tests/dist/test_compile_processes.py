@@ -3,10 +3,10 @@ objective is compiled and DDP-wrapped too (``trainer_worker.py``'s ``<case>_comp
 ``<case>_eager``, the same recipe and batches uncompiled): NNCLR (a predictor; its predictions gathered
 with gradient, an autograd function with an all-gather in its forward and an all-reduce in its
 backward, which dynamo traces into the graph as functional collectives; the support set gathered
-without), DINO (its head; the centre all-reduced; a teacher temperature on a schedule) and SwAV
-(prototypes frozen for 2 steps; Sinkhorn's all-reduces). Each trains as uncompiled to float
-round-off, and compiles nothing new once its first steps are past. (The worker has the cases of
-BYOL, SimSiam and MoCo v3 too.)"""
+without) and SwAV (prototypes frozen for 2 steps; Sinkhorn's all-reduces). Each trains as uncompiled
+to float round-off, and compiles nothing new once its first steps are past. (The worker has the cases
+of DINO, BYOL, SimSiam and MoCo v3 too, all checked so on 2026-11-29; left out of ``make test`` for
+its time.)"""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from .test_training_steps import TOL, max_diff
 HERE = Path(__file__).parent
 
 
-@pytest.mark.parametrize("name", ["nnclr", "dino", "swav"])
+@pytest.mark.parametrize("name", ["nnclr", "swav"])  # a gather with gradient; a queue, prototypes frozen then not
 def test_a_compiled_objective_with_heads_trains_as_uncompiled_in_two_processes(digits_dir: Path, tmp_path: Path,
                                                                                name: str) -> None:
     torchrun(HERE / "trainer_worker.py", str(tmp_path / "out.pt"), str(tmp_path / "runs"),
