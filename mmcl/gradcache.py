@@ -179,7 +179,7 @@ def grad_cache_step(model: Callable[[Any], Nested], objective: Callable[[Nested,
         synced = k == (rerun[-1] if rerun else kept)  # the last backward: all-reduces, takes unbatched gradients
         with nullcontext() if synced else no_sync():
             if k == kept:
-                leaves = kept_leaves
+                leaves, kept_leaves = kept_leaves, []  # its activations go with this backward
             else:
                 rng.set(states[k])
                 with autocast():
@@ -195,6 +195,5 @@ def grad_cache_step(model: Callable[[Any], Nested], objective: Callable[[Nested,
             if pairs:
                 torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs])
         del leaves
-    del kept_leaves
     rng.set(after_loss)
     return loss, metrics

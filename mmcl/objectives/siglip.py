@@ -68,22 +68,31 @@ def _own_rows(rows: int, positive_from: int) -> slice:
     return slice(max(0, -positive_from), None)
 
 
-@torch.no_grad()
 def sigmoid_terms(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
                   positive_from: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SigLIP on one block: ``image`` [B, D] against ``text`` [M, D], image ``i``'s positive being
     text ``i + positive_from`` (``None``: none in the block). Returns the sum over the pairs of
-    ``-log σ(y · (scale · x·t + bias))`` (divide by the images for the loss) and, for the accuracy,
-    each image's similarity to its own text (0 when not in the block) and its highest similarity to
-    a text that is not its own (-inf when there is none). Without a graph (:func:`sigmoid_grads` is
-    the backward), in place: at most two ``[B, M]`` matrices at once.
+    ``-log σ(y · (scale · x·t + bias))`` (differentiable; divide by the images for the loss) and,
+    for the accuracy, each image's similarity to its own text (0 when not in the block) and its
+    highest similarity to a text that is not its own (-inf when there is none). The logits are
+    computed in place and again in the backward (:func:`sigmoid_grads`), never kept.
 
-    >>> image, text = F.normalize(torch.randn(3, 8), dim=-1), F.normalize(torch.randn(5, 8), dim=-1)
+    >>> image = F.normalize(torch.randn(3, 8), dim=-1).requires_grad_()
+    >>> text = F.normalize(torch.randn(5, 8), dim=-1)
     >>> total, own, best_other = sigmoid_terms(image, text, torch.tensor(10.0), torch.tensor(-5.0), positive_from=2)
     >>> y = -torch.ones(3, 5); y[[0, 1, 2], [2, 3, 4]] = 1   # image i's own text is text i + 2
-    >>> torch.allclose(total, -F.logsigmoid(y * (10.0 * image @ text.T - 5.0)).sum())
-    True
+    >>> direct = -F.logsigmoid(y * (10.0 * image @ text.T - 5.0)).sum()
+    >>> ours_grad, direct_grad = (torch.autograd.grad(t, image)[0] for t in (total, direct))
+    >>> torch.allclose(total, direct), torch.allclose(ours_grad, direct_grad)
+    (True, True)
     """
+    return _GatheredSigmoidLoss.apply(image, text, scale, bias, positive_from, None)
+
+
+@torch.no_grad()
+def _block_terms(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                 positive_from: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`sigmoid_terms` without a graph, in place: at most two ``[B, M]`` matrices at once."""
     sim = image @ text.T
     own = sim.new_zeros(sim.shape[0])
     if positive_from is not None:
@@ -143,7 +152,7 @@ def _score_block(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, b
     total, own = image.new_zeros(()), image.new_zeros(image.shape[0])
     best_other = image.new_full((image.shape[0],), float("-inf"))
     for start, end in _column_chunks(text.shape[0], chunk):
-        loss, o, b = sigmoid_terms(image, text[start:end], scale, bias, _shifted(positive_from, start))
+        loss, o, b = _block_terms(image, text[start:end], scale, bias, _shifted(positive_from, start))
         total, own, best_other = total + loss, own + o, torch.maximum(best_other, b)
     return total, own, best_other
 
@@ -163,7 +172,8 @@ def _block_grads(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, b
 
 
 class _GatheredSigmoidLoss(torch.autograd.Function):
-    """Loss sum of this process's images against all processes' texts (gathered, ``[N·B, D]``)."""
+    """Loss sum of this process's images against all processes' texts (gathered, ``[N·B, D]``), or
+    of any block of images against texts (:func:`sigmoid_terms`)."""
 
     @staticmethod
     def forward(ctx, image, texts, scale, bias, positive_from, chunk):  # type: ignore[override]
