@@ -156,11 +156,14 @@ CASES.update({
 # train.compile with a trained objective, which is compiled too (predictors, DINO's head, SwAV's
 # prototypes; NNCLR's gather with gradient, DINO's and SwAV's all-reduces): each "<case>_compiled"
 # over 6 steps against "<case>_eager" (the same recipe and batches, uncompiled)
-COMPILED = ("byol", "simsiam", "mocov3", "nnclr", "dino", "swav")
+# and CLIP with the gradient cache (chunks of 3 of 4 rows per process: the kept chunk's compiled backward outside
+# DDP's synchronising pass, the other chunk's compiled passes under no_sync; no random draws, which inductor
+# makes otherwise than eager)
+COMPILED = ("byol", "simsiam", "mocov3", "nnclr", "dino", "swav", "clip_grad_cache")
 for _name in COMPILED:
     _base = CASES[_name]
-    CASES[f"{_name}_eager"] = replace(_base, steps=6, data_of=_name)
-    CASES[f"{_name}_compiled"] = replace(_base, steps=6, data_of=_name,
+    CASES[f"{_name}_eager"] = replace(_base, steps=6, data_of=_base.data_of or _name)
+    CASES[f"{_name}_compiled"] = replace(_base, steps=6, data_of=_base.data_of or _name,
                                          overrides=[*_base.overrides, "train.compile=true"])
 
 
