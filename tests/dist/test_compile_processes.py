@@ -5,9 +5,9 @@ with gradient, an autograd function with an all-gather in its forward and an all
 backward, which dynamo traces into the graph as functional collectives; the support set gathered
 without), SwAV (prototypes frozen for 2 steps; Sinkhorn's all-reduces) and CLIP with the gradient cache
 (the kept chunk's backward outside DDP's synchronising one, the re-run chunk's under ``no_sync``). Each
-trains as uncompiled to float round-off, and compiles nothing new once its first steps are past. (The worker has the cases
-of DINO, BYOL, SimSiam and MoCo v3 too, all checked so on 2026-11-29; left out of ``make test`` for
-its time.)"""
+trains as uncompiled to float round-off, and compiles nothing new once its first steps are past. (The
+worker has the cases of DINO, BYOL, SimSiam and MoCo v3 too, all checked so on 2026-11-29; left out of
+``make test`` for its time.)"""
 
 from __future__ import annotations
 
