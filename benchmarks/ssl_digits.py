@@ -1,11 +1,13 @@
 """Every self-supervised method on digits, one small CNN, a few CPU minutes each: kNN / linear-probe table.
 
-    python benchmarks/ssl_digits.py [--methods simclr,byol] [--steps N] [--data data/digits]
+    python benchmarks/ssl_digits.py [--methods simclr,byol] [--steps N] [--data data/digits] [--seeds 0,1,2]
 
 For each method, trains ``configs/<method>_digits.yaml`` with ``mmcl train`` (a subprocess, as a
 user would) for the recipe's ``train.steps`` (or ``--steps``), then evaluates the saved encoder
 and the same encoder at its initialisation (same seed, no training) with kNN (k 20, T 0.07) on
-the test and test-shifted splits and a linear probe on the test split. Writes
+the test and test-shifted splits and a linear probe on the test split. With ``--seeds``, once per
+seed (``run.seed``), the scores averaged and each seed's kept (the table shows the lowest and
+highest beside the mean). Writes
 ``benchmarks/results/ssl_digits.json`` (one entry per method, stamped with the date and command of
 the run that measured it; a run of a subset of methods replaces those entries and keeps the rest)
 and prints a Markdown table of the methods measured by this run, then, apart, the entries kept from
@@ -68,20 +70,22 @@ def scores(model: torch.nn.Module, data: Path, preprocess: dict) -> dict[str, fl
             "linear_shifted": get("linear", shifted)}
 
 
-def run(method: str, steps: int | None, data: Path, out: Path) -> dict[str, object]:
+def run(method: str, steps: int | None, data: Path, out: Path, seed: int | None = None) -> dict[str, object]:
+    """Train ``method``'s digits recipe (with ``run.seed`` set to ``seed`` unless None) and score it."""
     config = ROOT / "configs" / f"{method}_digits.yaml"
-    sets = [f"run.output_dir={out / method}", *([f"train.steps={steps}"] if steps else []), "train.progress=false",
+    folder = out / method if seed is None else out / method / f"seed_{seed}"
+    sets = [f"run.output_dir={folder}", *([f"train.steps={steps}"] if steps else []), "train.progress=false",
             f"data.train_shards={data}/train-{{000000..000004}}.tar", "eval.knn_train_shards=null",
-            "eval.knn_shards=[]"]
-    shutil.rmtree(out / method, ignore_errors=True)
+            "eval.knn_shards=[]", *([f"run.seed={seed}"] if seed is not None else [])]
+    shutil.rmtree(folder, ignore_errors=True)
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "mmcl", "train", "--config", str(config)] + [a for s in sets for a in ("--set", s)]
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - t0
-    rows = [json.loads(line) for line in (out / method / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     std = [r["embedding_std"] for r in rows if "embedding_std" in r][-1]
     last = [r for r in rows if "loss" in r][-1]
-    trained_model = from_pretrained(out / method / "final")
+    trained_model = from_pretrained(folder / "final")
     trained = scores(trained_model, data, trained_model.mmcl_config["preprocess"])
     recipe = load_recipe(config, sets)
     torch.manual_seed(recipe.run.seed)  # the trainer's set_seed: the very initialisation training started from
@@ -97,6 +101,30 @@ def run(method: str, steps: int | None, data: Path, out: Path) -> dict[str, obje
                if method == "cpc" else {})}
 
 
+SCORES = ("knn_test", "knn_shifted", "linear_test", "linear_shifted", "random_knn_test", "random_knn_shifted",
+          "random_linear_test", "wall_s", "embedding_std")
+
+
+def aggregate(runs: list[dict], seeds: list[int]) -> dict:
+    """One entry for runs of one method under several seeds: each score's mean, its values per seed
+    under ``per_seed``, and the seeds (single 250-step runs differ by several points between seeds).
+
+    >>> a = {"method": "m", "knn_shifted": 0.5, "random_knn_shifted": 0.25, "steps": 2, "views": "v"}
+    >>> e = aggregate([a, {**a, "knn_shifted": 0.7}], [0, 1])
+    >>> e["knn_shifted"], e["per_seed"]["knn_shifted"], e["seeds"], e["steps"]
+    (0.6, [0.5, 0.7], [0, 1], 2)
+    """
+    entry = dict(runs[0])
+    entry["per_seed"] = {}
+    for key in SCORES:
+        if key in entry:
+            values = [r[key] for r in runs]
+            entry[key] = round(sum(values) / len(values), 4)
+            entry["per_seed"][key] = values
+    entry["seeds"] = seeds
+    return entry
+
+
 def merge(earlier: list[dict], measured: list[dict]) -> list[dict]:
     """The results file after a run: one entry per method, this run's replacing earlier ones in place.
 
@@ -108,6 +136,18 @@ def merge(earlier: list[dict], measured: list[dict]) -> list[dict]:
     return list(entries.values())
 
 
+def spread(values: list[float], scale: float = 1.0, fmt: str = ".3f") -> str:
+    """The mean of ``values`` and, when there are several (seeds), their lowest and highest.
+
+    >>> spread([0.5]), spread([0.5, 0.7]), spread([0.1, 0.2], 100, "+.1f")
+    ('0.500', '0.600 (0.500–0.700)', '+15.0 (+10.0–+20.0)')
+    """
+    mean = sum(values) / len(values) * scale
+    if len(values) < 2:
+        return f"{mean:{fmt}}"
+    return f"{mean:{fmt}} ({min(values) * scale:{fmt}}–{max(values) * scale:{fmt}})"
+
+
 def table(entries: list[dict], provenance: bool = False) -> list[str]:
     """Markdown rows of ``entries``; with ``provenance``, each entry's date and command (or "not
     recorded" for entries written before they were stored)."""
@@ -115,9 +155,14 @@ def table(entries: list[dict], provenance: bool = False) -> list[str]:
             "embedding std (1/√d) |")
     lines = [head + (" measured | command |" if provenance else ""), "|---" * (9 + 2 * provenance) + "|"]
     for e in entries:
-        gain = 100 * (e["knn_shifted"] - e["random_knn_shifted"])
-        line = (f"| {e['method']} | {e['steps']} | {e['knn_test']:.3f} | {e['knn_shifted']:.3f} | "
-                f"{e['random_knn_shifted']:.3f} | {gain:+.1f} | {e['linear_test']:.3f} | {e['wall_s']:.0f} | "
+        runs = e.get("per_seed", {})
+        gains = [a - b for a, b in zip(runs.get("knn_shifted", []), runs.get("random_knn_shifted", []))]
+        gain = spread(gains or [e["knn_shifted"] - e["random_knn_shifted"]], 100, "+.1f")
+        method = e["method"] + (f" ({len(e['seeds'])} seeds)" if len(e.get("seeds", [])) > 1 else "")
+        cells = {k: spread(runs.get(k, [e[k]])) for k in ("knn_test", "knn_shifted", "random_knn_shifted",
+                                                           "linear_test")}
+        line = (f"| {method} | {e['steps']} | {cells['knn_test']} | {cells['knn_shifted']} | "
+                f"{cells['random_knn_shifted']} | {gain} | {cells['linear_test']} | {e['wall_s']:.0f} | "
                 f"{e['embedding_std']:.3f} ({e['embedding_dim'] ** -0.5:.3f}) |")
         if provenance:
             command = f"`{e['command']}`" if e.get("command") else "not recorded"
@@ -159,7 +204,11 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=ROOT / "data" / "digits")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "ssl_digits")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "ssl_digits.json")
+    ap.add_argument("--seeds", default=None, help="comma-separated run.seed values: each method trained once per "
+                                                  "seed, the scores averaged, the lowest and highest shown "
+                                                  "(default: the recipe's seed, one run)")
     args = ap.parse_args()
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
     edges = args.data.with_name(args.data.name + "_edges")
     if not (args.data / "manifest.json").is_file():
         prep(["digits", "--out", str(args.data)])
@@ -169,7 +218,9 @@ def main() -> None:
     command = shlex.join(["python", *sys.argv])
     measured: list[dict] = []
     for method in args.methods.split(","):
-        entry = run(method, args.steps, edges if method == "cmc" else args.data, args.out)
+        data = edges if method == "cmc" else args.data
+        entry = (aggregate([run(method, args.steps, data, args.out, seed) for seed in seeds], seeds) if seeds
+                 else run(method, args.steps, data, args.out))
         measured.append({**entry, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                          "command": command})
         args.results.parent.mkdir(parents=True, exist_ok=True)  # after every method: a cut run keeps its rows
