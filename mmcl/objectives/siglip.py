@@ -63,11 +63,6 @@ def _flipped_logits_(sim: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
     return w
 
 
-def _own_rows(rows: int, positive_from: int) -> slice:
-    """The images whose own text lies in a block (its ``positive_from`` diagonal)."""
-    return slice(max(0, -positive_from), None)
-
-
 def sigmoid_terms(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
                   positive_from: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SigLIP on one block: ``image`` [B, D] against ``text`` [M, D], image ``i``'s positive being
@@ -77,10 +72,12 @@ def sigmoid_terms(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, 
     highest similarity to a text that is not its own (-inf when there is none). The logits are
     computed in place and again in the backward (:func:`sigmoid_grads`), never kept.
 
-    >>> image = F.normalize(torch.randn(3, 8), dim=-1).requires_grad_()
-    >>> text = F.normalize(torch.randn(5, 8), dim=-1)
-    >>> total, own, best_other = sigmoid_terms(image, text, torch.tensor(10.0), torch.tensor(-5.0), positive_from=2)
-    >>> y = -torch.ones(3, 5); y[[0, 1, 2], [2, 3, 4]] = 1   # image i's own text is text i + 2
+    >>> f64 = dict(dtype=torch.float64)   # float32 gradients near zero differ by round-off beyond allclose's atol
+    >>> image = F.normalize(torch.randn(3, 8, **f64), dim=-1).requires_grad_()
+    >>> text = F.normalize(torch.randn(5, 8, **f64), dim=-1)
+    >>> total, own, best_other = sigmoid_terms(image, text, torch.tensor(10.0, **f64), torch.tensor(-5.0, **f64),
+    ...                                        positive_from=2)
+    >>> y = -torch.ones(3, 5, **f64); y[[0, 1, 2], [2, 3, 4]] = 1   # image i's own text is text i + 2
     >>> direct = -F.logsigmoid(y * (10.0 * image @ text.T - 5.0)).sum()
     >>> ours_grad, direct_grad = (torch.autograd.grad(t, image)[0] for t in (total, direct))
     >>> torch.allclose(total, direct), torch.allclose(ours_grad, direct_grad)
@@ -97,11 +94,12 @@ def _block_terms(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, b
     own = sim.new_zeros(sim.shape[0])
     if positive_from is not None:
         diagonal = sim.diagonal(positive_from)
-        rows = _own_rows(sim.shape[0], positive_from)
-        own[rows][:diagonal.numel()] = diagonal
+        first = max(0, -positive_from)  # the first image whose own text lies in the block
+        own_here = own[first:first + diagonal.numel()]
+        own_here.copy_(diagonal)
         diagonal.fill_(float("-inf"))  # for the best other text; put back below
         best_other = sim.amax(dim=1)
-        diagonal.copy_(own[rows][:diagonal.numel()])
+        diagonal.copy_(own_here)
     else:
         best_other = sim.amax(dim=1)
     w = _flipped_logits_(sim, scale, bias, positive_from)
