@@ -119,7 +119,8 @@ def step(spec: tuple[str, int], leaves: list[torch.Tensor]) -> tuple[torch.Tenso
 
 
 def rank_main(rank: int, size: int, port: int, args: argparse.Namespace, queue: mp.Queue) -> None:
-    """One process: check the variants agree, then measure each in turn, ``rounds`` times."""
+    """One process (``rank``: the index torch's process starter passes): check the variants agree, then
+    measure each in turn, ``rounds`` times."""
     cuda = torch.cuda.is_available() and torch.cuda.device_count() >= size
     device = torch.device(f"cuda:{rank}" if cuda else "cpu")
     if cuda:
@@ -158,10 +159,6 @@ def rank_main(rank: int, size: int, port: int, args: argparse.Namespace, queue: 
     dist.destroy_process_group()
 
 
-def spawned(index: int, size: int, port: int, args: argparse.Namespace, queue: mp.Queue) -> None:
-    rank_main(index, size, port, args, queue)
-
-
 def measure(size: int, args: argparse.Namespace) -> dict:
     """Run ``size`` processes; per variant the median over rounds of the largest peak among processes."""
     from mmcl.testing.spawn import free_port
@@ -169,7 +166,7 @@ def measure(size: int, args: argparse.Namespace) -> dict:
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # freed buffers leave the resident set
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = mp.start_processes(spawned, args=(size, free_port(), args, queue), nprocs=size, join=False,
+    procs = mp.start_processes(rank_main, args=(size, free_port(), args, queue), nprocs=size, join=False,
                                start_method="spawn")
     everyone = queue.get(timeout=3600)
     procs.join()

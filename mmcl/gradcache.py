@@ -160,8 +160,8 @@ def grad_cache_step(model: Callable[[Any], Nested], objective: Callable[[Nested,
         with torch.no_grad() if k != kept else no_sync() if len(bounds) > 1 else nullcontext():
             with autocast():
                 outputs.append(model(split(batch, start, end, n)))
-    kept_leaves = list(_leaves(outputs[-1])) if kept is not None else []
     chunks = [list(_leaves(o)) for o in outputs]
+    kept_leaves = chunks[-1] if kept is not None else []
     cached = []  # one leaf per output tensor of the whole batch, holding the loss's gradient
     with torch.no_grad():
         for i, last in enumerate(chunks[-1]):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from test_grad_cache import grads
 
 import mmcl.models  # noqa: F401  (registers the built-in models and objectives)
 import mmcl.objectives  # noqa: F401
@@ -87,12 +88,6 @@ class Drawing(torch.nn.Module):
                 "logit_scale": self.scale.exp()}
 
 
-def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    out = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
-    module.zero_grad(set_to_none=True)
-    return out
-
-
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys() and a
     return max((a[k] - b[k]).abs().max().item() for k in a)
@@ -120,16 +115,16 @@ def test_compiled_grad_cache_replays_the_compiled_random_draws() -> None:
         outs = [model(split(batch, s, min(s + chunk, n), n)) for s in range(0, n, chunk)]
         joined = {k: torch.cat([o[k] for o in outs]) for k in ("image_features", "text_features")}
         loss_fn({**joined, "logit_scale": outs[-1]["logit_scale"]}, batch)[0].backward()
-        return _grads(model)
+        return grads(model)
 
     def cached(seed: int) -> dict[str, torch.Tensor]:
         torch.manual_seed(seed)
         grad_cache_step(model, loss_fn, batch, chunk, device=cpu)
-        return _grads(model)
+        return grads(model)
 
     def whole() -> dict[str, torch.Tensor]:
         loss_fn(model(batch), batch)[0].backward()
-        return _grads(model)
+        return grads(model)
 
     def without_draws(step: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         model.eval()  # neither dropout draws
