@@ -1,7 +1,7 @@
 """CLIP training step on one GPU: mmcl's trainer against open_clip's training loop, side by side.
 
     python benchmarks/clip_step.py [--model ViT-B-32] [--batch 256] [--steps 10] [--rounds 5]
-                                   [--compile] [--results FILE]
+                                   [--compile] [--caption-tokens N] [--results FILE]
 
 Both sides train the same open_clip architecture, starting from the same weights, on the same
 device-resident batches (random 224 px images and token ids: loaders are measured apart, by
@@ -19,7 +19,13 @@ eps 1e-6) and gradient clipping at 1.0, TF32 allowed for float32 products on bot
   scheduler and hooks), and variants of it by recipe key: the vote on the host (one host
   synchronisation per step) against the default on the device, gradient caching in chunks of a
   quarter of the batch (the issue's target: at most 1.3x the plain step), gradient
-  checkpointing, patch dropout.
+  checkpointing, patch dropout. The recipe cuts token ids after the batch's longest caption
+  (``model.trim_text: 8``), so its rows are fed the batch as its tokenizer cuts it, and one more
+  row is fed the padded ids open_clip's loop gets (``model.trim_text: 0``).
+
+By default every text is random ids over the whole context (the text tower's full cost);
+``--caption-tokens N`` makes captions of 2 to N tokens instead (start and end tokens included,
+lengths uniform; padded with 0 to the context), where cutting the padding pays.
 
 The variants are timed in turn, ``--rounds`` times, ``--steps`` steps each (CUDA events around
 the steps); the table gives the median milliseconds per step, samples/s, the speed ratio to
@@ -60,6 +66,9 @@ VARIANTS = {  # name: recipe overrides
                                               "train.grad_cache_keep_last=false"],
     "mmcl fused + grad ckpt": ["optim.fused=true", "model.grad_checkpointing=true"],
     "mmcl fused + patch drop 0.5": ["optim.fused=true", "model.patch_dropout=0.5"],
+    # the recipe cuts token ids after the batch's longest caption (model.trim_text: 8), so the mmcl rows are
+    # fed the batch as its tokenizer cuts it (the same embeddings from fewer tokens); this one is fed them padded
+    "mmcl fused + ids padded": ["optim.fused=true", "model.trim_text=0"],
 }
 
 
@@ -153,6 +162,17 @@ def model_flops(model: torch.nn.Module, objective: Any, batch: dict[str, Any], d
     return float(counter.get_total_flops())
 
 
+def texts(n: int, context: int, vocab: int, longest: int | None) -> torch.Tensor:
+    """Token ids of ``n`` texts: random ids over the whole context, or captions of 2 to ``longest``
+    tokens (a start token, random words, the end token: the highest id, where CLIP pools) padded with 0."""
+    if longest is None:
+        return torch.randint(1, vocab, (n, context))
+    ids = torch.zeros(n, context, dtype=torch.long)
+    for row, length in zip(ids, torch.randint(2, min(longest, context) + 1, (n,)).tolist()):
+        row[0], row[1:length - 1], row[length - 1] = vocab - 2, torch.randint(1, vocab - 2, (length - 2,)), vocab - 1
+    return ids
+
+
 def make_shards(folder: Path) -> str:
     """A few digits shards for the recipe's loader to point at (the benchmark feeds batches itself)."""
     subprocess.run([sys.executable, "-m", "data_prep", "digits", "--out", str(folder), "--no-progress"],
@@ -168,11 +188,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of the mmcl variants")
     ap.add_argument("--compile", action="store_true", help="torch.compile both sides")
+    ap.add_argument("--caption-tokens", type=int, default=None,
+                    help="captions of 2 to N tokens, padded (default: random ids over the whole context)")
     ap.add_argument("--results", type=Path, default=None, help="append the rows to the JSON list in this file")
     args = ap.parse_args()
     import open_clip
 
-    from mmcl.models.clip import CONFIG_DIR
+    from mmcl.models.clip import CONFIG_DIR, trim_padding
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -196,13 +218,14 @@ def main() -> None:
     context = first.unwrapped.model_cfg.get("text_cfg", {}).get("context_length", 77)
     vocab = first.unwrapped.model_cfg.get("text_cfg", {}).get("vocab_size", 49408)
     batches = [{"image": torch.randn(batch_size, 3, size, size, device=device),
-                "text": torch.randint(1, vocab, (batch_size, context), device=device),
+                "text": texts(batch_size, context, vocab, args.caption_tokens).to(device),
                 "key": [str(i) for i in range(batch_size)]} for _ in range(4)]
+    cut = [{**b, "text": trim_padding(b["text"].cpu(), 8).to(device)} for b in batches]  # as the tokenizer cuts
     turn = {"i": 0}
 
-    def next_batch() -> dict[str, Any]:
+    def next_batch(trimmed: bool = False) -> dict[str, Any]:
         turn["i"] += 1
-        return batches[turn["i"] % len(batches)]
+        return (cut if trimmed else batches)[turn["i"] % len(batches)]
 
     # the same first step on both sides: the same computation is being timed
     loss_oc = float(oc_step(batches[0]))
@@ -214,11 +237,13 @@ def main() -> None:
                                            # what one host synchronisation per step costs open_clip's loop
                                            "open_clip + .item() per step": lambda: oc_step(next_batch()).item()}
     for v, t in trainers.items():
-        steps[v] = lambda t=t: t.train_step(next_batch())
+        steps[v] = lambda t=t: t.train_step(next_batch(bool(t.unwrapped.cfg.trim_text)))
     base = model_flops(first.unwrapped, first.objective, batches[0], device)  # the same architecture on both sides
     flops = {"open_clip": base, "open_clip + .item() per step": base}
-    for v, t in trainers.items():
-        flops[v] = model_flops(t.unwrapped, t.objective, batches[0], device) if "patch" in v else base
+    for v, t in trainers.items():  # FLOPs done: fewer with patches dropped or ids cut
+        own = cut[0] if t.unwrapped.cfg.trim_text else batches[0]
+        flops[v] = model_flops(t.unwrapped, t.objective, own, device) if "patch" in v or own["text"].shape != batches[0]["text"].shape \
+            else base
     peak_tflops = matmul_tflops(device)
 
     times: dict[str, list[float]] = {v: [] for v in steps}
@@ -238,8 +263,10 @@ def main() -> None:
             times[v].append(time_steps(step, args.steps))
 
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
+    captions = f"captions of 2-{args.caption_tokens} tokens (cut to {cut[0]['text'].shape[1]} by model.trim_text)" \
+        if args.caption_tokens else f"random ids over all {context} tokens"
     print(f"{device_name}, torch {torch.__version__}, open_clip {open_clip.__version__}, {name}, batch {batch_size}, "
-          f"bf16{', compiled' if args.compile else ''}; bf16 matmul {peak_tflops:.0f} TFLOP/s; median of "
+          f"bf16{', compiled' if args.compile else ''}, {captions}; bf16 matmul {peak_tflops:.0f} TFLOP/s; median of "
           f"{args.rounds} rounds x {args.steps} steps")
     oc_ms = statistics.median(times["open_clip"])
     rows = []
@@ -260,6 +287,7 @@ def main() -> None:
         run = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "command": shlex.join(["python", *sys.argv]), "device": device_name, "torch": torch.__version__,
                "open_clip": open_clip.__version__, "model": name, "batch": batch_size, "compiled": args.compile,
+               "caption_tokens": args.caption_tokens,
                "matmul_tflops": round(peak_tflops, 1), "first_loss": {"open_clip": loss_oc, "mmcl": loss_mmcl}}
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(earlier + [{**row, **run} for row in rows], indent=2) + "\n")

@@ -72,6 +72,10 @@ open_clip.__version__, 'accelerate', accelerate.__version__, 'transformers', tra
 #    may wait
 step 1 200 $py benchmarks/clip_step.py --batch $batch $rounds $steps --results "$out/clip_step.json" \
   --variants "mmcl fused AdamW,mmcl fused + host vote,mmcl fused + grad cache B/4,mmcl fused + grad cache B/4 rerun all"
+#    then on captions of 2 to 32 tokens (as short as CC3M's), which the recipe cuts after the batch's longest
+#    (model.trim_text: 8), against the same ids padded to 77 as open_clip's loop takes them
+step 1 120 $py benchmarks/clip_step.py --batch $batch $rounds $steps --results "$out/clip_step.json" \
+  --caption-tokens 32 --variants "mmcl fused AdamW,mmcl fused + ids padded"
 step 1 150 $py benchmarks/sync_check.py $sync_steps
 # 2. CLIP's and SigLIP's loss memory at global batches 8,192 and 32,768: open_clip's losses, mmcl's whole matrix,
 #    mmcl's tiles (target: 8x below open_clip's ClipLoss at 32,768, gradients equal)

@@ -52,13 +52,18 @@ def split(x: Nested, start: int, end: int, n: int) -> Nested:
 
 def concat(batches: list[dict[str, Any]]) -> dict[str, Any]:
     """One batch of the samples of ``batches`` (the inverse of :func:`split`): per-sample tensors and
-    lists joined, containers member by member, anything else taken from the first."""
+    lists joined, containers member by member, anything else taken from the first. Token ids and
+    attention masks cut after each batch's longest text (``model.trim_text``) are padded with 0 to
+    the longest of them."""
     sizes = [batch_size(b) for b in batches]
 
     def join(parts: list[Nested]) -> Nested:
         first = parts[0]
         if isinstance(first, torch.Tensor):
             batched = first.dim() and all(p.shape[0] == n for p, n in zip(parts, sizes))
+            if batched and first.dim() == 2 and not first.is_floating_point():
+                width = max(p.shape[1] for p in parts)
+                parts = [torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts]
             return torch.cat(parts) if batched else first
         if isinstance(first, dict):
             return {k: join([p[k] for p in parts]) for k in first}

@@ -147,3 +147,31 @@ def test_compiled_grad_cache_replays_the_compiled_random_draws() -> None:
     assert _max_diff(compiled["other"], compiled["chunked"]) > 1e-2
     assert _max_diff(compiled_cached, compiled_whole) < 1e-5
     assert _max_diff(compiled_whole, eager_whole) < 1e-5
+
+
+def test_cut_token_ids_compile_once_for_every_width(tmp_path: Path) -> None:
+    """``model.trim_text``: batches of new widths (cut after their longest caption) reuse one
+    compiled graph once torch has made the width dynamic (its second width), with the eager values."""
+    (tmp_path / "tiny.json").write_text(json.dumps({**TINY_VIT, "text_cfg": {**TINY_VIT["text_cfg"],
+                                                                             "context_length": 32}}))
+    from mmcl.models.clip import ClipModel, ClipModelConfig
+
+    torch.manual_seed(0)
+    model = ClipModel.from_config(ClipModelConfig(open_clip_config=str(tmp_path / "tiny.json"), trim_text=8))
+    compiled = ClipModel.from_config(ClipModelConfig(open_clip_config=str(tmp_path / "tiny.json"), trim_text=8))
+    compiled.load_state_dict(model.state_dict())
+    compiled.compile()
+    words = {8: "one", 16: "a handwritten digit seven on a white page", 24: "the number three written by hand "
+             "on a page, tilted a little to the left"}
+    batches = [{"image": torch.randn(4, 3, 32, 32), "text": model.tokenizer()([words[w], "x", "y", "z"])}
+               for w in (8, 16, 24, 8, 24)]
+    assert [b["text"].shape[1] for b in batches] == [8, 16, 24, 8, 24]
+    try:
+        for i, batch in enumerate(batches):
+            if i == 2:
+                torch._dynamo.config.error_on_recompile = True
+            got, want = compiled(batch), model(batch)
+            assert torch.allclose(got["text_features"], want["text_features"], atol=1e-5), i
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+        torch._dynamo.reset()

@@ -72,6 +72,11 @@ class ClipModelConfig:
                                                 "about a third more compute for far less activation memory")
     patch_dropout: float = spec(0.0, ge=0, lt=1, help="FLIP: share of image patches dropped at random in training "
                                                       "(ViT image towers of open_clip)")
+    trim_text: int = spec(0, ge=0, help="N > 0: cut each batch's token ids after its longest text, rounded up to a "
+                                         "multiple of N tokens (8: few shapes for train.compile); the text tower "
+                                         "skips the padding and gives the same embeddings to float round-off. For "
+                                         "open_clip's causal text towers pooled at the end token (CLIP's) or the "
+                                         "first, and Hugging Face towers. 0: padded to the context length")
     view_projector: HeadConfig | None = spec(None, help="SLIP: a head on the image embeddings of data.view_transforms' "
                                                         "views, giving out['z'] for a self-supervised objective "
                                                         "combined with CLIP's (training only: final/ keeps the towers)")
@@ -281,21 +286,90 @@ def _view_tower_keys(module: nn.Module, state: dict[str, Any], prefix: str, *arg
             state[prefix + "head." + rest[len("view_head."):]] = value
 
 
+def trim_padding(tokens: Any, multiple: int = 8, pad_id: int = 0) -> Any:
+    """A batch of token ids (or of Hugging Face ``input_ids``/``attention_mask``) without the padding
+    columns after its longest text, the length rounded up to a multiple of ``multiple`` and capped at
+    the padded length (``model.trim_text``). Done where the batch is made, on the host: cutting on
+    the device would wait for it to read the length.
+
+    >>> ids = torch.tensor([[49406, 320, 49407] + [0] * 74, [49406, 49407] + [0] * 75])
+    >>> trim_padding(ids).shape, trim_padding(ids, 1).tolist()
+    (torch.Size([2, 8]), [[49406, 320, 49407], [49406, 49407, 0]])
+    """
+    used = tokens["attention_mask"].bool() if isinstance(tokens, dict) else tokens != pad_id
+    columns = used.any(0).nonzero()
+    width = used.shape[1]
+    end = int(columns.max()) + 1 if len(columns) else 1
+    keep = min(width, -(-end // multiple) * multiple)
+    if isinstance(tokens, dict):
+        return {k: v[:, :keep] for k, v in tokens.items()}
+    return tokens[:, :keep]
+
+
+class TrimmedTokenizer:
+    """A tokenizer whose batches end after their longest text (:func:`trim_padding`)."""
+
+    def __init__(self, tokenizer: Any, multiple: int = 8, pad_id: int = 0):
+        self.tokenizer, self.multiple, self.pad_id = tokenizer, multiple, pad_id
+
+    def __call__(self, texts: list[str]) -> Any:
+        return trim_padding(self.tokenizer(texts), self.multiple, self.pad_id)
+
+
+def untrimmable(tower: nn.Module) -> str | None:
+    """Why cutting the padding would change ``tower``'s embeddings (``model.trim_text``), or None:
+    every position up to the pooled one must be blind to what follows the text."""
+    from open_clip.transformer import TextTransformer
+
+    if isinstance(tower, HFTextTower):  # attention masks padding, pooling is mask-aware or the first token
+        return None
+    if not isinstance(tower, TextTransformer):
+        return "open_clip's Hugging Face text encoder is not supported (use model.text_tower)"
+    if tower.cls_emb is not None:
+        return "its text tower appends a class token after the padding (CoCa)"
+    if tower.pool_type not in ("argmax", "eos", "first"):
+        return f"its text tower pools '{tower.pool_type}', which reads the padding"
+    if tower.attn_mask is None:  # open_clip's configs build no padding mask for these
+        return "its bidirectional text tower attends to the padding"
+    if tower.pad_id != 0:
+        return f"its text tower pads with id {tower.pad_id} (merged micro-batches are padded with 0)"
+    return None
+
+
+def causal_text(tower: nn.Module, text: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``TextTransformer.forward`` for token ids shorter than its context
+    (``model.trim_text``): the positions and the causal mask cut to their length, which open_clip
+    does for padding-masked towers only. A causal mask keeps every position blind to what follows it,
+    so the end token's embedding is the one of the full-length ids."""
+    from open_clip.transformer import text_global_pool
+
+    n = text.shape[1]
+    cast = tower.transformer.get_cast_dtype()
+    x = tower.token_embedding(text).to(cast) + tower.positional_embedding[:n].to(cast)
+    x = tower.ln_final(tower.transformer(x, attn_mask=tower.attn_mask[:n, :n]))
+    pooled = text_global_pool(x, text, pool_type=tower.pool_type, eos_token_id=tower.eos_id)
+    proj = tower.text_projection
+    if proj is None:
+        return pooled
+    return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+
+
 class HFTokenizer:
     """Callable tokenizer returning ``input_ids`` / ``attention_mask`` padded to ``context_length``, as
-    open_clip's ``HFTokenizer`` pads: every batch has one shape, so micro-batches merged into one
-    contrastive batch (``optim.grad_accum``) join, and a compiled model sees no new shape."""
+    open_clip's ``HFTokenizer`` pads, or with ``trim`` N > 0 (``model.trim_text``) cut after the
+    batch's longest text, in multiples of N."""
 
-    def __init__(self, path: str, context_length: int):
+    def __init__(self, path: str, context_length: int, trim: int = 0):
         from transformers import AutoTokenizer
 
-        self.path, self.context_length = path, context_length
+        self.path, self.context_length, self.trim = path, context_length, trim
         self.tok = AutoTokenizer.from_pretrained(path)
 
     def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
         out = self.tok(list(texts), padding="max_length", truncation=True, max_length=self.context_length,
                        return_tensors="pt")
-        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+        tokens = {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+        return trim_padding(tokens, self.trim) if self.trim else tokens
 
 
 @register("model", "clip", ClipModelConfig)
@@ -333,6 +407,8 @@ class ClipModel(nn.Module):
             self.clip.text = hf_text
         # SLIP: the views' image embeddings through an MLP head, for a self-supervised objective
         self.view_head = build_head(cfg.view_projector, model_cfg["embed_dim"]) if cfg.view_projector else None
+        if cfg.trim_text and (why := untrimmable(self.clip.text)):
+            raise ConfigError(f"model.trim_text would change the text embeddings: {why}; set model.trim_text: false")
         if cfg.lock_image:  # open_clip's own locking: every group of the tower but the last N
             self.clip.lock_image_tower(unlocked_groups=cfg.image_unlocked_groups)
         if cfg.lock_text:
@@ -437,14 +513,19 @@ class ClipModel(nn.Module):
     def tokenizer(self) -> Any:
         """The tokenizer matching the text tower (open_clip's or the Hugging Face one)."""
         if "hf_text" in self.model_cfg:
-            return HFTokenizer(self.hf_tokenizer_path, self.model_cfg["hf_text"]["context_length"])
+            return HFTokenizer(self.hf_tokenizer_path, self.model_cfg["hf_text"]["context_length"],
+                               trim=self.cfg.trim_text)
         import open_clip
 
         text_cfg = self.model_cfg.get("text_cfg", {})
         if text_cfg.get("hf_tokenizer_name"):
-            return open_clip.HFTokenizer(text_cfg["hf_tokenizer_name"],
-                                         context_length=text_cfg.get("context_length", 77))
-        return open_clip.SimpleTokenizer(context_length=text_cfg.get("context_length", 77))
+            tokenizer = open_clip.HFTokenizer(text_cfg["hf_tokenizer_name"],
+                                              context_length=text_cfg.get("context_length", 77))
+        else:
+            tokenizer = open_clip.SimpleTokenizer(context_length=text_cfg.get("context_length", 77))
+        if self.cfg.trim_text:
+            return TrimmedTokenizer(tokenizer, self.cfg.trim_text, self.clip.text.pad_id)
+        return tokenizer
 
     def logit_scale(self) -> torch.Tensor:
         """``exp(logit_scale)`` clamped to ``max_logit_scale`` (100 by default)."""
@@ -457,7 +538,10 @@ class ClipModel(nn.Module):
 
     def encode_text(self, text: Any, normalize: bool = True) -> torch.Tensor:
         """Text embeddings from token ids (open_clip) or a tokenizer dict (Hugging Face)."""
-        x = self.clip.text(text)
+        tower = self.clip.text
+        mask = getattr(tower, "attn_mask", None)  # open_clip's causal towers; cut ids take their own forward
+        short = isinstance(text, torch.Tensor) and mask is not None and text.shape[1] < mask.shape[0]
+        x = causal_text(tower, text) if short else tower(text)
         return F.normalize(x, dim=-1) if normalize else x
 
     def logit_bias(self) -> torch.Tensor | None:
