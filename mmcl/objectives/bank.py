@@ -26,6 +26,7 @@ from torch import nn
 
 from mmcl.dist import gather_no_grad, world
 from mmcl.errors import DataError
+from mmcl.objectives.base import reset_after_load
 
 
 class MemoryBank(nn.Module):
@@ -41,7 +42,7 @@ class MemoryBank(nn.Module):
         self._host_draws: int | None = None
         # [lowest, highest] id the updates met since the last check_ids, on the device (None: none yet)
         self._id_range: torch.Tensor | None = None
-        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_host_draws", None))
+        reset_after_load(self, "_host_draws", None)
 
     def clamp(self, ids: torch.Tensor) -> torch.Tensor:
         """``ids`` clamped into the bank, to index it before they are checked: an id beyond it would stop

@@ -13,6 +13,7 @@ the objective's :meth:`Objective.check_recipe`, called by the recipe right after
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar
 
 import torch
@@ -106,7 +107,7 @@ class Objective(nn.Module):
         :meth:`set_step` in ``after_optimizer_step``."""
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self._host_step: int | None = None  # read from the buffer after construction or a checkpoint's load
-        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_host_step", None))
+        reset_after_load(self, "_host_step", None)
 
     def set_step(self, step: int) -> None:
         self.step.fill_(step)
@@ -178,3 +179,14 @@ class ViewObjective(Objective):
     needs_outputs = ("z:views",)
     min_views = 2
     needs_model = "an embedding per view"
+
+
+def reset_after_load(module: nn.Module, attribute: str, value: Any) -> None:
+    """Set ``module.<attribute>`` to ``value`` after every state-dict load: a host copy of a buffer
+    is then read again from the loaded buffer. A module-level function and a partial, not a lambda,
+    so the module still pickles (``torch.save(module)``, a ``spawn`` start method)."""
+    module.register_load_state_dict_post_hook(functools.partial(_set_after_load, attribute=attribute, value=value))
+
+
+def _set_after_load(module: nn.Module, keys: Any, *, attribute: str, value: Any) -> None:  # noqa: ARG001
+    setattr(module, attribute, value)

@@ -21,7 +21,7 @@ from torch import nn
 from mmcl.config import spec
 from mmcl.dist import all_reduce_sum, world
 from mmcl.objectives.bank import MemoryBank, bank_logits, nce_loss
-from mmcl.objectives.base import ViewObjective
+from mmcl.objectives.base import ViewObjective, reset_after_load
 from mmcl.objectives.infonce import embedding_std, info_nce, top1
 from mmcl.registry import register
 
@@ -62,7 +62,7 @@ class InstDiscLoss(ViewObjective):
         self.register_buffer("log_z", torch.tensor(float("nan")))
         # whether log_z is set, on the host: read from the buffer once after construction or a checkpoint's load
         self._z_known: bool | None = None
-        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_z_known", None))
+        reset_after_load(self, "_z_known", None)
 
     def setup(self, model: nn.Module, total_steps: int) -> None:
         """The bank, one ``embed_dim`` row per sample id."""

@@ -23,7 +23,7 @@ from torch import nn
 from mmcl.config import spec
 from mmcl.dist import all_reduce_sum, gather_no_grad
 from mmcl.errors import ConfigError
-from mmcl.objectives.base import ViewObjective
+from mmcl.objectives.base import ViewObjective, reset_after_load
 from mmcl.objectives.infonce import embedding_std
 from mmcl.registry import register
 
@@ -91,7 +91,7 @@ class SwAVLoss(ViewObjective):
         super().__init__(cfg)
         self.track_steps()
         self._queue_full = False  # kept once true (a full queue stays full); read from the device until then
-        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_queue_full", False))
+        reset_after_load(self, "_queue_full", False)
 
     @classmethod
     def check_recipe(cls, cfg: SwAVConfig, recipe: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from mmcl.objectives.cpc import CPCConfig, CPCLoss
 from mmcl.objectives.instdisc import InstDiscConfig, InstDiscLoss
 from mmcl.objectives.invaspread import invaspread_loss
 from mmcl.objectives.simclr import pair_logits
+from mmcl.objectives.swav import SwAVConfig, SwAVLoss
 
 from . import dot, unit
 
@@ -209,6 +211,25 @@ def test_instdisc_estimates_z_once_and_updates_the_bank() -> None:
     resumed.load_state_dict({**loss_fn.state_dict(), "log_z": torch.tensor(float("nan"))})
     resumed({"z": [z.detach()]}, batch)
     assert torch.isfinite(resumed.log_z) and resumed.log_z.item() != log_z  # estimated again
+
+
+def test_host_copies_of_buffers_pickle_and_are_read_again_after_a_load() -> None:
+    """InstDisc (whether Z is set; its bank's draw count) and SwAV (the step; the queue being full)
+    keep host copies of buffers, reset by load hooks: a pickled copy keeps the hooks (no lambdas)."""
+    inst = InstDiscLoss(InstDiscConfig(bank_size=16, negatives=4, temperature=0.1))
+    inst.setup(type("M", (), {"embed_dim": 5})(), 10)
+    inst({"z": [torch.randn(3, 5)]}, {"id": torch.tensor([0, 7, 15])})
+    copy = pickle.loads(pickle.dumps(inst))
+    assert copy._z_known is True and copy.bank._host_draws is not None
+    copy.load_state_dict(inst.state_dict())
+    assert copy._z_known is None and copy.bank._host_draws is None
+    swav = SwAVLoss(SwAVConfig(prototypes=6, temperature=0.2))
+    swav.set_step(3)
+    swav._queue_full = True
+    copy = pickle.loads(pickle.dumps(swav))
+    assert copy._host_step == 3 and copy._queue_full
+    copy.load_state_dict({**swav.state_dict(), "step": torch.tensor(5)})
+    assert copy._host_step is None and not copy._queue_full and copy.current_step() == 5
 
 
 def test_cmc_batch_loss_matches_the_definition_in_core_and_full_modes() -> None:
