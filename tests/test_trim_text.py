@@ -35,6 +35,7 @@ def test_trim_padding_keeps_every_text_whole() -> None:
     ids = torch.zeros(3, 77, dtype=torch.long)
     ids[0, :11], ids[1, :3], ids[2, :1] = 5, 6, 7
     assert trim_padding(ids).shape == (3, 16) and torch.equal(trim_padding(ids), ids[:, :16])
+    assert trim_padding(ids).is_contiguous()  # pinned and copied at its own width
     assert trim_padding(ids, 1).shape == (3, 11)
     ids[2, :] = 7  # a text as long as the context: nothing cut (77 is not rounded up past it)
     assert trim_padding(ids).shape == (3, 77)
@@ -85,6 +86,7 @@ def test_a_hugging_face_tower_gives_the_embeddings_of_full_ids() -> None:
     ({"pool_type": "last"}, "pools 'last'"),
     ({"no_causal_mask": True}, "attends to the padding"),
     ({"pad_id": 1}, "pads with id 1"),
+    ({"embed_cls": True}, "class token"),
 ])
 def test_towers_that_read_the_padding_are_refused(tmp_path: Path, text: dict, why: str) -> None:
     with pytest.raises(ConfigError, match=f"model.trim_text would change the text embeddings: .*{why}"):
@@ -122,3 +124,13 @@ def test_training_with_cut_ids_equals_training_with_full_ones(digits_dir: Path, 
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5) and len(runs[True][0]) == 6
     full, cut = runs[False][1], runs[True][1]
     assert all(torch.allclose(cut[k], full[k], rtol=1e-4, atol=1e-6) for k in full)
+
+
+def test_without_trim_text_full_ids_take_the_towers_own_forward(tmp_path: Path) -> None:
+    """A CoCa-style tower (a class token appended: its mask is one longer than the context) is not
+    refused without ``model.trim_text``, and its full-length ids go through open_clip's forward."""
+    torch.manual_seed(0)
+    model = ClipModel.from_config(ClipModelConfig(open_clip_config=tower_config(tmp_path, embed_cls=True)))
+    ids = model.tokenizer()(TEXTS)
+    assert ids.shape == (5, 32)
+    assert torch.equal(model.encode_text(ids, normalize=False), model.clip.text(ids))

@@ -301,9 +301,10 @@ def trim_padding(tokens: Any, multiple: int = 8, pad_id: int = 0) -> Any:
     width = used.shape[1]
     end = int(columns.max()) + 1 if len(columns) else 1
     keep = min(width, -(-end // multiple) * multiple)
+    # contiguous: pinned and sent to the device as one block of the kept width
     if isinstance(tokens, dict):
-        return {k: v[:, :keep] for k, v in tokens.items()}
-    return tokens[:, :keep]
+        return {k: v[:, :keep].contiguous() for k, v in tokens.items()}
+    return tokens[:, :keep].contiguous()
 
 
 class TrimmedTokenizer:
@@ -408,7 +409,7 @@ class ClipModel(nn.Module):
         # SLIP: the views' image embeddings through an MLP head, for a self-supervised objective
         self.view_head = build_head(cfg.view_projector, model_cfg["embed_dim"]) if cfg.view_projector else None
         if cfg.trim_text and (why := untrimmable(self.clip.text)):
-            raise ConfigError(f"model.trim_text would change the text embeddings: {why}; set model.trim_text: false")
+            raise ConfigError(f"model.trim_text would change the text embeddings: {why}; set model.trim_text: 0")
         if cfg.lock_image:  # open_clip's own locking: every group of the tower but the last N
             self.clip.lock_image_tower(unlocked_groups=cfg.image_unlocked_groups)
         if cfg.lock_text:
@@ -539,9 +540,10 @@ class ClipModel(nn.Module):
     def encode_text(self, text: Any, normalize: bool = True) -> torch.Tensor:
         """Text embeddings from token ids (open_clip) or a tokenizer dict (Hugging Face)."""
         tower = self.clip.text
-        mask = getattr(tower, "attn_mask", None)  # open_clip's causal towers; cut ids take their own forward
-        short = isinstance(text, torch.Tensor) and mask is not None and text.shape[1] < mask.shape[0]
-        x = causal_text(tower, text) if short else tower(text)
+        # model.trim_text (a tower untrimmable() let through): cut ids of a causal open_clip tower, its own forward
+        cut = self.cfg.trim_text and isinstance(text, torch.Tensor) and getattr(tower, "attn_mask", None) is not None \
+            and text.shape[1] < tower.context_length
+        x = causal_text(tower, text) if cut else tower(text)
         return F.normalize(x, dim=-1) if normalize else x
 
     def logit_bias(self) -> torch.Tensor | None:
