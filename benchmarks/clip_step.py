@@ -242,8 +242,8 @@ def main() -> None:
     flops = {"open_clip": base, "open_clip + .item() per step": base}
     for v, t in trainers.items():  # FLOPs done: fewer with patches dropped or ids cut
         own = cut[0] if t.unwrapped.cfg.trim_text else batches[0]
-        flops[v] = model_flops(t.unwrapped, t.objective, own, device) if "patch" in v or own["text"].shape != batches[0]["text"].shape \
-            else base
+        fewer = "patch" in v or own["text"].shape != batches[0]["text"].shape
+        flops[v] = model_flops(t.unwrapped, t.objective, own, device) if fewer else base
     peak_tflops = matmul_tflops(device)
 
     times: dict[str, list[float]] = {v: [] for v in steps}
