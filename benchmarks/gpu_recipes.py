@@ -9,11 +9,14 @@ batch and model; ``clip_vit_b32`` for CLIP) is trained by
 (``mmcl-prep photos``: 224 px JPEG, 256 a shard; upscaled 8x8 digits are smooth and decode faster
 than photos, so they flatter the loader), resampled so no epoch boundary interrupts the workers,
 then evaluated on the test split as the recipe's end-of-training evaluation would (kNN; zero-shot
-for CLIP recipes, with the captions' own templates). Throughput is the mean
-``samples_per_s`` of the logged windows after the first (images per second; each image gives the
-recipe's views), so it includes the loader; ``data_wait`` is the share of that time the trainer
+for CLIP recipes, with the captions' own templates). Throughput is the
+``samples_per_s`` of the logged windows (images per second; each image gives the recipe's views), so it includes the loader; ``data_wait`` is the share of that time the trainer
 waited for a batch, and "without the wait" divides it out: the step throughput the GPU would give
-with a loader that keeps up. Needs a GPU; on a machine without one it says so and stops, unless
+with a loader that keeps up. Throughput and wait are means of the windows after the first third of
+the steps (after the first window for short runs): at the start every worker decodes at full speed
+to fill its queue of prefetched batches (``prefetch_factor`` 4), taking CPU time from the main
+process that launches the GPU's work, and only then settles to the pace of training. Each row also
+keeps every window (``windows``: step, samples/s, wait), the first ones included. Needs a GPU; on a machine without one it says so and stops, unless
 ``--cpu-smoke`` asks for a run of the same path on the CPU at a tiny size (8 samples a batch, 32 px, the
 tiny open_clip ViT for CLIP recipes): a check that the script works, not a measurement.
 
@@ -100,11 +103,14 @@ def run(recipe: str, precision: str, data: Path, out: Path, steps: int, workers:
         return {"recipe": recipe, "precision": precision, "overrides": list(overrides), "error": "\n".join(tail)}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     logs = [r for r in rows if "samples_per_s" in r]
+    steady = [r for r in logs[1:] if r["step"] > steps // 3] or logs[-1:]
     evals = {k: v for r in rows for k, v in r.items() if k.startswith(("knn", "zeroshot"))}
     return {"recipe": recipe, "precision": precision, "overrides": list(overrides), "batch": _batch(run_dir),
-            "samples_per_s": _mean(r["samples_per_s"] for r in logs[1:]),
-            "data_wait": _mean(r["data_wait"] for r in logs[1:]),
-            "step_samples_per_s": _mean(r["samples_per_s"] / max(1e-6, 1 - r["data_wait"]) for r in logs[1:]),
+            "samples_per_s": _mean(r["samples_per_s"] for r in steady),
+            "data_wait": _mean(r["data_wait"] for r in steady),
+            "step_samples_per_s": _mean(r["samples_per_s"] / max(1e-6, 1 - r["data_wait"]) for r in steady),
+            # every window, the first included: the loader's start and its workers' filling their queues show
+            "windows": [[r["step"], round(r["samples_per_s"], 1), round(r["data_wait"], 3)] for r in logs],
             "gpu_mem_gb": max(r.get("gpu_mem_gb", 0.0) for r in logs), "last_loss": logs[-1].get("loss", math.nan),
             "finite": all(math.isfinite(r.get("loss", math.nan)) for r in logs), "wall_s": round(wall, 1), **evals}
 

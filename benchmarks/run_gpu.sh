@@ -30,11 +30,11 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 # sizes: the measurement, or the smoke test's (tiny model, CPU, one round)
 if [[ -n ${SMOKE:-} ]]; then
-  batch=16 big=32 rounds="--rounds 1" steps="--steps 1" sync_steps="--steps 1" batches=256 tile=64 photos=256 recipe_steps=3 workers=1
+  batch=16 big=32 rounds="--rounds 1" steps="--steps 1" sync_steps="--steps 1" batches=256 tile=64 photos=256 recipe_steps=3 fed_steps=3 workers=1
   cpu="--cpu-smoke" decode="--device cpu --samples 64 --tries 2 --batch 16 --corrupt 20" budget_gib=0.5 loader="--samples 128 \
 --rounds 1 --batch 16 --size 64"
 else
-  batch=256 big=1024 rounds="--rounds 3" steps="" sync_steps="" batches=8192,32768 tile=4096 photos=20000 recipe_steps=30
+  batch=256 big=1024 rounds="--rounds 3" steps="" sync_steps="" batches=8192,32768 tile=4096 photos=20000 recipe_steps=30 fed_steps=120
   workers=$(( $(nproc) - 2 )) cpu="" decode="--samples 2048 --tries 100" budget_gib=24 loader="--samples 8192 \
 --rounds 2 --batch 256"
 fi
@@ -81,13 +81,15 @@ step 1 150 $py benchmarks/sync_check.py $sync_steps
 #    mmcl's tiles (target: 8x below open_clip's ClipLoss at 32,768, gradients equal)
 step 2 150 $py benchmarks/clip_loss_memory.py --batches $batches --tile $tile $rounds
 # 3. fed: the CLIP recipe on real photo crops (mmcl-prep photos, 224 px JPEG, built once here), JPEGs decoded by
-#    the loader workers, then on the GPU (data.decode: device) (target: fed at least 80 % of step-only, step 1)
+#    the loader workers, then on the GPU (data.decode: device) (target: fed at least 80 % of step-only, step 1);
+#    120 steps, measured after the first 40: on 2026-11-28 the 30 steps measured were mostly the workers filling
+#    their prefetch queues at full speed on every core but two (a CPU worker decodes about 1,100 photos/s)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 data=$tmp/photos224
 step 3 120 $py -m data_prep photos --out "$data" --samples $photos --size 224 --workers "$(nproc)" --no-progress
 for how in workers device; do
-  step 3 150 $py benchmarks/gpu_recipes.py $cpu --recipes clip_vit_b32 --precisions bf16 --steps $recipe_steps \
+  step 3 150 $py benchmarks/gpu_recipes.py $cpu --recipes clip_vit_b32 --precisions bf16 --steps $fed_steps \
     --workers $workers --data "$data" --set data.decode=$how --results "$out/gpu_recipes.json"
 done
 # 4. compiled: both sides through torch.compile (open_clip's --torchcompile; mmcl's train.compile: true)
@@ -108,7 +110,7 @@ step 7 180 $py benchmarks/clip_step.py --batch $big $rounds $steps --results "$o
 #    process, which launches the GPU work, short of CPU time?
 step 8 240 $py benchmarks/gpu_recipes.py $cpu --recipes clip_vit_b32,simclr --precisions bf16 \
   --steps $recipe_steps --workers $workers --results "$out/gpu_recipes.json"
-step 8 150 $py benchmarks/gpu_recipes.py $cpu --recipes clip_vit_b32 --precisions bf16 --steps $recipe_steps \
+step 8 150 $py benchmarks/gpu_recipes.py $cpu --recipes clip_vit_b32 --precisions bf16 --steps $fed_steps \
   --workers 4 --results "$out/gpu_recipes.json"
 # 9. FSDP2 on the GPU against DDP (equality, resume, export); on a CPU tests/dist/test_fsdp.py checks the same
 [[ -z ${SMOKE:-} ]] && step 9 240 $py benchmarks/fsdp_check.py --results "$out/fsdp_check.json"
