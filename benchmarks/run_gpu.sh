@@ -34,7 +34,7 @@ if [[ -n ${SMOKE:-} ]]; then
   cpu="--cpu-smoke" decode="--device cpu --samples 64 --tries 2 --batch 16 --corrupt 20" budget_gib=0.5 loader="--samples 128 \
 --rounds 1 --batch 16 --size 64"
 else
-  batch=256 big=1024 rounds="--rounds 3" steps="" sync_steps="" batches=8192,32768 tile=4096 photos=20000 recipe_steps=30 fed_steps=120
+  batch=256 big=1024 rounds="--rounds 3" steps="" sync_steps="" batches=8192,32768 tile=4096 photos=20000 recipe_steps=60 fed_steps=120
   workers=$(( $(nproc) - 2 )) cpu="" decode="--samples 2048 --tries 100" budget_gib=24 loader="--samples 8192 \
 --rounds 2 --batch 256"
 fi
