@@ -54,6 +54,10 @@ class DataConfig:
     batch_size: int = spec(256, ge=1, help="per process")
     num_workers: int = spec(2, ge=0)
     shuffle_buffer: int = spec(2000, ge=0)
+    shuffle_initial: int | None = spec(None, ge=1, help="samples in each worker's shuffle buffer before it gives out "
+                                                        "the first, growing to shuffle_buffer after (webdataset's "
+                                                        "initial; open_clip: 1000 of 5000): the first batch waits "
+                                                        "for fewer samples read. null: shuffle_buffer")
     resample: bool = False
     epoch_samples: int | None = spec(None, ge=1, help="default: from manifest.json")
     transform: str = "clip"
@@ -87,7 +91,12 @@ class DataConfig:
                                                              "for the network, retries included (null: no limit)")
 
     def validate(self) -> None:
-        """Multi-crop views are crops of one image field; the device decodes only what it can also crop."""
+        """Multi-crop views are crops of one image field; the device decodes only what it can also crop;
+        the shuffle buffer starts no fuller than it gets."""
+        if self.shuffle_initial is not None and self.shuffle_initial > self.shuffle_buffer:
+            raise ConfigError(f"data.shuffle_initial ({self.shuffle_initial}) is above data.shuffle_buffer "
+                              f"({self.shuffle_buffer}): the buffer starts giving out samples once it holds "
+                              f"shuffle_initial, growing to shuffle_buffer; set it to at most {self.shuffle_buffer}")
         if self.multi_crop and self.view_fields:
             raise ConfigError("data.multi_crop and data.view_fields cannot be combined")
         if self.decode == "device":
@@ -333,6 +342,7 @@ def make_loader(cfg: DataConfig, shards: str | None = None, *, train: bool = Tru
     stream = ShardStream(
         urls, sample_fn, functools.partial(collate, tokenizer=tokenizer),
         batch_size=batch_size or cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer if train else 0,
+        shuffle_initial=cfg.shuffle_initial,
         shuffle_shards=train, resample=cfg.resample and train, epoch_samples=epoch_samples,
         drop_last=train, seed=seed, required=required, shard_samples={u: e["samples"] for u, e in entries.items()},
         rank=rank, world_size=world_size, num_workers=workers, remote=policy,

@@ -21,17 +21,26 @@ __all__ = ["ShuffleBuffer", "final_shuffle", "read_members", "scan_tar", "shuffl
 
 class ShuffleBuffer:
     """The stream's shuffle buffer: once ``size`` items are in, each new one makes it give out one
-    drawn at random; when the stream ends the rest go out in a random order. The one place its draws
-    are made, for the samples (:meth:`ShardStream._shuffled`) and for their numbers in a replay, so a
-    replay makes the stream's draws by construction."""
+    drawn at random; when the stream ends the rest go out in a random order. With ``initial`` (below
+    ``size``) it starts giving out once ``initial`` items are in and grows to ``size`` by giving out
+    one item for every second it takes in, as webdataset's ``shuffle(bufsize, initial)`` does (open_clip
+    trains with 5,000 and 1,000): the first batch waits for ``initial`` items read, not ``size``. The
+    one place its draws are made, for the samples (:meth:`ShardStream._shuffled`) and for their numbers
+    in a replay, so a replay makes the stream's draws by construction; ``taken`` (items taken in so
+    far) restores a replayed buffer's place in its growth."""
 
-    def __init__(self, size: int, rng: random.Random, items: list[Any] | None = None):
-        self.size, self.rng, self.items = size, rng, list(items or [])
+    def __init__(self, size: int, rng: random.Random, items: list[Any] | None = None, initial: int | None = None,
+                 taken: int = 0):
+        self.size, self.rng, self.items, self.taken = size, rng, list(items or []), taken
+        self.initial = size if initial is None else min(initial, size)
 
     def push(self, item: Any) -> list[Any]:
-        """Take ``item`` in; what that gives out (one item once the buffer is full, else none)."""
+        """Take ``item`` in; what that gives out (one item once the buffer is full, or every second
+        one while it grows from ``initial``; else none)."""
         self.items.append(item)
-        if len(self.items) < self.size:
+        self.taken += 1
+        full = len(self.items) >= self.size
+        if not full and (len(self.items) < self.initial or self.taken % 2):
             return []
         i = self.rng.randrange(len(self.items))
         self.items[i], self.items[-1] = self.items[-1], self.items[i]
@@ -44,13 +53,14 @@ class ShuffleBuffer:
         return out
 
 
-def shuffle_state(given: int, buffer_size: int, rng: random.Random) -> tuple[list[int], int]:
+def shuffle_state(given: int, buffer_size: int, rng: random.Random,
+                  initial: int | None = None) -> tuple[list[int], int]:
     """The shuffle buffer (sample numbers, in buffer order) after it has given out ``given``
     samples of an endless stream, and how many samples it had taken in; ``rng`` is left as the
     buffer's generator was."""
     if buffer_size <= 1:  # no buffer: the stream goes out as it comes
         return [], given
-    buf = ShuffleBuffer(buffer_size, rng)
+    buf = ShuffleBuffer(buffer_size, rng, initial=initial)
     taken = out = 0
     while out < given:
         out += len(buf.push(taken))
@@ -58,13 +68,14 @@ def shuffle_state(given: int, buffer_size: int, rng: random.Random) -> tuple[lis
     return buf.items, taken
 
 
-def final_shuffle(given: int, buffer_size: int, total: int, rng: random.Random) -> list[int]:
+def final_shuffle(given: int, buffer_size: int, total: int, rng: random.Random,
+                  initial: int | None = None) -> list[int]:
     """The sample numbers a shuffle buffer gives out after its first ``given``, when its stream holds
     ``total`` samples and ``given`` reaches into the final shuffle of what is left in the buffer
     once the stream has run out."""
     if buffer_size <= 1:  # no buffer: the stream goes out as it comes
         return list(range(given, total))
-    buf = ShuffleBuffer(buffer_size, rng)
+    buf = ShuffleBuffer(buffer_size, rng, initial=initial)
     out = [x for n in range(total) for x in buf.push(n)]
     return (out + buf.drain())[given:]
 

@@ -99,6 +99,8 @@ class ShardStream(IterableDataset):
         collate_fn: turns a list of processed samples into a batch dict.
         batch_size: samples per batch (per process).
         shuffle_buffer: size of the sample shuffle buffer (0: keep shard order).
+        shuffle_initial: samples in the buffer before it gives out the first (None: ``shuffle_buffer``);
+            it then grows to ``shuffle_buffer`` (:class:`mmcl.data.seek.ShuffleBuffer`).
         shuffle_shards: shuffle the shard order each epoch.
         resample: draw shards with replacement forever (epoch ends after ``epoch_samples``).
         epoch_samples: samples per epoch over all processes (needed with ``resample``).
@@ -120,13 +122,15 @@ class ShardStream(IterableDataset):
                  epoch_samples: int | None = None, drop_last: bool = False, seed: int = 0,
                  required: dict[str, tuple[str, ...]] | None = None, shard_samples: dict[str, int] | None = None,
                  rank: int | None = None, world_size: int | None = None, num_workers: int = 0,
-                 remote: ReadPolicy | None = None, shard_bytes: dict[str, int] | None = None):
+                 remote: ReadPolicy | None = None, shard_bytes: dict[str, int] | None = None,
+                 shuffle_initial: int | None = None):
         super().__init__()
         if resample and not epoch_samples:
             raise DataError("resampling needs the epoch length: set data.epoch_samples or add a manifest.json")
         r, w = world(launcher=True)
         self.urls, self.sample_fn, self.collate_fn = list(urls), sample_fn, collate_fn
         self.batch_size, self.shuffle_buffer, self.shuffle_shards = batch_size, shuffle_buffer, shuffle_shards
+        self.shuffle_initial = shuffle_initial
         self.resample, self.epoch_samples, self.drop_last, self.seed = resample, epoch_samples, drop_last, seed
         self.required = dict(required or {})
         self.shard_samples = dict(shard_samples or {})
@@ -246,12 +250,13 @@ class ShardStream(IterableDataset):
             skipped[BAD_SHARD_SAMPLES] += lost
 
     def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random,
-                  buf: list[dict[str, Any]] | None = None) -> Iterator[dict[str, Any]]:
-        """``samples`` through the shuffle buffer (which may start filled, see :mod:`mmcl.data.seek`)."""
+                  buf: list[dict[str, Any]] | None = None, taken: int = 0) -> Iterator[dict[str, Any]]:
+        """``samples`` through the shuffle buffer (which may start filled, having taken in ``taken``
+        samples: see :mod:`mmcl.data.seek`)."""
         if self.shuffle_buffer <= 1:
             yield from samples
             return
-        shuffler = ShuffleBuffer(self.shuffle_buffer, rng, buf)
+        shuffler = ShuffleBuffer(self.shuffle_buffer, rng, buf, self.shuffle_initial, taken)
         for s in samples:
             yield from shuffler.push(s)
         yield from shuffler.drain()
@@ -288,7 +293,7 @@ class ShardStream(IterableDataset):
         gives out what was left of the buffer, found the same way; with shards that cannot be
         scanned it is reached by replaying the whole stream."""
         shards, rng = self._slot(rank, worker, world_size, num_workers, epoch)
-        buffered, taken = shuffle_state(given, self.shuffle_buffer, rng)
+        buffered, taken = shuffle_state(given, self.shuffle_buffer, rng, self.shuffle_initial)
         wanted, found = set(buffered), {}
         done = self.exclude.get(epoch)
         number = 0  # samples of the stream before the current shard
@@ -317,11 +322,11 @@ class ShardStream(IterableDataset):
                 if i in wanted:
                     found[i] = s
             else:
-                return self._shuffled(raw, rng, [found[i] for i in buffered])
+                return self._shuffled(raw, rng, [found[i] for i in buffered], taken)
             break
         else:  # the shards ran out before the position: what is left is the buffer's final shuffle
             rest = final_shuffle(given, self.shuffle_buffer, number,
-                                 self._slot(rank, worker, world_size, num_workers, epoch)[1])
+                                 self._slot(rank, worker, world_size, num_workers, epoch)[1], self.shuffle_initial)
             out = {}
             for url, every, offset, numbers, samples in passed:
                 mine = [i for i in rest if i in numbers]
