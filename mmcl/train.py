@@ -419,6 +419,30 @@ class Trainer:
         return {"processes": self.acc.num_processes, "workers": workers, "batch_size": r.data.batch_size,
                 "grad_accum": r.optim.grad_accum}
 
+    def _data_order(self) -> dict[str, Any]:
+        """What the order of the training samples depends on besides the layout (:meth:`_layout`). A
+        resume finds where each stream stood, and an elastic one what was trained, by replaying the
+        streams: with other values it would read another order and repeat or miss samples."""
+        r = self.recipe
+        return {"run.seed": r.run.seed, "data.shuffle_buffer": r.data.shuffle_buffer,
+                "data.shuffle_initial": r.data.shuffle_initial, "data.resample": r.data.resample}
+
+    def _order_changes(self, folder: Path, manifest: dict[str, Any]) -> str:
+        """How the order of the samples (:meth:`_data_order`) differs from the one ``folder`` was
+        written with ("" if it does not, or an older mmcl did not record it). A changed seed or
+        shuffle buffer resumes elastically, the trained samples found by replaying the writer's
+        order; a stream that switches to or from ``data.resample`` has no such replay."""
+        written, now = manifest.get("data_order"), self._data_order()
+        if written is None or written == now:
+            return ""
+        if written.get("data.resample") != now["data.resample"]:
+            raise ckpt.CheckpointError(f"checkpoint {folder} was written with data.resample: "
+                                       f"{json.dumps(written.get('data.resample'))} and this run has "
+                                       f"{json.dumps(now['data.resample'])}: what it trained of the epoch cannot "
+                                       f"be told apart from what is left; set it back to resume, or start a new run")
+        return "; ".join(f"{k} was {json.dumps(written.get(k))}, is {json.dumps(v)}" for k, v in now.items()
+                         if written.get(k) != v)
+
     def _fail_together(self, error: str | None, partial: Path) -> None:
         """Raise on every process if any failed (so none waits forever), removing the partial folder."""
         if not self._any(error is not None):
@@ -467,7 +491,8 @@ class Trainer:
                 for name, state in states.items():
                     ckpt.write_state(state, partial / name)
                 (partial / ckpt.STATE).write_text(json.dumps(self.state.state_dict()) + "\n")
-                ckpt.write_manifest(partial, {"step": self.state.step, **self._layout()})
+                ckpt.write_manifest(partial, {"step": self.state.step, **self._layout(),
+                                              "data_order": self._data_order()})
                 ckpt.publish(partial, final)
                 ckpt.prune(folder, self.recipe.train.keep_checkpoints)
             except Exception as e:  # noqa: BLE001
@@ -483,6 +508,7 @@ class Trainer:
         read, and only as safetensors and JSON."""
         acc = self.acc
         manifest = ckpt.verify(folder)
+        reordered = self._order_changes(folder, manifest)
         listed = manifest["files"]
         ignored = sorted(p.name for p in folder.iterdir() if p.name not in listed and p.name != ckpt.MANIFEST)
         if ignored:
@@ -519,8 +545,8 @@ class Trainer:
             ckpt.seed_all(sample_seed(self.recipe.run.seed, self.state.step, acc.process_index))
         if acc.is_main_process:  # the run's totals go on (every process's counts are summed when reported)
             self.loader.skipped.update(self.state.skipped)
-        if written != layout:
-            return self._resume_elsewhere(folder, written, layout)
+        if written != layout or reordered:
+            return self._resume_elsewhere(folder, written, layout, manifest.get("data_order"), reordered)
         epoch, batches, *workers = self.state.positions[acc.process_index]
         if self.state.segments:  # this layout began after an elastic resume: leave out what came before
             self.loader.stream.exclude_trained(self.state.segments, min(p[0] for p in self.state.positions))
@@ -529,14 +555,16 @@ class Trainer:
         self.loader.resume_at(WorkerPositions.from_list(epoch, workers, layout["workers"]))
         return epoch, batches, 0
 
-    def _resume_elsewhere(self, folder: Path, written: dict[str, Any],
-                          layout: dict[str, Any]) -> tuple[int, int, int]:
+    def _resume_elsewhere(self, folder: Path, written: dict[str, Any], layout: dict[str, Any],
+                          order: dict[str, Any] | None = None, reordered: str = "") -> tuple[int, int, int]:
         """Resume a checkpoint written with other processes, loader workers, batch size or accumulation
-        (a job back on another number of GPUs): every process starts at the oldest epoch any writing
-        process was in, and leaves out the samples the writing run (and the layouts before it) had
-        trained on, found by replaying its streams from the positions it saved. The rest of the epoch
-        thus covers exactly the samples not yet seen, but in another order than an uninterrupted run:
-        close, not bit-identical. A resampled stream has no samples "not yet seen": it draws afresh."""
+        (a job back on another number of GPUs), or another order of the samples (``reordered``: a
+        seed or shuffle buffer changed, say to fit the workers in memory): every process starts at the
+        oldest epoch any writing process was in, and leaves out the samples the writing run (and the
+        layouts before it) had trained on, found by replaying its streams from the positions it
+        saved, in the ``order`` it read them. The rest of the epoch thus covers exactly the samples
+        not yet seen, but in another order than an uninterrupted run: close, not bit-identical. A
+        resampled stream has no samples "not yet seen": it draws afresh."""
         state, stream = self.state, getattr(self.loader, "stream", None)
         if stream is None or any(len(p) != 3 + 2 * written["workers"] for p in state.positions):
             raise ckpt.CheckpointError(
@@ -545,12 +573,13 @@ class Trainer:
                 "resume on the same layout")
         epoch = min(p[0] for p in state.positions)
         segment = {"processes": written["processes"], "workers": written["workers"], "start_epoch": state.start_epoch,
-                   "positions": state.positions}
+                   "positions": state.positions, **({"order": order} if order else {})}
         state.segments, state.start_epoch = ([] if stream.resample else [*state.segments, segment]), epoch
         t = time.perf_counter()
         left_out = stream.exclude_trained(state.segments, epoch)
-        self.acc.print(f"elastic resume: {folder.name} was written with {_describe(written)}, this run has "
-                       f"{_describe(layout)}; epoch {epoch} goes on "
+        why = f"{_describe(written)}, this run has {_describe(layout)}" if written != layout else \
+            f"another order of the samples ({reordered})"
+        self.acc.print(f"elastic resume: {folder.name} was written with {why}; epoch {epoch} goes on "
                        + ("with fresh draws (data.resample)" if stream.resample else
                           f"without the {left_out:,} samples already trained (found in "
                           f"{time.perf_counter() - t:.1f} s by replaying the streams that read them)"))

@@ -227,6 +227,16 @@ def test_a_resume_keeps_its_learning_rates_and_says_so_when_the_recipe_changed_t
     assert "the run goes on at the learning rates it was started with" in out and "[0.01, 0.005]" in out
 
 
+def test_a_resume_that_switches_resampling_is_refused(full_run: Path, digits_dir: Path, tmp_path: Path) -> None:
+    """The checkpoint records what orders the samples: another seed or shuffle buffer resumes
+    elastically (``tests/test_elastic_resume.py``), but a stream switched to drawing shards with
+    replacement has no replay of what was trained: a clear error, not repeated or missed samples."""
+    run = interrupted_copy(full_run, tmp_path / "run", 4)
+    with pytest.raises(ckpt.CheckpointError, match=r"written with data.resample: false and this run has true: what "
+                                                   r"it trained of the epoch cannot be told apart"):
+        resume(digits_dir, run, "data.resample=true")
+
+
 def test_sigterm_writes_a_checkpoint_and_stops_then_resume_continues(digits_dir: Path, tmp_path: Path) -> None:
     """What Slurm and Kubernetes send before preemption or at a time limit: before, the run died
     mid-step and lost everything since its last checkpoint (here: all of it, save_every 0). Now it

@@ -44,13 +44,15 @@ def run(digits_dir: Path, out: Path, steps: int, *extra: str, resume: str | None
     return trainer, log
 
 
-@pytest.mark.parametrize("change", [["data.num_workers=0"], ["data.batch_size=24", "data.num_workers=1"]])
+@pytest.mark.parametrize("change", [["data.num_workers=0"], ["data.batch_size=24", "data.num_workers=1"],
+                                    ["data.shuffle_buffer=32"], ["run.seed=5"], ["data.shuffle_initial=16"]])
 def test_elastic_resume_trains_each_sample_of_the_epoch_once(digits_dir: Path, tmp_path: Path, change: list[str],
                                                              capsys) -> None:
-    """Interrupted at step 10 of the first epoch (2 workers, batches of 16), resumed with no worker
-    or with batches of 24 and 1 worker, to the end of the epoch: every sample of the epoch trained
-    once, except at most a batch's worth per worker stream dropped at its end (as the uninterrupted
-    run drops), and none twice."""
+    """Interrupted at step 10 of the first epoch (2 workers, batches of 16), resumed with no worker,
+    with batches of 24 and 1 worker, or in another order of the samples (another shuffle buffer,
+    seed, or a buffer starting early: what was trained is found by replaying the writer's order),
+    to the end of the epoch: every sample of the epoch trained once, except at most a batch's worth
+    per worker stream dropped at its end (as the uninterrupted run drops), and none twice."""
     every = all_keys(digits_dir)
     out = tmp_path / "run"
     _, before = run(digits_dir, out, 10, "train.save_every=10")

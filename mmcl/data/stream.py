@@ -371,16 +371,26 @@ class ShardStream(IterableDataset):
         up to its last batch trained). Earlier epochs of a process were read whole.
 
         Replays those streams (reading the shards' bytes, decoding nothing) under the current
-        :attr:`exclude`, which must be what it was for that run."""
+        :attr:`exclude`, which must be what it was for that run, and in the order that run read them:
+        ``segment["order"]`` (``run.seed``, ``data.shuffle_buffer``, ``data.shuffle_initial``) when
+        it differs from this stream's."""
         out: dict[int, set[str]] = defaultdict(set)
         world_size, num_workers = segment["processes"], segment["workers"]
-        for rank, (epoch, _, *rest) in enumerate(segment["positions"]):
-            pulled = WorkerPositions.from_list(epoch, rest, num_workers).pulled
-            for e in range(max(from_epoch, segment["start_epoch"]), epoch + 1):
-                for worker in range(num_workers):
-                    samples = self._slot_samples(rank, worker, world_size, num_workers, e, Counter())
-                    taken = itertools.islice(samples, pulled[worker]) if e == epoch else samples
-                    out[e].update(sample_id(s) for s in taken)
+        now = (self.seed, self.shuffle_buffer, self.shuffle_initial)
+        order = segment.get("order") or {}
+        self.seed, self.shuffle_buffer, self.shuffle_initial = (
+            order.get("run.seed", now[0]), order.get("data.shuffle_buffer", now[1]),
+            order.get("data.shuffle_initial", now[2]))
+        try:
+            for rank, (epoch, _, *rest) in enumerate(segment["positions"]):
+                pulled = WorkerPositions.from_list(epoch, rest, num_workers).pulled
+                for e in range(max(from_epoch, segment["start_epoch"]), epoch + 1):
+                    for worker in range(num_workers):
+                        samples = self._slot_samples(rank, worker, world_size, num_workers, e, Counter())
+                        taken = itertools.islice(samples, pulled[worker]) if e == epoch else samples
+                        out[e].update(sample_id(s) for s in taken)
+        finally:
+            self.seed, self.shuffle_buffer, self.shuffle_initial = now
         return dict(out)
 
     def exclude_trained(self, segments: list[dict[str, Any]], from_epoch: int) -> int:
