@@ -88,9 +88,11 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 data=$tmp/photos224
 step 3 120 $py -m data_prep photos --out "$data" --samples $photos --size 224 --workers "$(nproc)" --no-progress
+#    The photos' captions are short, and cut (model.trim_text) the step would outrun step 1's, whose random ids fill
+#    all 77 positions: these runs pad them to 77 as step 1's batches are, so fed and step-only compare
 for how in workers device; do
   step 3 150 $py benchmarks/gpu_recipes.py $cpu --recipes clip_vit_b32 --precisions bf16 --steps $fed_steps \
-    --workers $workers --data "$data" --set data.decode=$how --results "$out/gpu_recipes.json"
+    --workers $workers --data "$data" --set data.decode=$how --set model.trim_text=0 --results "$out/gpu_recipes.json"
 done
 # 4. compiled: both sides through torch.compile (open_clip's --torchcompile; mmcl's train.compile: true)
 step 4 300 $py benchmarks/clip_step.py --batch $batch --compile $rounds $steps --variants "mmcl fused AdamW" \
