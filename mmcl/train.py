@@ -420,28 +420,35 @@ class Trainer:
                 "grad_accum": r.optim.grad_accum}
 
     def _data_order(self) -> dict[str, Any]:
-        """What the order of the training samples depends on besides the layout (:meth:`_layout`). A
-        resume finds where each stream stood, and an elastic one what was trained, by replaying the
+        """What the order of the training samples depends on besides the layout (:meth:`_layout`), in
+        one spelling per order (no buffer: 0; a buffer that fills first: ``shuffle_initial`` null).
+        A resume finds where each stream stood, and an elastic one what was trained, by replaying the
         streams: with other values it would read another order and repeat or miss samples."""
-        r = self.recipe
-        return {"run.seed": r.run.seed, "data.shuffle_buffer": r.data.shuffle_buffer,
-                "data.shuffle_initial": r.data.shuffle_initial, "data.resample": r.data.resample}
+        d = self.recipe.data
+        buffer = d.shuffle_buffer if d.shuffle_buffer > 1 else 0
+        initial = d.shuffle_initial if buffer and d.shuffle_initial is not None and d.shuffle_initial < buffer else None
+        return {"run.seed": self.recipe.run.seed, "data.shuffle_buffer": buffer, "data.shuffle_initial": initial,
+                "data.resample": d.resample}
 
-    def _order_changes(self, folder: Path, manifest: dict[str, Any]) -> str:
-        """How the order of the samples (:meth:`_data_order`) differs from the one ``folder`` was
-        written with ("" if it does not, or an older mmcl did not record it). A changed seed or
-        shuffle buffer resumes elastically, the trained samples found by replaying the writer's
-        order; a stream that switches to or from ``data.resample`` has no such replay."""
-        written, now = manifest.get("data_order"), self._data_order()
-        if written is None or written == now:
-            return ""
-        if written.get("data.resample") != now["data.resample"]:
+    def _written_order(self, folder: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+        """The order of the samples ``folder`` was written with and how this run's differs, or
+        ``(None, "")`` when it does not. A checkpoint of an mmcl before ``data_order`` was recorded
+        had no ``data.shuffle_initial`` (its seed and buffer are taken as this run's). Another seed
+        or buffer resumes elastically, the trained samples found by replaying the writer's order. A
+        resampled stream has no "not yet trained" to protect, so it resumes at its positions as
+        before (each worker's batch count bounds the epoch); switching ``data.resample`` is refused."""
+        now = self._data_order()
+        written = manifest.get("data_order") or {**now, "data.shuffle_initial": None}
+        if written["data.resample"] != now["data.resample"]:
             raise ckpt.CheckpointError(f"checkpoint {folder} was written with data.resample: "
-                                       f"{json.dumps(written.get('data.resample'))} and this run has "
+                                       f"{json.dumps(written['data.resample'])} and this run has "
                                        f"{json.dumps(now['data.resample'])}: what it trained of the epoch cannot "
                                        f"be told apart from what is left; set it back to resume, or start a new run")
-        return "; ".join(f"{k} was {json.dumps(written.get(k))}, is {json.dumps(v)}" for k, v in now.items()
-                         if written.get(k) != v)
+        changed = [f"{k} was {json.dumps(written.get(k))}, is {json.dumps(v)}" for k, v in now.items()
+                   if written.get(k) != v]
+        if not changed or now["data.resample"]:
+            return None, ""
+        return written, "; ".join(changed)
 
     def _fail_together(self, error: str | None, partial: Path) -> None:
         """Raise on every process if any failed (so none waits forever), removing the partial folder."""
@@ -508,7 +515,7 @@ class Trainer:
         read, and only as safetensors and JSON."""
         acc = self.acc
         manifest = ckpt.verify(folder)
-        reordered = self._order_changes(folder, manifest)
+        order, reordered = self._written_order(folder, manifest)
         listed = manifest["files"]
         ignored = sorted(p.name for p in folder.iterdir() if p.name not in listed and p.name != ckpt.MANIFEST)
         if ignored:
@@ -546,7 +553,7 @@ class Trainer:
         if acc.is_main_process:  # the run's totals go on (every process's counts are summed when reported)
             self.loader.skipped.update(self.state.skipped)
         if written != layout or reordered:
-            return self._resume_elsewhere(folder, written, layout, manifest.get("data_order"), reordered)
+            return self._resume_elsewhere(folder, written, layout, order, reordered)
         epoch, batches, *workers = self.state.positions[acc.process_index]
         if self.state.segments:  # this layout began after an elastic resume: leave out what came before
             self.loader.stream.exclude_trained(self.state.segments, min(p[0] for p in self.state.positions))

@@ -69,6 +69,42 @@ def test_elastic_resume_trains_each_sample_of_the_epoch_once(digits_dir: Path, t
     assert trainer.state.segments == [] and trainer.state.start_epoch == 0
 
 
+def test_a_checkpoint_that_did_not_record_its_order_resumes_a_buffer_starting_early_elastically(
+        digits_dir: Path, tmp_path: Path, capsys) -> None:
+    """A checkpoint of an mmcl that recorded no ``data_order`` had no ``data.shuffle_initial``: a
+    recipe that now sets it (``configs/clip_vit_b32.yaml`` does) resumes elastically, every sample
+    of the epoch once; one whose setting changes nothing (at the buffer's size) resumes exactly."""
+    import json
+
+    from mmcl import checkpoint as ckpt
+
+    out = tmp_path / "run"
+    _, before = run(digits_dir, out, 10, "train.save_every=10")
+    folder = out / "checkpoints" / "step_00000010"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").unlink()
+    ckpt.write_manifest(folder, {k: v for k, v in manifest.items()
+                                 if k not in ("files", "format", "version", "data_order")})
+    capsys.readouterr()
+    _, same = run(digits_dir, tmp_path / "same", 11, "data.shuffle_initial=64", resume=str(folder))
+    assert "elastic" not in capsys.readouterr().out and len(same) == 16
+    _, after = run(digits_dir, out, 32, "data.shuffle_initial=16", "train.save_every=0", resume="latest")
+    assert "another order of the samples (data.shuffle_initial was null, is 16)" in capsys.readouterr().out
+    epoch0 = [k for _, k in before] + [k for e, k in after if e == 0]
+    assert max(Counter(epoch0).values()) == 1 and len(all_keys(digits_dir)) - len(epoch0) < 16 * 2
+
+
+def test_a_resampled_stream_resumes_another_order_at_its_positions(digits_dir: Path, tmp_path: Path,
+                                                                   capsys) -> None:
+    """Drawn with replacement, a stream has no "not yet trained": another seed resumes at the
+    workers' positions as before, and the epoch keeps its length (32 steps of 16)."""
+    out = tmp_path / "run"
+    _, before = run(digits_dir, out, 10, "data.resample=true", "train.save_every=10")
+    _, after = run(digits_dir, out, 40, "data.resample=true", "run.seed=5", "train.save_every=0", resume="latest")
+    assert "elastic" not in capsys.readouterr().out
+    assert len(before) + sum(e == 0 for e, _ in after) == 32 * 16
+
+
 def test_elastic_resume_without_worker_positions_is_a_clear_error(digits_dir: Path, tmp_path: Path) -> None:
     """A checkpoint from before elastic resume (positions without the workers' counts) resumes on its
     own layout only, and says so."""
