@@ -57,7 +57,8 @@ class DataConfig:
     shuffle_initial: int | None = spec(None, ge=1, help="samples in each worker's shuffle buffer before it gives out "
                                                         "the first, growing to shuffle_buffer after (webdataset's "
                                                         "initial; open_clip: 1000 of 5000): the first batch waits "
-                                                        "for fewer samples read. null: shuffle_buffer")
+                                                        "for fewer samples read. null, or shuffle_buffer or more: "
+                                                        "the buffer fills first")
     resample: bool = False
     epoch_samples: int | None = spec(None, ge=1, help="default: from manifest.json")
     transform: str = "clip"
@@ -91,12 +92,7 @@ class DataConfig:
                                                              "for the network, retries included (null: no limit)")
 
     def validate(self) -> None:
-        """Multi-crop views are crops of one image field; the device decodes only what it can also crop;
-        the shuffle buffer starts no fuller than it gets."""
-        if self.shuffle_initial is not None and self.shuffle_initial > self.shuffle_buffer:
-            raise ConfigError(f"data.shuffle_initial ({self.shuffle_initial}) is above data.shuffle_buffer "
-                              f"({self.shuffle_buffer}): the buffer starts giving out samples once it holds "
-                              f"shuffle_initial, growing to shuffle_buffer; set it to at most {self.shuffle_buffer}")
+        """Multi-crop views are crops of one image field; the device decodes only what it can also crop."""
         if self.multi_crop and self.view_fields:
             raise ConfigError("data.multi_crop and data.view_fields cannot be combined")
         if self.decode == "device":
