@@ -430,9 +430,9 @@ class Trainer:
         return {"run.seed": self.recipe.run.seed, "data.shuffle_buffer": buffer, "data.shuffle_initial": initial,
                 "data.resample": d.resample}
 
-    def _written_order(self, folder: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
-        """The order of the samples ``folder`` was written with and how this run's differs, or
-        ``(None, "")`` when it does not. A checkpoint of an mmcl before ``data_order`` was recorded
+    def _written_order(self, folder: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """The order of the samples ``folder`` was written with, and how this run's differs ("" when
+        it does not, or for a resampled stream). A checkpoint of an mmcl before ``data_order`` was recorded
         had no ``data.shuffle_initial`` (its seed and buffer are taken as this run's). Another seed
         or buffer resumes elastically, the trained samples found by replaying the writer's order. A
         resampled stream has no "not yet trained" to protect, so it resumes at its positions as
@@ -446,9 +446,7 @@ class Trainer:
                                        f"be told apart from what is left; set it back to resume, or start a new run")
         changed = [f"{k} was {json.dumps(written.get(k))}, is {json.dumps(v)}" for k, v in now.items()
                    if written.get(k) != v]
-        if not changed or now["data.resample"]:
-            return None, ""
-        return written, "; ".join(changed)
+        return written, "" if now["data.resample"] else "; ".join(changed)
 
     def _fail_together(self, error: str | None, partial: Path) -> None:
         """Raise on every process if any failed (so none waits forever), removing the partial folder."""
@@ -563,7 +561,7 @@ class Trainer:
         return epoch, batches, 0
 
     def _resume_elsewhere(self, folder: Path, written: dict[str, Any], layout: dict[str, Any],
-                          order: dict[str, Any] | None = None, reordered: str = "") -> tuple[int, int, int]:
+                          order: dict[str, Any], reordered: str = "") -> tuple[int, int, int]:
         """Resume a checkpoint written with other processes, loader workers, batch size or accumulation
         (a job back on another number of GPUs), or another order of the samples (``reordered``: a
         seed or shuffle buffer changed, say to fit the workers in memory): every process starts at the
@@ -571,7 +569,8 @@ class Trainer:
         layouts before it) had trained on, found by replaying its streams from the positions it
         saved, in the ``order`` it read them. The rest of the epoch thus covers exactly the samples
         not yet seen, but in another order than an uninterrupted run: close, not bit-identical. A
-        resampled stream has no samples "not yet seen": it draws afresh."""
+        resampled stream has no samples "not yet seen": it draws afresh. Every segment keeps the order
+        its run read in; one from before orders were kept was read in the checkpoint's."""
         state, stream = self.state, getattr(self.loader, "stream", None)
         if stream is None or any(len(p) != 3 + 2 * written["workers"] for p in state.positions):
             raise ckpt.CheckpointError(
@@ -580,12 +579,13 @@ class Trainer:
                 "resume on the same layout")
         epoch = min(p[0] for p in state.positions)
         segment = {"processes": written["processes"], "workers": written["workers"], "start_epoch": state.start_epoch,
-                   "positions": state.positions, **({"order": order} if order else {})}
-        state.segments, state.start_epoch = ([] if stream.resample else [*state.segments, segment]), epoch
+                   "positions": state.positions, "order": order}
+        earlier = [{"order": order, **s} for s in state.segments]
+        state.segments, state.start_epoch = ([] if stream.resample else [*earlier, segment]), epoch
         t = time.perf_counter()
         left_out = stream.exclude_trained(state.segments, epoch)
-        why = f"{_describe(written)}, this run has {_describe(layout)}" if written != layout else \
-            f"another order of the samples ({reordered})"
+        why = "; and ".join(([f"{_describe(written)}, this run has {_describe(layout)}"] if written != layout else [])
+                            + ([f"another order of the samples ({reordered})"] if reordered else []))
         self.acc.print(f"elastic resume: {folder.name} was written with {why}; epoch {epoch} goes on "
                        + ("with fresh draws (data.resample)" if stream.resample else
                           f"without the {left_out:,} samples already trained (found in "

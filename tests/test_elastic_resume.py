@@ -94,6 +94,19 @@ def test_a_checkpoint_that_did_not_record_its_order_resumes_a_buffer_starting_ea
     assert max(Counter(epoch0).values()) == 1 and len(all_keys(digits_dir)) - len(epoch0) < 16 * 2
 
 
+def test_a_second_elastic_resume_replays_each_earlier_run_in_its_own_order(digits_dir: Path, tmp_path: Path,
+                                                                           capsys) -> None:
+    """2 workers to step 10, no worker to step 20 (same seed), then seed 5 to the end of the epoch:
+    the first run's samples are found by replaying its streams with its own seed, not the third's."""
+    out = tmp_path / "run"
+    _, first = run(digits_dir, out, 10, "train.save_every=10")
+    _, second = run(digits_dir, out, 20, "data.num_workers=0", "train.save_every=10", resume="latest")
+    _, third = run(digits_dir, out, 32, "data.num_workers=0", "run.seed=5", "train.save_every=0", resume="latest")
+    assert "another order of the samples (run.seed was 0, is 5)" in capsys.readouterr().out
+    epoch0 = [k for _, k in first + second] + [k for e, k in third if e == 0]
+    assert max(Counter(epoch0).values()) == 1 and len(all_keys(digits_dir)) - len(epoch0) < 16 * 2
+
+
 def test_a_resampled_stream_resumes_another_order_at_its_positions(digits_dir: Path, tmp_path: Path,
                                                                    capsys) -> None:
     """Drawn with replacement, a stream has no "not yet trained": another seed resumes at the
