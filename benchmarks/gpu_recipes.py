@@ -9,16 +9,18 @@ batch and model; ``clip_vit_b32`` for CLIP) is trained by
 (``mmcl-prep photos``: 224 px JPEG, 256 a shard; upscaled 8x8 digits are smooth and decode faster
 than photos, so they flatter the loader), resampled so no epoch boundary interrupts the workers,
 then evaluated on the test split as the recipe's end-of-training evaluation would (kNN; zero-shot
-for CLIP recipes, with the captions' own templates). Throughput is the
-``samples_per_s`` of the logged windows (images per second; each image gives the recipe's views), so it includes the loader; ``data_wait`` is the share of that time the trainer
-waited for a batch, and "without the wait" divides it out: the step throughput the GPU would give
-with a loader that keeps up. Throughput and wait are means of the windows after the first third of
-the steps (after the first window for short runs): at the start every worker decodes at full speed
-to fill its queue of prefetched batches (``prefetch_factor`` 4), taking CPU time from the main
-process that launches the GPU's work, and only then settles to the pace of training. Each row also
-keeps every window (``windows``: step, samples/s, wait), the first ones included. Needs a GPU; on a machine without one it says so and stops, unless
-``--cpu-smoke`` asks for a run of the same path on the CPU at a tiny size (8 samples a batch, 32 px, the
-tiny open_clip ViT for CLIP recipes): a check that the script works, not a measurement.
+for CLIP recipes, with the captions' own templates). Throughput is the ``samples_per_s`` of the
+logged windows (images per second; each image gives the recipe's views), so it includes the
+loader; ``data_wait`` is the share of that time the trainer waited for a batch, and "without the
+wait" divides it out: the step throughput the GPU would give with a loader that keeps up.
+Throughput and wait are means of the windows after the first third of the steps (after the first
+window for short runs): at the start every worker decodes at full speed to fill its queue of
+prefetched batches (``prefetch_factor`` 4), taking CPU time from the main process that launches
+the GPU's work, and only then settles to the pace of training. Each row also keeps every window
+(``windows``: step, samples/s, wait), the first ones included. Needs a GPU; on a machine without
+one it says so and stops, unless ``--cpu-smoke`` asks for a run of the same path on the CPU at a
+tiny size (8 samples a batch, 32 px, the tiny open_clip ViT for CLIP recipes): a check that the
+script works, not a measurement.
 
 With ``--results FILE`` every row is appended to the JSON list in FILE as soon as it is measured,
 with what identifies its run: date, command, device, torch version, loader workers and steps.
