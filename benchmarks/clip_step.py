@@ -220,12 +220,14 @@ def main() -> None:
     batches = [{"image": torch.randn(batch_size, 3, size, size, device=device),
                 "text": texts(batch_size, context, vocab, args.caption_tokens).to(device),
                 "key": [str(i) for i in range(batch_size)]} for _ in range(4)]
-    cut = [{**b, "text": trim_padding(b["text"].cpu(), 8).to(device)} for b in batches]  # as the tokenizer cuts
+    # what each variant's tokenizer would give it: the ids cut in multiples of its model.trim_text, or padded
+    feeds = {v: [{**b, "text": trim_padding(b["text"].cpu(), t.unwrapped.cfg.trim_text).to(device)} for b in batches]
+             if t.unwrapped.cfg.trim_text else batches for v, t in trainers.items()}
     turn = {"i": 0}
 
-    def next_batch(trimmed: bool = False) -> dict[str, Any]:
+    def next_batch(feed: list[dict[str, Any]] = batches) -> dict[str, Any]:
         turn["i"] += 1
-        return (cut if trimmed else batches)[turn["i"] % len(batches)]
+        return feed[turn["i"] % len(feed)]
 
     # the same first step on both sides: the same computation is being timed
     loss_oc = float(oc_step(batches[0]))
@@ -237,11 +239,11 @@ def main() -> None:
                                            # what one host synchronisation per step costs open_clip's loop
                                            "open_clip + .item() per step": lambda: oc_step(next_batch()).item()}
     for v, t in trainers.items():
-        steps[v] = lambda t=t: t.train_step(next_batch(bool(t.unwrapped.cfg.trim_text)))
+        steps[v] = lambda t=t, feed=feeds[v]: t.train_step(next_batch(feed))
     base = model_flops(first.unwrapped, first.objective, batches[0], device)  # the same architecture on both sides
     flops = {"open_clip": base, "open_clip + .item() per step": base}
     for v, t in trainers.items():  # FLOPs done: fewer with patches dropped or ids cut
-        own = cut[0] if t.unwrapped.cfg.trim_text else batches[0]
+        own = feeds[v][0]
         fewer = "patch" in v or own["text"].shape != batches[0]["text"].shape
         flops[v] = model_flops(t.unwrapped, t.objective, own, device) if fewer else base
     peak_tflops = matmul_tflops(device)
@@ -263,7 +265,8 @@ def main() -> None:
             times[v].append(time_steps(step, args.steps))
 
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
-    captions = f"captions of 2-{args.caption_tokens} tokens (cut to {cut[0]['text'].shape[1]} by model.trim_text)" \
+    widths = sorted({f[0]["text"].shape[1] for f in feeds.values()})
+    captions = f"captions of 2-{args.caption_tokens} tokens (ids fed {' or '.join(map(str, widths))} wide)" \
         if args.caption_tokens else f"random ids over all {context} tokens"
     print(f"{device_name}, torch {torch.__version__}, open_clip {open_clip.__version__}, {name}, batch {batch_size}, "
           f"bf16{', compiled' if args.compile else ''}, {captions}; bf16 matmul {peak_tflops:.0f} TFLOP/s; median of "
