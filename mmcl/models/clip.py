@@ -286,9 +286,9 @@ def _view_tower_keys(module: nn.Module, state: dict[str, Any], prefix: str, *arg
             state[prefix + "head." + rest[len("view_head."):]] = value
 
 
-def trim_padding(tokens: Any, multiple: int = 8, pad_id: int = 0) -> Any:
-    """A batch of token ids (or of Hugging Face ``input_ids``/``attention_mask``) without the padding
-    columns after its longest text, the length rounded up to a multiple of ``multiple`` and capped at
+def trim_padding(tokens: Any, multiple: int = 8) -> Any:
+    """A batch of token ids padded with 0 (or of Hugging Face ``input_ids``/``attention_mask``) without
+    the padding columns after its longest text, the length rounded up to a multiple of ``multiple`` and capped at
     the padded length (``model.trim_text``). Done where the batch is made, on the host: cutting on
     the device would wait for it to read the length.
 
@@ -296,7 +296,7 @@ def trim_padding(tokens: Any, multiple: int = 8, pad_id: int = 0) -> Any:
     >>> trim_padding(ids).shape, trim_padding(ids, 1).tolist()
     (torch.Size([2, 8]), [[49406, 320, 49407], [49406, 49407, 0]])
     """
-    used = tokens["attention_mask"].bool() if isinstance(tokens, dict) else tokens != pad_id
+    used = tokens["attention_mask"].bool() if isinstance(tokens, dict) else tokens != 0
     columns = used.any(0).nonzero()
     width = used.shape[1]
     end = int(columns.max()) + 1 if len(columns) else 1
@@ -308,13 +308,14 @@ def trim_padding(tokens: Any, multiple: int = 8, pad_id: int = 0) -> Any:
 
 
 class TrimmedTokenizer:
-    """A tokenizer whose batches end after their longest text (:func:`trim_padding`)."""
+    """A tokenizer whose batches end after their longest text (:func:`trim_padding`; the towers
+    :func:`untrimmable` lets through pad with 0)."""
 
-    def __init__(self, tokenizer: Any, multiple: int = 8, pad_id: int = 0):
-        self.tokenizer, self.multiple, self.pad_id = tokenizer, multiple, pad_id
+    def __init__(self, tokenizer: Any, multiple: int = 8):
+        self.tokenizer, self.multiple = tokenizer, multiple
 
     def __call__(self, texts: list[str]) -> Any:
-        return trim_padding(self.tokenizer(texts), self.multiple, self.pad_id)
+        return trim_padding(self.tokenizer(texts), self.multiple)
 
 
 def untrimmable(tower: nn.Module) -> str | None:
@@ -333,7 +334,7 @@ def untrimmable(tower: nn.Module) -> str | None:
     if tower.attn_mask is None:  # open_clip's configs build no padding mask for these
         return "its bidirectional text tower attends to the padding"
     if tower.pad_id != 0:
-        return f"its text tower pads with id {tower.pad_id} (merged micro-batches are padded with 0)"
+        return f"its text tower pads with id {tower.pad_id} (mmcl cuts and merges ids padded with 0)"
     return None
 
 
@@ -525,7 +526,7 @@ class ClipModel(nn.Module):
         else:
             tokenizer = open_clip.SimpleTokenizer(context_length=text_cfg.get("context_length", 77))
         if self.cfg.trim_text:
-            return TrimmedTokenizer(tokenizer, self.cfg.trim_text, self.clip.text.pad_id)
+            return TrimmedTokenizer(tokenizer, self.cfg.trim_text)
         return tokenizer
 
     def logit_scale(self) -> torch.Tensor:
@@ -540,9 +541,9 @@ class ClipModel(nn.Module):
     def encode_text(self, text: Any, normalize: bool = True) -> torch.Tensor:
         """Text embeddings from token ids (open_clip) or a tokenizer dict (Hugging Face)."""
         tower = self.clip.text
-        # model.trim_text (a tower untrimmable() let through): cut ids of a causal open_clip tower, its own forward
-        cut = self.cfg.trim_text and isinstance(text, torch.Tensor) and getattr(tower, "attn_mask", None) is not None \
-            and text.shape[1] < tower.context_length
+        # model.trim_text: ids (a Hugging Face tower takes a dict) cut short go to a causal open_clip tower, the
+        # only kind untrimmable() lets through, by their own forward
+        cut = self.cfg.trim_text and isinstance(text, torch.Tensor) and text.shape[1] < tower.context_length
         x = causal_text(tower, text) if cut else tower(text)
         return F.normalize(x, dim=-1) if normalize else x
 
