@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from mmcl import checkpoint as ckpt
 from mmcl.data import make_loader
+from mmcl.data.seek import buffer_settings
 from mmcl.data.stream import WorkerPositions, sample_seed
 from mmcl.dist import world
 from mmcl.errors import MmclError, Stopped
@@ -425,8 +426,7 @@ class Trainer:
         A resume finds where each stream stood, and an elastic one what was trained, by replaying the
         streams: with other values it would read another order and repeat or miss samples."""
         d = self.recipe.data
-        buffer = d.shuffle_buffer if d.shuffle_buffer > 1 else 0
-        initial = d.shuffle_initial if buffer and d.shuffle_initial is not None and d.shuffle_initial < buffer else None
+        buffer, initial = buffer_settings(d.shuffle_buffer, d.shuffle_initial)
         return {"run.seed": self.recipe.run.seed, "data.shuffle_buffer": buffer, "data.shuffle_initial": initial,
                 "data.resample": d.resample}
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from mmcl.tarfiles import scan_tar
 
-__all__ = ["ShuffleBuffer", "final_shuffle", "read_members", "scan_tar", "shuffle_state"]
+__all__ = ["ShuffleBuffer", "buffer_settings", "final_shuffle", "read_members", "scan_tar", "shuffle_state"]
 
 
 class ShuffleBuffer:
@@ -51,6 +51,19 @@ class ShuffleBuffer:
         self.rng.shuffle(self.items)
         out, self.items = self.items, []
         return out
+
+
+def buffer_settings(size: int, initial: int | None) -> tuple[int, int | None]:
+    """``(size, initial)`` written one way for each order they give: no buffer is size 0 (a stream
+    takes 0 and 1 alike), a buffer that fills first has ``initial`` None (:class:`ShuffleBuffer`
+    takes ``size`` or more alike).
+
+    >>> buffer_settings(1, 5), buffer_settings(64, 64), buffer_settings(64, 16)
+    ((0, None), (64, None), (64, 16))
+    """
+    if size <= 1:
+        return 0, None
+    return size, initial if initial is not None and initial < size else None
 
 
 def shuffle_state(given: int, buffer_size: int, rng: random.Random,
