@@ -37,6 +37,15 @@ def all_keys(digits_dir: Path) -> set[str]:
     return keys
 
 
+def assert_each_sample_once(digits_dir: Path, epoch0: list[str], dropped: int) -> None:
+    """The samples trained in epoch 0: none twice, all from the shards, and fewer than ``dropped``
+    left out (the streams' last partial batches, as the uninterrupted run drops them)."""
+    every = all_keys(digits_dir)
+    assert max(Counter(epoch0).values()) == 1  # nothing twice
+    assert set(epoch0) <= every
+    assert len(every) - len(epoch0) < dropped
+
+
 def run(digits_dir: Path, out: Path, steps: int, *extra: str, resume: str | None = None) -> tuple[Trainer, Any]:
     trainer = Trainer(recipe(digits_dir, out, f"train.steps={steps}", *extra))
     log = record_trained(trainer)
@@ -53,7 +62,6 @@ def test_elastic_resume_trains_each_sample_of_the_epoch_once(digits_dir: Path, t
     seed, or a buffer starting early: what was trained is found by replaying the writer's order),
     to the end of the epoch: every sample of the epoch trained once, except at most a batch's worth
     per worker stream dropped at its end (as the uninterrupted run drops), and none twice."""
-    every = all_keys(digits_dir)
     out = tmp_path / "run"
     _, before = run(digits_dir, out, 10, "train.save_every=10")
     assert len(before) == 160 and {e for e, _ in before} == {0}
@@ -61,10 +69,8 @@ def test_elastic_resume_trains_each_sample_of_the_epoch_once(digits_dir: Path, t
     said = capsys.readouterr().out
     assert "elastic resume" in said and "without the 160 samples already trained" in said, said
     epoch0 = [k for _, k in before] + [k for e, k in after if e == 0]
-    assert max(Counter(epoch0).values()) == 1  # nothing twice
-    assert set(epoch0) <= every
     batch, workers = trainer.recipe.data.batch_size, trainer.loader.stream.num_workers
-    assert len(every) - len(epoch0) < batch * workers  # only the streams' last partial batches dropped
+    assert_each_sample_once(digits_dir, epoch0, batch * workers)
     assert any(e == 1 for e, _ in after)  # and the next epoch began, reading everything again
     assert trainer.state.segments == [] and trainer.state.start_epoch == 0
 
@@ -90,8 +96,7 @@ def test_a_checkpoint_that_did_not_record_its_order_resumes_a_buffer_starting_ea
     assert "elastic" not in capsys.readouterr().out and len(same) == 16
     _, after = run(digits_dir, out, 32, "data.shuffle_initial=16", "train.save_every=0", resume="latest")
     assert "another order of the samples (data.shuffle_initial was null, is 16)" in capsys.readouterr().out
-    epoch0 = [k for _, k in before] + [k for e, k in after if e == 0]
-    assert max(Counter(epoch0).values()) == 1 and len(all_keys(digits_dir)) - len(epoch0) < 16 * 2
+    assert_each_sample_once(digits_dir, [k for _, k in before] + [k for e, k in after if e == 0], 16 * 2)
 
 
 def test_a_second_elastic_resume_replays_each_earlier_run_in_its_own_order(digits_dir: Path, tmp_path: Path,
@@ -103,8 +108,7 @@ def test_a_second_elastic_resume_replays_each_earlier_run_in_its_own_order(digit
     _, second = run(digits_dir, out, 20, "data.num_workers=0", "train.save_every=10", resume="latest")
     _, third = run(digits_dir, out, 32, "data.num_workers=0", "run.seed=5", "train.save_every=0", resume="latest")
     assert "another order of the samples (run.seed was 0, is 5)" in capsys.readouterr().out
-    epoch0 = [k for _, k in first + second] + [k for e, k in third if e == 0]
-    assert max(Counter(epoch0).values()) == 1 and len(all_keys(digits_dir)) - len(epoch0) < 16 * 2
+    assert_each_sample_once(digits_dir, [k for _, k in first + second] + [k for e, k in third if e == 0], 16 * 2)
 
 
 def test_a_resampled_stream_resumes_another_order_at_its_positions(digits_dir: Path, tmp_path: Path,
